@@ -1,0 +1,115 @@
+"""The one definition of how quantized weights are laid out in memory.
+
+The quantizer, the reference dequantizer, the checkpoint format and every kernel
+read these constants and helpers; nothing else may assume a nibble order.
+
+A weight W of shape (out_features N, in_features K) is quantized in groups of
+``group_size`` consecutive elements along K (the input dimension). K is padded
+with zeros up to ``padded_in = ceil(K / group_size) * group_size``.
+
+Components of a quantized weight:
+
+- ``qweight``:
+    * int4 schemes: uint8 (N, padded_in // 2). Byte j of a row holds element 2j in
+      its low nibble and element 2j + 1 in its high nibble. Nibbles are unsigned
+      codes 0..15. For ``int4`` (symmetric) the signed value is code - 8, so the
+      range is -8..7 and we quantize to -7..7 (the scale is absmax / 7).
+      For ``int4-asym`` the value is code - zero.
+    * int8: int8 (N, padded_in), signed values -127..127 (scale is absmax / 127).
+- ``scales``: bfloat16 (N, padded_in // group_size): one scale per group.
+- ``zeros`` (``int4-asym`` only): uint8 (N, padded_in // group_size), zero point
+  codes 0..15.
+
+Dequantized value: (value - zero) * scale, computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+SCHEMES = ("int4", "int4-asym", "int8")
+GROUP_SIZES = (32, 64, 128, 256)
+SCALE_DTYPE = torch.bfloat16
+INT4_SYMMETRIC_OFFSET = 8  # code = value + 8 for symmetric int4
+INT4_SYMMETRIC_MAX = 7  # quantized values use -7..7, keeping the grid symmetric
+INT4_CODE_MAX = 15
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a tensor is quantized: the scheme and the group size along the input dim."""
+
+    scheme: str = "int4"  # one of SCHEMES
+    group_size: int = 128  # elements per scale along the input dimension
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(
+                f"unknown quantization scheme {self.scheme!r}: use one of {', '.join(SCHEMES)}"
+            )
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(
+                f"unsupported --group-size {self.group_size}: use one of "
+                f"{', '.join(map(str, GROUP_SIZES))}"
+            )
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.scheme == "int8" else 4
+
+    @property
+    def has_zeros(self) -> bool:
+        return self.scheme == "int4-asym"
+
+    def padded_in(self, in_features: int) -> int:
+        """The input dimension rounded up to a whole number of groups."""
+        groups = -(-in_features // self.group_size)
+        return groups * self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return self.padded_in(in_features) // self.group_size
+
+    def component_shapes(self, out_features: int, in_features: int) -> dict:
+        """Shape and dtype of every stored component of an (N, K) weight."""
+        padded = self.padded_in(in_features)
+        groups = padded // self.group_size
+        shapes = {
+            "qweight": (
+                (out_features, padded // 2) if self.bits == 4 else (out_features, padded),
+                torch.uint8 if self.bits == 4 else torch.int8,
+            ),
+            "scales": ((out_features, groups), SCALE_DTYPE),
+        }
+        if self.has_zeros:
+            shapes["zeros"] = ((out_features, groups), torch.uint8)
+        return shapes
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of all components of one quantized (N, K) weight."""
+        total = 0
+        for shape, dtype in self.component_shapes(out_features, in_features).values():
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            total += numel * dtype.itemsize
+        return total
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit codes (N, K_even) of any int dtype into uint8 (N, K_even // 2)."""
+    codes = codes.to(torch.uint8)
+    low = codes[..., 0::2]
+    high = codes[..., 1::2]
+    return low | (high << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 (N, K/2) -> uint8 codes (N, K)."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

@@ -1,0 +1,141 @@
+"""Group-wise quantization and its reference inverse, as pure functions.
+
+The memory layout is defined in :mod:`offload_engine.layout`; this module only
+computes codes and scales and hands them to the layout's packers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import layout
+from .errors import QuantizationError
+from .layout import QuantSpec
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear weight: its components plus what is needed to read them."""
+
+    qweight: torch.Tensor  # uint8 (N, padded_in/2) for int4, int8 (N, padded_in) for int8
+    scales: torch.Tensor  # bfloat16 (N, groups)
+    zeros: Optional[torch.Tensor]  # uint8 (N, groups) for int4-asym, else None
+    spec: QuantSpec
+    out_features: int  # N
+    in_features: int  # K, the true (unpadded) input size
+
+    def components(self) -> dict:
+        parts = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            parts["zeros"] = self.zeros
+        return parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.components().values())
+
+
+def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Float32 (N, groups, group_size) view of the zero-padded weight."""
+    out_features, in_features = weight.shape
+    padded = spec.padded_in(in_features)
+    w = weight.to(torch.float32)
+    if padded != in_features:
+        w = torch.nn.functional.pad(w, (0, padded - in_features))
+    return w.reshape(out_features, padded // spec.group_size, spec.group_size)
+
+
+def _round_scale_up(scale_f32: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """Store scales in bf16 without ever rounding below ``needed``.
+
+    A scale rounded down would push the largest element past the grid and clip it,
+    breaking the half-step error bound.
+    """
+    scale = scale_f32.to(layout.SCALE_DTYPE)
+    while True:
+        short = scale.to(torch.float32) < needed
+        if not short.any():
+            return scale
+        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise QuantizationError(
+            f"tensor {name!r} has {bad} non-finite values (NaN or Inf): the source "
+            "checkpoint is damaged; re-download or re-export it"
+        )
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<tensor>") -> QuantizedWeight:
+    """Quantize a 2-D float weight (out_features, in_features) group-wise along dim 1."""
+    if weight.dim() != 2:
+        raise QuantizationError(f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
+    check_finite(name, weight)
+    out_features, in_features = weight.shape
+    groups = _grouped(weight, spec)  # (N, G, gs)
+    if spec.scheme == "int4-asym":
+        qweight, scales, zeros = _quantize_asym(groups)
+    else:
+        qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
+        qweight, scales = _quantize_sym(groups, qmax, spec)
+        zeros = None
+    return QuantizedWeight(
+        qweight=qweight.contiguous(),
+        scales=scales.contiguous(),
+        zeros=None if zeros is None else zeros.contiguous(),
+        spec=spec,
+        out_features=out_features,
+        in_features=in_features,
+    )
+
+
+def _quantize_sym(groups: torch.Tensor, qmax: int, spec: QuantSpec):
+    out_features = groups.shape[0]
+    absmax = groups.abs().amax(dim=-1)  # (N, G)
+    needed = absmax / qmax
+    scales = _round_scale_up(torch.where(absmax > 0, needed, torch.ones_like(needed)), needed)
+    values = torch.round(groups / scales.to(torch.float32).unsqueeze(-1)).clamp_(-qmax, qmax)
+    values = values.reshape(out_features, -1)
+    if spec.scheme == "int8":
+        return values.to(torch.int8), scales
+    codes = (values + layout.INT4_SYMMETRIC_OFFSET).to(torch.uint8)
+    return layout.pack_int4(codes), scales
+
+
+def _quantize_asym(groups: torch.Tensor):
+    out_features = groups.shape[0]
+    low = groups.amin(dim=-1).clamp(max=0.0)  # include 0 so it is exactly representable
+    high = groups.amax(dim=-1).clamp(min=0.0)
+    span = high - low
+    needed = span / layout.INT4_CODE_MAX
+    scales = _round_scale_up(torch.where(span > 0, needed, torch.ones_like(needed)), needed)
+    scales_f32 = scales.to(torch.float32)
+    zeros = torch.round(-low / scales_f32).clamp_(0, layout.INT4_CODE_MAX)
+    codes = torch.round(groups / scales_f32.unsqueeze(-1)) + zeros.unsqueeze(-1)
+    codes = codes.clamp_(0, layout.INT4_CODE_MAX).reshape(out_features, -1)
+    return layout.pack_int4(codes), scales, zeros.to(torch.uint8)
+
+
+def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantizer: the (out_features, in_features) float weight."""
+    spec = weight.spec
+    out_features = weight.out_features
+    if spec.bits == 4:
+        values = layout.unpack_int4(weight.qweight).to(torch.float32)
+        if weight.zeros is None:
+            values = values - layout.INT4_SYMMETRIC_OFFSET
+    else:
+        values = weight.qweight.to(torch.float32)
+    groups = values.reshape(out_features, -1, spec.group_size)
+    if weight.zeros is not None:
+        groups = groups - weight.zeros.to(torch.float32).unsqueeze(-1)
+    dense = groups * weight.scales.to(torch.float32).unsqueeze(-1)
+    dense = dense.reshape(out_features, -1)[:, : weight.in_features]
+    return dense.to(dtype)
