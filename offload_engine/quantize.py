@@ -15,6 +15,10 @@ from . import layout
 from .errors import QuantizationError
 from .layout import QuantSpec
 
+# Rows are quantized in blocks of about this many elements so that the float32
+# temporaries stay a bounded constant whatever the tensor size.
+CHUNK_ELEMENTS = 1 << 20
+
 
 @dataclass
 class QuantizedWeight:
@@ -79,21 +83,26 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<tensor>
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
     check_finite(name, weight)
     out_features, in_features = weight.shape
-    groups = _grouped(weight, spec)  # (N, G, gs)
-    if spec.scheme == "int4-asym":
-        qweight, scales, zeros = _quantize_asym(groups)
-    else:
-        qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
-        qweight, scales = _quantize_sym(groups, qmax, spec)
-        zeros = None
-    return QuantizedWeight(
-        qweight=qweight.contiguous(),
-        scales=scales.contiguous(),
-        zeros=None if zeros is None else zeros.contiguous(),
-        spec=spec,
-        out_features=out_features,
-        in_features=in_features,
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // spec.padded_in(in_features))
+    parts = [
+        _quantize_rows(weight[start : start + rows_per_chunk], spec)
+        for start in range(0, out_features, rows_per_chunk)
+    ]
+    qweight, scales, zeros = (
+        torch.cat([part[i] for part in parts]) if parts[0][i] is not None else None
+        for i in range(3)
     )
+    return QuantizedWeight(qweight, scales, zeros, spec, out_features, in_features)
+
+
+def _quantize_rows(weight: torch.Tensor, spec: QuantSpec):
+    """Quantize a block of rows: (qweight, scales, zeros-or-None)."""
+    groups = _grouped(weight, spec)  # (rows, G, gs)
+    if spec.scheme == "int4-asym":
+        return _quantize_asym(groups)
+    qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
+    qweight, scales = _quantize_sym(groups, qmax, spec)
+    return qweight, scales, None
 
 
 def _quantize_sym(groups: torch.Tensor, qmax: int, spec: QuantSpec):

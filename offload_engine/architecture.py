@@ -1,0 +1,104 @@
+"""What a transformers model looks like, learned from an empty skeleton.
+
+Both the converter (which tensors to quantize) and the runtime (which modules to
+swap) ask this module, so they cannot disagree about what counts as a linear.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .errors import FormatError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """One nn.Linear of the model, by module name."""
+
+    module_name: str  # e.g. "model.layers.0.mlp.up_proj"
+    in_features: int
+    out_features: int
+    has_bias: bool
+    is_lm_head: bool
+
+
+def text_config(config):
+    """The decoder's config (multimodal configs nest it)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def ties_embeddings(config) -> bool:
+    return bool(getattr(text_config(config), "tie_word_embeddings", False)) or bool(
+        getattr(config, "tie_word_embeddings", False)
+    )
+
+
+def build_skeleton(config) -> nn.Module:
+    """A causal-LM skeleton with parameters on meta and computed buffers (rotary) real.
+
+    accelerate's init_empty_weights puts only parameters on meta; a bare
+    ``torch.device("meta")`` context would also put the rotary ``inv_freq`` there,
+    and those are computed at init, not stored in checkpoints.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def find_linears(model: nn.Module, config) -> Dict[str, LinearInfo]:
+    """Every nn.Linear whose weight we quantize, keyed by module name, in module order.
+
+    The output projection is left out when it is tied to the input embedding: it
+    shares that dense tensor.
+    """
+    output = model.get_output_embeddings()
+    tied = ties_embeddings(config)
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        is_lm_head = module is output
+        if is_lm_head and tied:
+            continue
+        found[name] = LinearInfo(
+            module_name=name,
+            in_features=module.in_features,
+            out_features=module.out_features,
+            has_bias=module.bias is not None,
+            is_lm_head=is_lm_head,
+        )
+    return found
+
+
+def dense_role(model: nn.Module, tensor_name: str) -> str:
+    """Role of a tensor that stays dense: embedding, bias, norm or other."""
+    embedding = model.get_input_embeddings()
+    for name, param in model.named_parameters():
+        if name == tensor_name and param is embedding.weight:
+            return "embedding"
+    if tensor_name.endswith(".bias"):
+        return "bias"
+    if "norm" in tensor_name.rsplit(".", 2)[-2].lower():
+        return "norm"
+    return "other"
+
+
+def assert_nothing_on_meta(model: nn.Module) -> None:
+    """A forward with a meta tensor returns garbage instead of raising: refuse it here."""
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device == torch.device("meta")]
+    if left:
+        raise FormatError(
+            f"the checkpoint lacks tensors the model needs (still on meta: {left[:5]}); "
+            "re-convert the model from a complete source"
+        )

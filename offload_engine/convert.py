@@ -1,0 +1,187 @@
+"""Offline step: turn a source checkpoint into a quantized directory.
+
+The output is written into a temporary sibling directory and renamed into place
+only when everything (shards, side files, manifest) is written, so an interrupted
+or failed conversion never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__, architecture, stfile
+from .errors import ConversionError, OffloadError
+from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
+from .layout import QuantSpec
+from .quantize import check_finite, quantize_weight
+from .sources import open_source
+from .units import format_bytes
+
+logger = logging.getLogger(__name__)
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion did, for the closing report."""
+
+    destination: Path
+    tensors: int
+    quantized: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    scheme: str
+    group_size: int
+
+    def lines(self) -> list:
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        return [
+            f"wrote {self.destination}",
+            f"  scheme {self.scheme}, group size {self.group_size}",
+            f"  tensors: {self.tensors} ({self.quantized} quantized)",
+            f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
+            f"({ratio:.2f}x smaller)",
+            f"  time: {self.seconds:.1f} s",
+        ]
+
+
+class ShardWriter:
+    """Buffers tensors and writes a safetensors shard whenever the buffer is full."""
+
+    def __init__(self, directory: Path, shard_bytes: int):
+        self.directory = directory
+        self.shard_bytes = shard_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.shards: dict = {}  # file name -> size
+
+    def add(self, key: str, tensor: torch.Tensor) -> Component:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        shard = f"model-{len(self.shards) + 1:05d}.safetensors"
+        return Component(shard, key, list(tensor.shape), stfile.DTYPE_NAMES[tensor.dtype])
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        path = self.directory / name
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except OSError as exc:
+            raise ConversionError(f"writing {path} failed: {exc}; free disk space or pick "
+                                  "another destination, then run the conversion again") from exc
+        self.shards[name] = path.stat().st_size
+        self.pending, self.pending_bytes = {}, 0
+
+
+def _prepare_destination(dst: Path, force: bool) -> Path:
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists; pass --force to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _swap_into_place(tmp: Path, dst: Path) -> None:
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
+            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConversionSummary:
+    """Quantize SRC (safetensors directory or .gguf) into the directory DST."""
+    started = time.perf_counter()
+    dst = Path(dst)
+    source = open_source(Path(src))
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists; pass --force to replace it")
+    skeleton = architecture.build_skeleton(source.config)
+    linears = architecture.find_linears(skeleton, source.config)
+    bytes_before = sum(item[3] for item in source.tensor_list())
+    tmp = _prepare_destination(dst, force)
+    try:
+        manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress)
+        manifest.source = {
+            "kind": source.kind,
+            "path": str(Path(src).resolve()),
+            "model_type": getattr(source.config, "model_type", None),
+            "architectures": getattr(source.config, "architectures", None),
+        }
+        source.write_side_files(tmp)
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        _swap_into_place(tmp, dst)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OffloadError, KeyboardInterrupt)):
+            raise
+        raise ConversionError(f"converting {src} failed: {exc!r}; nothing was written to {dst}") from exc
+    return ConversionSummary(dst, len(manifest.tensors),
+                             sum(e.quantized for e in manifest.tensors.values()),
+                             bytes_before, sum(manifest.shards.values()),
+                             time.perf_counter() - started, spec.scheme, spec.group_size)
+
+
+def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
+                   shard_bytes: int, progress: bool) -> Manifest:
+    weight_names = {f"{name}.weight": info for name, info in linears.items()}
+    tied = architecture.ties_embeddings(source.config)
+    writer = ShardWriter(tmp, shard_bytes)
+    manifest = Manifest(scheme=spec.scheme, group_size=spec.group_size, source={},
+                        created_by=f"offload-engine {__version__}")
+    listing = source.tensor_list()
+    bar = tqdm(total=sum(item[3] for item in listing), unit="B", unit_scale=True,
+               desc="quantizing", disable=not progress)
+    with bar:
+        for name, tensor in source.iter_tensors():
+            nbytes = tensor.numel() * tensor.element_size()
+            if tied and name == "lm_head.weight":
+                bar.update(nbytes)  # shares the embedding; nothing to store
+                continue
+            source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+            info = weight_names.get(name)
+            if info is not None:
+                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype)
+            else:
+                check_finite(name, tensor)
+                entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
+                                    source_dtype, {"dense": writer.add(name, tensor)})
+            manifest.tensors[name] = entry
+            del tensor
+            bar.update(nbytes)
+    writer.flush()
+    missing = sorted(set(weight_names) - set(manifest.tensors))
+    if missing:
+        raise ConversionError(f"{source.path}: the checkpoint lacks linear weights {missing[:3]}"
+                              f"{' ...' if len(missing) > 3 else ''}; is it complete?")
+    manifest.shards = dict(writer.shards)
+    return manifest
+
+
+def _quantized_entry(name, tensor, info, spec, writer, source_dtype) -> TensorEntry:
+    quantized = quantize_weight(tensor, spec, name=name)
+    components = {part: writer.add(f"{name}.{part}", value)
+                  for part, value in quantized.components().items()}
+    role = "lm_head" if info.is_lm_head else "linear"
+    return TensorEntry(role, list(tensor.shape), source_dtype, components)

@@ -1,0 +1,34 @@
+"""Byte sizes as people write them ("10GiB", "512MB", "1.5G")."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_bytes(text) -> int:
+    """Parse '10GiB', '512MB', '1.5G' or a plain integer into bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a size: write e.g. 10GiB, 512MiB, 8GB or 1073741824"
+        )
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def format_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{int(nbytes)} B" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} GiB"

@@ -1,0 +1,81 @@
+"""Tiny random models and a real tokenizer for tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 512
+
+
+def train_tokenizer(directory: Path):
+    """A byte-level BPE with a 512-token vocabulary trained on CPython's pydoc topics."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(list(topics.values())[:200], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def tiny_config(arch: str = "qwen2"):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if arch == "qwen2":
+        return Qwen2Config(tie_word_embeddings=False, **common)
+    if arch == "llama":
+        # hidden 96 with group 64 exercises input-dim padding (96 -> 128)
+        common.update(hidden_size=96, num_attention_heads=4, head_dim=24)
+        return LlamaConfig(tie_word_embeddings=True, **common)
+    raise ValueError(arch)
+
+
+def make_checkpoint(directory: Path, arch: str = "qwen2", dtype=torch.bfloat16,
+                    shards: int = 2, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """Save a tiny random model as a Hugging Face safetensors directory."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shard_size = total // shards + 1 if shards > 1 else total * 2
+    model.save_pretrained(directory, max_shard_size=shard_size)
+    GenerationConfig(bos_token_id=1, eos_token_id=0, pad_token_id=0).save_pretrained(directory)
+    if tokenizer_dir is not None:
+        for path in Path(tokenizer_dir).iterdir():
+            (Path(directory) / path.name).write_bytes(path.read_bytes())
+    return Path(directory)
