@@ -1,22 +1,42 @@
 """The one place that chooses which kernel runs a quantized linear.
 
 Callers never import a kernel directly: they call :func:`quantized_linear`, and
-the choice (Triton on CUDA, the pure-torch reference elsewhere or when forced)
-is made here alone.
+the choice is made here alone:
+
+- ``"reference"``: the pure-torch reference, when forced, when x is not on CUDA,
+  when triton is not installed, or for activation dtypes the kernels do not take;
+- ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
+- ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
+
+Triton is imported lazily, the first time a Triton path runs; nothing compiles at import.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..quantize import QuantizedWeight
 from .reference import quantized_linear_reference
 
+logger = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+TRITON_GEMV = "triton-gemv"
+TRITON_DEQUANT_MATMUL = "triton-dequant-matmul"
+PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL)
+
+GEMV_MAX_ROWS = 16  # flattened rows of x up to which the fused decode kernel runs
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
 # Set OFFLOAD_FORCE_REFERENCE=1 (or call force_reference(True)) to bypass fast kernels.
 _force_reference = os.environ.get("OFFLOAD_FORCE_REFERENCE", "") not in ("", "0")
+_triton_available: Optional[bool] = None
 
 
 def force_reference(enabled: bool) -> None:
@@ -29,8 +49,51 @@ def reference_forced() -> bool:
     return _force_reference
 
 
+def triton_available() -> bool:
+    """Whether triton can be imported here (checked once, without importing it)."""
+    global _triton_available
+    if _triton_available is None:
+        _triton_available = importlib.util.find_spec("triton") is not None
+        if not _triton_available:
+            logger.info("triton is not installed: quantized linears use the torch reference")
+    return _triton_available
+
+
+def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
+    """Which path :func:`quantized_linear` takes for this input and weight."""
+    if _force_reference or not x.is_cuda or not triton_available():
+        return REFERENCE
+    if x.dtype not in _TRITON_DTYPES or x.numel() == 0:
+        return REFERENCE
+    if weight.qweight.device != x.device:
+        return REFERENCE
+    rows = x.numel() // x.shape[-1]
+    return TRITON_GEMV if rows <= GEMV_MAX_ROWS else TRITON_DEQUANT_MATMUL
+
+
+def _kernel(path: str) -> Callable:
+    """The function behind a path; Triton modules are imported here, on first use."""
+    if path == REFERENCE:
+        return quantized_linear_reference
+    if path == TRITON_GEMV:
+        return importlib.import_module(".triton_gemv", __package__).gemv
+    if path == TRITON_DEQUANT_MATMUL:
+        return importlib.import_module(".triton_dequant", __package__).dequant_matmul
+    raise ValueError(f"unknown kernel path {path!r}: use one of {', '.join(PATHS)}")
+
+
+def run_path(
+    path: str, x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Run one named path regardless of the dispatch rules (tests, tools, benchmarks).
+
+    On CPU the Triton paths need TRITON_INTERPRET=1 set before triton is imported.
+    """
+    return _kernel(path)(x, weight, bias)
+
+
 def quantized_linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """y = x @ dequant(weight).T + bias for x of shape (..., in_features)."""
-    return quantized_linear_reference(x, weight, bias)
+    return _kernel(kernel_path(x, weight))(x, weight, bias)

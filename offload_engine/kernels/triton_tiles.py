@@ -1,0 +1,110 @@
+"""Shared Triton pieces: reading one tile of a quantized weight into registers.
+
+Importing this module imports triton and defines (never compiles) the jit helpers;
+the gateway imports it lazily, only when a Triton path is about to run.
+
+The layout read here is the one of :mod:`offload_engine.layout`: row n of an int4
+weight holds element 2j in the low nibble of byte j and element 2j + 1 in the high
+nibble; int8 weights store signed values; one bf16 scale (and one uint8 zero point
+for int4-asym) per ``group_size`` elements along the padded input dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import layout
+from ..quantize import QuantizedWeight
+
+# The symmetric int4 offset, as a value the jit functions can fold in.
+SYM_OFFSET = tl.constexpr(layout.INT4_SYMMETRIC_OFFSET)
+NIBBLE_MASK = tl.constexpr(0x0F)
+
+# Activation dtypes the Triton paths accept; anything else goes to the reference.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# Triton decides at definition time whether a @triton.jit function is interpreted, so
+# the kernels of this package follow the setting in force when this module was imported.
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+def interpreted() -> bool:
+    """True when the kernels run in triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRETED
+
+
+def check_launchable(x: torch.Tensor, weight: QuantizedWeight) -> None:
+    """Raise a clear error before launching a Triton kernel on inputs it cannot take."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"Triton quantized linear takes bf16/fp16/fp32 inputs, got {x.dtype}")
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(
+            f"input has {x.shape[-1]} features but the weight expects {weight.in_features}"
+        )
+    for name, part in weight.components().items():
+        if part.device != x.device:
+            raise ValueError(f"weight {name} is on {part.device} but the input is on {x.device}")
+        if not part.is_contiguous():
+            raise ValueError(f"weight {name} must be contiguous for the Triton kernels")
+    if not x.is_cuda and not interpreted():
+        raise RuntimeError(
+            "Triton kernels need a CUDA tensor; to run them on CPU set TRITON_INTERPRET=1 "
+            "before triton is imported"
+        )
+
+
+def block_k_for(group_size: int, block_k: int) -> int:
+    """A K tile is a whole number of groups: at least one group, a multiple of it."""
+    block_k = max(block_k, group_size)
+    if block_k % group_size:
+        raise ValueError(f"BLOCK_K {block_k} is not a multiple of the group size {group_size}")
+    return block_k
+
+
+@triton.jit
+def load_weight_tile(
+    q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Dequantized float32 tile W[offs_n, k0:k0 + BLOCK_K]; zero outside the weight."""
+    rows = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    if BITS == 4:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = n_mask[:, None] & (offs_b[None, :] < padded_in // 2)
+        ptrs = q_ptr + rows[:, None] * (padded_in // 2) + offs_b[None, :]
+        packed = tl.load(ptrs, mask=mask, other=0)  # (BLOCK_N, BLOCK_K // 2) uint8
+        low = (packed & NIBBLE_MASK).to(tl.float32)
+        high = (packed >> 4).to(tl.float32)
+        codes = tl.interleave(low, high)  # (BLOCK_N, BLOCK_K): element 2j, then 2j + 1
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k[None, :] < padded_in)
+        ptrs = q_ptr + rows[:, None] * padded_in + offs_k[None, :]
+        codes = tl.load(ptrs, mask=mask, other=0).to(tl.float32)
+    GROUPS_PER_TILE: tl.constexpr = BLOCK_K // GROUP
+    offs_g = k0 // GROUP + tl.arange(0, GROUPS_PER_TILE)
+    g_mask = n_mask[:, None] & (offs_g[None, :] < n_groups)
+    g_offs = rows[:, None] * n_groups + offs_g[None, :]
+    # Masked scales read as 0, so every element outside the weight dequantizes to 0.
+    scales = tl.load(s_ptr + g_offs, mask=g_mask, other=0).to(tl.float32)
+    grouped = tl.reshape(codes, (BLOCK_N, GROUPS_PER_TILE, GROUP))
+    if HAS_ZEROS:
+        zeros = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.float32)
+        grouped = grouped - zeros[:, :, None]
+    elif BITS == 4:
+        grouped = grouped - SYM_OFFSET
+    dense = grouped * scales[:, :, None]
+    return tl.reshape(dense, (BLOCK_N, BLOCK_K))
+
+
+def weight_args(weight: QuantizedWeight) -> tuple:
+    """(qweight, scales, zeros-or-scales, padded_in, n_groups) as the kernels take them."""
+    spec = weight.spec
+    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unread dummy
+    padded = spec.padded_in(weight.in_features)
+    return weight.qweight, weight.scales, zeros, padded, padded // spec.group_size
