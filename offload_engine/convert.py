@@ -136,7 +136,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):
             raise
-        raise ConversionError(f"converting {src} failed: {exc!r}; nothing was written to {dst}") from exc
+        raise ConversionError(
+            f"converting {src} failed: {exc!r}; nothing was written to {dst}") from exc
     return ConversionSummary(dst, len(manifest.tensors),
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),

@@ -126,7 +126,7 @@ def manifest_from_dict(data: dict, where: Path) -> Manifest:
             shards={k: int(v) for k, v in data["shards"].items()},
             created_by=data.get("created_by", ""),
         )
-        manifest.spec  # validates scheme and group size
+        QuantSpec(manifest.scheme, manifest.group_size)  # raises on an unknown scheme
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{where}: malformed manifest ({exc!r}); re-convert the model") from exc
     return manifest
@@ -184,7 +184,7 @@ def _verify_entry(directory, name, entry, headers, spec: QuantSpec) -> None:
             if tuple(comp.shape) != shape or comp.dtype != stfile.DTYPE_NAMES[dtype]:
                 raise FormatError(f"{directory}: tensor {name!r} component {comp_name} "
                                   "does not match the scheme and shape in the manifest")
-    for comp_name, comp in entry.components.items():
+    for comp in entry.components.values():
         header = headers.get(comp.shard)
         info = None if header is None else header.get(comp.key)
         if info is None:

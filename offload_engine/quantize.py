@@ -63,7 +63,8 @@ def _round_scale_up(scale_f32: torch.Tensor, needed: torch.Tensor) -> torch.Tens
         short = scale.to(torch.float32) < needed
         if not short.any():
             return scale
-        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+        larger = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+        scale = torch.where(short, larger, scale)
 
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
@@ -75,10 +76,12 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
         )
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "<tensor>") -> QuantizedWeight:
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
+                    name: str = "<tensor>") -> QuantizedWeight:
     """Quantize a 2-D float weight (out_features, in_features) group-wise along dim 1."""
     if weight.dim() != 2:
-        raise QuantizationError(f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+        raise QuantizationError(
+            f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
     check_finite(name, weight)

@@ -95,7 +95,8 @@ class GGUFSource:
 
         folder, name = str(self.path.parent), self.path.name
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                         dtype=torch.float32)
         except (ValueError, OSError, KeyError) as exc:
             raise SourceError(f"{self.path}: cannot read this GGUF file ({exc})") from exc
         self._folder, self._name = folder, name

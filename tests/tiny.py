@@ -12,6 +12,7 @@ VOCAB_SIZE = 512
 def train_tokenizer(directory: Path):
     """A byte-level BPE with a 512-token vocabulary trained on CPython's pydoc topics."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

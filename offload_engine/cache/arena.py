@@ -1,0 +1,46 @@
+"""Carving weights out of the one preallocated device arena.
+
+A weight is held either ``packed`` (its quantized components, as stored: what the
+fused kernel reads) or ``dequantized`` (one dense matrix in the compute dtype: what
+a plain matmul reads). The byte counts here are the real bytes of each form, so
+the budget means what it says.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ..quantize import QuantizedWeight
+from .policy import aligned
+
+CACHE_FORMATS = ("packed", "dequantized")
+Held = Union[QuantizedWeight, torch.Tensor]
+
+
+def held_nbytes(weight: QuantizedWeight, cache_format: str, dtype: torch.dtype) -> int:
+    """Arena bytes one weight takes in the given form (each view aligned)."""
+    if cache_format == "dequantized":
+        return aligned(weight.out_features * weight.in_features * dtype.itemsize)
+    return sum(aligned(t.numel() * t.element_size()) for t in weight.components().values())
+
+
+def _view(arena: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    nbytes = like.numel() * like.element_size()
+    return arena[offset: offset + nbytes].view(like.dtype).view(like.shape)
+
+
+def carve(arena: torch.Tensor, offset: int, weight: QuantizedWeight, cache_format: str,
+          dtype: torch.dtype) -> Held:
+    """Views into ``arena`` at ``offset`` shaped like ``weight`` in the held form."""
+    if cache_format == "dequantized":
+        shape = (weight.out_features, weight.in_features)
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        return arena[offset: offset + nbytes].view(dtype).view(shape)
+    parts = {}
+    for name, tensor in weight.components().items():
+        parts[name] = _view(arena, offset, tensor)
+        offset += aligned(tensor.numel() * tensor.element_size())
+    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), weight.spec,
+                           weight.out_features, weight.in_features)

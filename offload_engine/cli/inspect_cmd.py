@@ -1,0 +1,36 @@
+"""``offload-engine inspect DIR``: summarise a quantized directory and verify its shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..units import format_bytes
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="summarise a quantized directory and verify every shard",
+        description="Print the manifest summary and check every shard and tensor against "
+        "it; exits non-zero naming the bad file or tensor.",
+    )
+    parser.add_argument("directory", type=Path, help="a directory written by `quantize`")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..format import verify_directory
+
+    manifest = verify_directory(args.directory)
+    source = manifest.source
+    print(f"{args.directory}: {manifest.format} v{manifest.format_version} "
+          f"({manifest.created_by})")
+    print(f"  source: {source.get('kind')} {source.get('model_type')} {source.get('path')}")
+    print(f"  scheme: {manifest.scheme}, group size {manifest.group_size}")
+    quantized = sum(entry.quantized for entry in manifest.tensors.values())
+    print(f"  tensors: {len(manifest.tensors)} ({quantized} quantized) "
+          f"in {len(manifest.shards)} shard(s), {format_bytes(sum(manifest.shards.values()))}")
+    for role, nbytes in sorted(manifest.bytes_by_role().items()):
+        print(f"    {role:<10} {format_bytes(nbytes):>12}")
+    print("  verified: every shard and tensor matches the manifest")
+    return 0

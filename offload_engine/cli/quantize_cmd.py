@@ -1,0 +1,39 @@
+"""``offload-engine quantize SRC DST``: convert a checkpoint to our INT4 format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..layout import GROUP_SIZES, SCHEMES
+from ..units import parse_bytes
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "quantize",
+        help="convert a Hugging Face safetensors directory or a .gguf file",
+        description="Quantize every linear weight of SRC group-wise and write the "
+        "quantized directory DST (manifest + safetensors shards + config/tokenizer).",
+    )
+    parser.add_argument("src", type=Path, help="HF model directory (safetensors) or .gguf file")
+    parser.add_argument("dst", type=Path, help="output directory (must not exist, see --force)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="int4",
+                        help="int4 (symmetric, default), int4-asym (zero point) or int8")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128,
+                        help="elements per scale along the input dimension (default 128)")
+    parser.add_argument("--shard-size", type=parse_bytes, default="2GiB",
+                        help="largest output shard, e.g. 512MiB (default 2GiB)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..convert import convert
+    from ..layout import QuantSpec
+
+    summary = convert(args.src, args.dst, QuantSpec(args.scheme, args.group_size),
+                      force=args.force, shard_bytes=args.shard_size,
+                      progress=not args.no_progress)
+    print("\n".join(summary.lines()))
+    return 0

@@ -1,0 +1,61 @@
+"""``offload-engine run MODEL --prompt TEXT``: one generation, streamed, then a stats line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..options import add_engine_args, engine_config_from_args
+
+
+def add_generation_args(parser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    group.add_argument("--temperature", type=float, default=0.7, metavar="T")
+    group.add_argument("--top-p", type=float, default=0.9, metavar="P")
+    group.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def generation_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "run", help="generate text from a prompt with a quantized model",
+        description="Stream a reply to --prompt, then print one stats line.")
+    parser.add_argument("model", type=Path, help="a directory written by `quantize`")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in the model's chat template")
+    add_generation_args(parser)
+    add_engine_args(parser)
+    parser.add_argument("--profile-trace", type=Path, default=None, metavar="FILE",
+                        help="write a torch.profiler Chrome trace of the generation")
+    parser.add_argument("--stats-json", type=Path, default=None, metavar="FILE",
+                        help="write the stats (and cache layout) as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..engine import load
+    from ..profiling import trace_to
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with load(args.model, engine_config_from_args(args)) as engine:
+        with trace_to(args.profile_trace):
+            result = engine.generate(args.prompt, chat=args.chat, on_text=show,
+                                     **generation_kwargs(args))
+        print()
+        print(result.stats.line(), file=sys.stderr)
+        if args.stats_json is not None:
+            payload = {**result.stats.as_dict(), "cache": engine.stats,
+                       "budget_bytes": engine.config.budget_bytes()}
+            args.stats_json.write_text(json.dumps(payload, indent=1))
+    return 0

@@ -1,0 +1,120 @@
+"""Engine settings: one dataclass, validated on construction, resolved against a device."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import psutil
+import torch
+
+from .cache import CACHE_FORMATS, POLICIES
+from .errors import ConfigError
+from .units import parse_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNBOUNDED = ("unbounded", "none", "inf", "all")
+
+
+@dataclass
+class EngineConfig:
+    """How to run a quantized model. Every field has a CLI flag of the same name."""
+
+    device: str = "auto"  # "auto" (cuda:0 if present, else cpu), "cuda:1", "cpu"
+    gpu_budget: Optional[Union[str, int, float]] = None  # "10GiB", bytes, 0.8 = share of free
+    cache_entries: Optional[int] = None  # classic N-entry cache; excludes gpu_budget
+    policy: str = "static"  # "static" (resident set + ring) or "lru" (classic)
+    prefetch_depth: int = 2  # streamed weights copied ahead of the one computing
+    cache_format: str = "auto"  # "packed", "dequantized"; auto: packed on CUDA, else dequantized
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA, float32 on CPU
+    attention: str = "auto"  # "flash_attention_2", "sdpa", "eager"; auto picks
+    progress: bool = True  # tqdm bars while loading
+
+    def __post_init__(self) -> None:
+        if self.gpu_budget is not None and self.cache_entries is not None:
+            raise ConfigError("give either --gpu-budget or --cache-entries, not both")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown --policy {self.policy!r}: use {' or '.join(POLICIES)}")
+        if self.prefetch_depth < 0:
+            raise ConfigError(f"--prefetch-depth must be 0 or more, got {self.prefetch_depth}")
+        if self.cache_entries is not None and self.cache_entries < 1:
+            raise ConfigError(f"--cache-entries must be at least 1, got {self.cache_entries}")
+        if self.cache_format not in CACHE_FORMATS + ("auto",):
+            raise ConfigError(f"unknown --cache-format {self.cache_format!r}: use auto, "
+                              f"{', '.join(CACHE_FORMATS)}")
+        if self.dtype not in tuple(DTYPES) + ("auto",):
+            raise ConfigError(f"unknown --dtype {self.dtype!r}: use auto, {', '.join(DTYPES)}")
+        if self.gpu_budget is not None:
+            _budget_kind(self.gpu_budget)  # fail early on unreadable text
+        resolve_device(self.device)
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+    def resolved_cache_format(self) -> str:
+        if self.cache_format != "auto":
+            return self.cache_format
+        return "packed" if self.torch_device().type == "cuda" else "dequantized"
+
+    def budget_bytes(self) -> Optional[int]:
+        """The arena budget in bytes; None when unbounded."""
+        if self.gpu_budget is None:
+            return None
+        kind, value = _budget_kind(self.gpu_budget)
+        if kind == "unbounded":
+            return None
+        if kind == "bytes":
+            return int(value)
+        return int(value * free_device_bytes(self.torch_device()))
+
+
+def _budget_kind(budget):
+    if isinstance(budget, bool):
+        raise ConfigError(f"--gpu-budget {budget!r} is not a size")
+    if isinstance(budget, int):
+        return "bytes", budget
+    if isinstance(budget, float) or re.fullmatch(r"\s*0?\.\d+\s*|\s*1(\.0*)?\s*", str(budget)):
+        fraction = float(budget)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"--gpu-budget fraction must be in (0, 1], got {budget}")
+        return "fraction", fraction
+    if str(budget).strip().lower() in UNBOUNDED:
+        return "unbounded", None
+    try:
+        return "bytes", parse_bytes(budget)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"--gpu-budget: {exc}") from exc
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a device: use cpu or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this torch has no CUDA support or no GPU is "
+                              "visible; use --device cpu or install a CUDA build of torch")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) found")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def free_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)

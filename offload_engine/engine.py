@@ -1,0 +1,150 @@
+"""Runtime assembly: quantized directory -> host store -> device cache -> patched model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import architecture
+from .cache import DeviceCache, held_nbytes, plan_cache
+from .config import EngineConfig
+from .errors import FormatError
+from .format import verify_directory
+from .linear import OffloadedLinear
+from .patch import load_dense, swap_linears
+from .store import HostStore, module_name, read_dense_tensors
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """A loaded model: ``.model`` is a stock transformers model whose linears stream."""
+
+    def __init__(self, directory: Path, model, tokenizer, cache: DeviceCache, store: HostStore,
+                 config: EngineConfig):
+        self.directory = directory
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.store = store
+        self.config = config
+        self.device = config.torch_device()
+        self._closed = False
+
+    @property
+    def plan(self):
+        return self.cache.plan
+
+    @property
+    def stats(self) -> dict:
+        """Cache counters and the arena layout, as plain numbers."""
+        plan = self.cache.plan
+        return {
+            **self.cache.stats.as_dict(),
+            "policy": plan.policy,
+            "prefetch_depth": plan.prefetch_depth,
+            "cache_format": self.cache.cache_format,
+            "arena_bytes": plan.arena_bytes,
+            "resident_bytes": plan.resident_bytes,
+            "streamed_bytes": plan.streamed_bytes,
+            "total_copy_bytes": plan.total_copy_bytes,
+            "resident_copy_bytes": plan.resident_copy_bytes,
+            "total_bytes": plan.total_bytes,
+            "resident_weights": len(plan.resident),
+            "weights": len(self.cache.order),
+            "staging_slots": plan.slot_count,
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+        }
+
+    def generate(self, prompt=None, **kwargs):
+        """Generate from a prompt string or chat ``messages=[...]``; see generate.generate."""
+        from .generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def close(self) -> None:
+        """Stop the prefetch worker and free the arena. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self.cache.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
+def attention_for(config: EngineConfig) -> str:
+    if config.attention != "auto":
+        return config.attention
+    if config.torch_device().type == "cuda" and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
+    """Load a quantized directory for inference.
+
+    ``overrides`` are EngineConfig fields: ``device``, ``gpu_budget``, ``policy``,
+    ``prefetch_depth``, ``cache_entries``, ``cache_format``, ``dtype``...
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = replace(config or EngineConfig(), **overrides)
+    directory = Path(path)
+    manifest = verify_directory(directory)
+    device, dtype = config.torch_device(), config.torch_dtype()
+    hf_config = AutoConfig.from_pretrained(directory)
+    hf_config._attn_implementation = attention_for(config)
+    model = architecture.build_skeleton(hf_config)
+    linears = architecture.find_linears(model, hf_config)
+    _check_manifest_matches(manifest, linears, directory)
+    swapped = swap_linears(model, linears)
+    store = HostStore.load(directory, manifest, pin=device.type == "cuda",
+                           progress=config.progress)
+    fmt = config.resolved_cache_format()
+    order = list(linears)
+    plan = plan_cache([(n, held_nbytes(store[n], fmt, dtype), store[n].nbytes) for n in order],
+                      config.budget_bytes(), config.policy, config.prefetch_depth,
+                      config.cache_entries)
+    logger.info("cache plan: %s", asdict(plan))
+    cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress)
+    try:
+        for module in swapped.values():
+            module.attach(cache)
+        load_dense(model, read_dense_tensors(directory, manifest), device, dtype)
+        model.eval()
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except BaseException:
+        cache.close()
+        raise
+    return Engine(directory, model, tokenizer, cache, store, config)
+
+
+def _check_manifest_matches(manifest, linears, directory: Path) -> None:
+    quantized = {module_name(n) for n, e in manifest.tensors.items() if e.quantized}
+    missing, extra = set(linears) - quantized, quantized - set(linears)
+    if missing or extra:
+        raise FormatError(
+            f"{directory}: the manifest's quantized weights do not match the model's linears "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}); re-convert it"
+        )
+
+
+def offloaded_modules(model) -> list:
+    return [m for m in model.modules() if isinstance(m, OffloadedLinear)]

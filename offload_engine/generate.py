@@ -1,0 +1,191 @@
+"""Text generation on an Engine: prompt handling, streaming, limits and measured stats."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from .errors import ConfigError, ContextLengthError
+from .units import format_bytes
+
+
+@dataclass
+class GenerationStats:
+    """What one generate call measured (timings after a device synchronize)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # whole call, prefill included
+    time_to_first_token_s: float
+    decode_tokens_per_s: float  # tokens after the first / time after the first
+    forward_passes: int
+    h2d_bytes: int  # weight bytes copied host->device during the call
+    h2d_bytes_per_token: float  # per forward pass: every pass reads every weight once
+    hit_rate: float
+    stall_seconds: float
+    peak_device_bytes: Optional[int]  # CUDA only
+    device: str
+    device_name: str
+    policy: str
+    arena_bytes: int
+    resident_bytes: int
+    streamed_bytes: int
+
+    def line(self) -> str:
+        peak = ("n/a on CPU" if self.peak_device_bytes is None
+                else format_bytes(self.peak_device_bytes))
+        return (f"[{self.new_tokens} tokens, {self.decode_tokens_per_s:.2f} tok/s, "
+                f"first token {self.time_to_first_token_s:.2f} s, "
+                f"{format_bytes(self.h2d_bytes_per_token)}/token host->device, "
+                f"hit rate {self.hit_rate:.1%}, peak device memory {peak}, "
+                f"{self.device_name} ({self.device}), policy {self.policy}]")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    stats: GenerationStats
+
+
+class _Streamer(TextStreamer):
+    """Hands finished text pieces to a callback and notes when the first token came."""
+
+    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.first_token_at: Optional[float] = None
+        self.prompt_seen = False
+
+    def put(self, value):
+        if self.prompt_seen and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.prompt_seen = True
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if self.on_text is not None and text:
+            self.on_text(text)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def encode_prompt(engine, prompt: Optional[str], messages: Optional[list], chat: bool):
+    tokenizer = engine.tokenizer
+    if messages is None and chat:
+        messages = [{"role": "user", "content": prompt or ""}]
+    if messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{engine.directory}: this model's tokenizer has no chat template; "
+                              "run without --chat")
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        return encoded["input_ids"]
+    if prompt is None:
+        raise ConfigError("give a prompt or chat messages")
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def check_context(engine, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = getattr(engine.model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ContextLengthError(
+            f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
+            f"the model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def sampling_args(temperature: float, top_p: float, greedy: bool) -> dict:
+    if greedy or temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], "
+                          f"got {temperature} and {top_p}")
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+
+
+def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] = None,
+             chat: bool = False, max_new_tokens: int = 128, temperature: float = 0.7,
+             top_p: float = 0.9, greedy: bool = False, seed: Optional[int] = None,
+             on_text: Optional[Callable[[str], None]] = None,
+             stop_event: Optional[threading.Event] = None) -> GenerationResult:
+    """Generate a reply; ``on_text`` receives text as it is produced."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
+    check_context(engine, input_ids.shape[1], max_new_tokens)
+    if seed is not None:
+        torch.manual_seed(seed)
+    streamer = _Streamer(engine.tokenizer, on_text)
+    stopping = StoppingCriteriaList([_StopOnEvent(stop_event)] if stop_event else [])
+    before = engine.cache.stats.as_dict()
+    _reset_peak(engine.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = engine.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
+            pad_token_id=_pad_id(engine), **sampling_args(temperature, top_p, greedy))
+    _synchronize(engine.device)
+    finished = time.perf_counter()
+    new_ids = output[0, input_ids.shape[1]:].tolist()
+    stats = _stats(engine, before, input_ids.shape[1], len(new_ids), started, finished,
+                   streamer.first_token_at or finished)
+    text = engine.tokenizer.decode(new_ids, skip_special_tokens=True)
+    return GenerationResult(text, new_ids, stats)
+
+
+def _pad_id(engine):
+    tokenizer = engine.tokenizer
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return engine.model.generation_config.eos_token_id
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: float,
+           finished: float, first_at: float) -> GenerationStats:
+    after = engine.cache.stats.as_dict()
+    passes = after["passes"] - before["passes"]
+    h2d = after["h2d_bytes"] - before["h2d_bytes"]
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+    decode_seconds = finished - first_at
+    summary = engine.stats
+    return GenerationStats(
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, seconds=finished - started,
+        time_to_first_token_s=first_at - started,
+        decode_tokens_per_s=((new_tokens - 1) / decode_seconds
+                             if new_tokens > 1 and decode_seconds > 0 else 0.0),
+        forward_passes=passes, h2d_bytes=h2d, h2d_bytes_per_token=h2d / passes if passes else 0.0,
+        hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+        stall_seconds=after["stall_seconds"] - before["stall_seconds"],
+        peak_device_bytes=(torch.cuda.max_memory_allocated(engine.device)
+                           if engine.device.type == "cuda" else None),
+        device=str(engine.device), device_name=summary["device_name"], policy=summary["policy"],
+        arena_bytes=summary["arena_bytes"], resident_bytes=summary["resident_bytes"],
+        streamed_bytes=summary["streamed_bytes"],
+    )

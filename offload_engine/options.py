@@ -1,0 +1,51 @@
+"""The shared engine flags: one function adds them, one builds the EngineConfig.
+
+The CLI subcommands, the server and the scripts in tools/ all reuse these two.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cache import CACHE_FORMATS, POLICIES
+from .config import DTYPES, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--device", default="auto",
+                       help="cuda:0, cuda:1, cpu; auto picks cuda:0 when a GPU is visible")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--gpu-budget", default=None, metavar="B",
+                        help="device bytes for cached weights: 10GiB, 8GB, a share of free "
+                             "memory such as 0.8, or 'unbounded' (default)")
+    budget.add_argument("--cache-entries", type=int, default=None, metavar="N",
+                        help="budget as N slots of the largest weight (the classic recipe's knob)")
+    group.add_argument("--policy", choices=POLICIES, default="static",
+                       help="static: fixed resident set + streaming ring (default, best for "
+                            "decoding); lru: classic eviction, for comparison")
+    group.add_argument("--prefetch-depth", type=int, default=2, metavar="K",
+                       help="streamed weights copied ahead of the one computing (default 2)")
+    group.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
+                       help="hold cached weights packed (INT4, for the fused kernel) or "
+                            "dequantized; auto: packed on CUDA, dequantized on CPU")
+    group.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                       help="compute dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    group.add_argument("--attention", default="auto",
+                       choices=("auto", "flash_attention_2", "sdpa", "eager"),
+                       help="attention kernel; auto: flash_attention_2 when installed on CUDA")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        device=args.device,
+        gpu_budget=args.gpu_budget,
+        cache_entries=args.cache_entries,
+        policy=args.policy,
+        prefetch_depth=args.prefetch_depth,
+        cache_format=args.cache_format,
+        dtype=args.dtype,
+        attention=args.attention,
+        progress=not args.no_progress,
+    )

@@ -1,0 +1,116 @@
+"""The background worker that copies upcoming weights from host to device.
+
+It asks its scheduler (the device cache) for the next job, copies outside any
+lock and reports back. On CUDA the copies are non-blocking, from pinned memory, on
+a dedicated stream: a slot is overwritten only after the stream has waited for the
+event recorded when the last kernel reading that slot was queued, and the compute
+stream waits on the copy's event before reading. Nothing sleeps or spins: the
+worker blocks on the scheduler's condition variable. Any exception is handed to
+the scheduler, which raises it in the caller that needs the weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.profiler import record_function
+
+from .quantize import QuantizedWeight, dequantize_weight
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CopyJob:
+    """Copy ``source`` (host) into ``target`` (device views of a slot)."""
+
+    name: str
+    source: QuantizedWeight
+    target: object  # QuantizedWeight of views, or a dense tensor (dequantized form)
+    wait_event: Optional[object] = None  # CUDA event: last reader of the slot is queued
+    ready_event: Optional[object] = None  # CUDA event recorded after the copy
+
+
+class Copier:
+    """Host-to-device copies: a side stream and events on CUDA, plain memcpy on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def new_event(self):
+        return torch.cuda.Event() if self.stream is not None else None
+
+    def run(self, job: CopyJob) -> None:
+        _check_scales(job.name, job.source)
+        if self.stream is None:
+            _copy(job.source, job.target, self.device)
+            return
+        with torch.cuda.stream(self.stream):
+            if job.wait_event is not None:
+                self.stream.wait_event(job.wait_event)
+            _copy(job.source, job.target, self.device)
+            job.ready_event.record(self.stream)
+
+
+def _check_scales(name: str, weight: QuantizedWeight) -> None:
+    # Scales are 1/group_size of the data: checking them is cheap and catches the
+    # corruption that would otherwise turn into silent NaN logits.
+    if not torch.isfinite(weight.scales).all():
+        raise ValueError(f"weight {name!r} has non-finite scales in host memory (corrupt data)")
+
+
+def _copy(source: QuantizedWeight, target, device: torch.device) -> None:
+    if isinstance(target, torch.Tensor):  # dequantized form
+        if device.type == "cuda":
+            staged = QuantizedWeight(
+                *(None if t is None else t.to(device, non_blocking=True)
+                  for t in (source.qweight, source.scales, source.zeros)),
+                source.spec, source.out_features, source.in_features)
+            target.copy_(dequantize_weight(staged, target.dtype))
+        else:
+            target.copy_(dequantize_weight(source, target.dtype))
+        return
+    for part, tensor in source.components().items():
+        getattr(target, part).copy_(tensor, non_blocking=True)
+
+
+class PrefetchWorker:
+    """One thread: take a job from the scheduler, copy, report, repeat until closed."""
+
+    def __init__(self, scheduler, copier: Copier):
+        self.scheduler = scheduler
+        self.copier = copier
+        self.fatal: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._loop, name="offload-prefetch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                job = self.scheduler.next_job()
+                if job is None:
+                    return
+                error = None
+                try:
+                    with record_function("offload.fetch"):
+                        self.copier.run(job)
+                except Exception as exc:  # handed to the caller that needs this weight
+                    error = exc
+                self.scheduler.finish_job(job, error)
+        except BaseException as exc:
+            logger.exception("prefetch worker died")
+            self.fatal = exc
+            self.scheduler.worker_died(exc)

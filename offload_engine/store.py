@@ -1,0 +1,96 @@
+"""Host store: every quantized weight of a checkpoint, held in (pinned) host memory.
+
+A read-only Mapping from module name (``model.layers.0.mlp.up_proj``) to its
+:class:`QuantizedWeight`. Dense tensors (embeddings, norms, biases) are not kept
+here: they are handed once to the model loader by :func:`read_dense_tensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ResourceError
+from .format import Manifest, load_component, read_manifest, verify_directory
+from .quantize import QuantizedWeight
+from .units import format_bytes
+
+logger = logging.getLogger(__name__)
+WEIGHT_SUFFIX = ".weight"
+RAM_HEADROOM_BYTES = 512 * 1024**2  # leave this much for Python, activations, the OS
+
+
+def module_name(tensor_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``."""
+    if tensor_name.endswith(WEIGHT_SUFFIX):
+        return tensor_name[: -len(WEIGHT_SUFFIX)]
+    return tensor_name
+
+
+def check_host_ram(needed_bytes: int, directory: Path) -> None:
+    available = psutil.virtual_memory().available
+    if needed_bytes + RAM_HEADROOM_BYTES > available:
+        raise ResourceError(
+            f"{directory}: loading needs {format_bytes(needed_bytes)} of host RAM plus "
+            f"{format_bytes(RAM_HEADROOM_BYTES)} headroom, but only {format_bytes(available)} "
+            "is available; close other programs, or use a smaller model or scheme"
+        )
+
+
+class HostStore(Mapping):
+    """Read-only mapping: module name -> QuantizedWeight in host memory."""
+
+    def __init__(self, weights: Dict[str, QuantizedWeight], pinned: bool):
+        self._weights = weights
+        self.pinned = pinned
+
+    @classmethod
+    def load(cls, directory: Path, manifest: Manifest | None = None, pin: bool = False,
+             progress: bool = True) -> HostStore:
+        directory = Path(directory)
+        manifest = manifest or verify_directory(directory)
+        quantized = {n: e for n, e in manifest.tensors.items() if e.quantized}
+        check_host_ram(sum(e.nbytes for e in manifest.tensors.values()), directory)
+        headers: dict = {}
+        weights = {}
+        bar = tqdm(quantized.items(), desc="loading weights", unit="tensor", disable=not progress)
+        for name, entry in bar:
+            parts = {}
+            for part, comp in entry.components.items():
+                tensor = load_component(directory, comp, headers)
+                parts[part] = tensor.pin_memory() if pin else tensor
+            weights[module_name(name)] = QuantizedWeight(
+                qweight=parts["qweight"], scales=parts["scales"], zeros=parts.get("zeros"),
+                spec=manifest.spec, out_features=entry.shape[0], in_features=entry.shape[1],
+            )
+        return cls(weights, pinned=pin)
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        return self._weights[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(weight.nbytes for weight in self._weights.values())
+
+
+def read_dense_tensors(directory: Path, manifest: Manifest | None = None
+                       ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor that stays dense (embeddings, norms, biases)."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    headers: dict = {}
+    for name, entry in manifest.tensors.items():
+        if not entry.quantized:
+            yield name, load_component(directory, entry.components["dense"], headers)
