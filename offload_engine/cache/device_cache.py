@@ -181,18 +181,20 @@ class DeviceCache:
             self._cond.notify_all()
         started = time.perf_counter()
         waited = False
-        with record_function("offload.wait"):
-            while True:
-                self._raise_if_worker_dead(name)
-                slot = self._location.get(name)
-                if slot is not None and not slot.loading:
-                    break
-                waited = True
-                self._cond.wait(WAIT_POLL_S)
+        try:
+            with record_function("offload.wait"):
+                while True:
+                    self._raise_if_worker_dead(name)
+                    slot = self._location.get(name)
+                    if slot is not None and not slot.loading:
+                        break
+                    waited = True
+                    self._cond.wait(WAIT_POLL_S)
+        finally:  # also on Ctrl-C: a stale demand would make the worker fetch it for nothing
+            if self._demand == name:
+                self._demand = None
         if waited:
             self.stats.stall_seconds += time.perf_counter() - started
-        if self._demand == name:
-            self._demand = None
         if slot.error is not None:
             error = slot.error
             self._drop(slot)

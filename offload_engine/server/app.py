@@ -1,0 +1,263 @@
+"""The OpenAI-compatible HTTP API: routes, request checks, streaming, and serve().
+
+Routes run on the event loop and never touch the engine: they tokenize, check, and hand a
+Sequence to the Scheduler thread, then relay its events as a JSON body or server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ConfigError, ContextLengthError
+from ..generate import check_context, encode_prompt
+from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
+from .render import Reply, sse
+from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI does
+FALLBACK_CONTEXT = 2048  # models whose config states no context length
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
+
+@dataclass
+class ServerConfig:
+    """How the server listens and batches. Every field has a `serve` flag of the same name."""
+
+    host: str = "127.0.0.1"  # loopback by default: nothing outside this machine can connect
+    port: int = 8000  # TCP port; 0 picks a free one
+    max_batch: int = 8  # sequences decoded together in one forward
+    max_queue: int = 64  # requests waiting for a batch slot before new ones get 429
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_queue < 1:
+            raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+
+
+class ModelService:
+    """The one served model: its id, its tokenizer (under a lock) and its scheduler."""
+
+    def __init__(self, engine, config: ServerConfig):
+        self.engine = engine
+        self.model_id = Path(engine.directory).name
+        self.created = int(time.time())
+        self.tokenizer_lock = threading.Lock()  # shared with the scheduler's decoding
+        self.scheduler = Scheduler(engine, config.max_batch, config.max_queue,
+                                   self.tokenizer_lock)
+        self.context = getattr(engine.model.config, "max_position_embeddings", None)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.model_id!r}", param="model", code="model_not_found")
+
+    def encode(self, text: Optional[str], messages: Optional[list]) -> List[int]:
+        try:
+            with self.tokenizer_lock:
+                ids = encode_prompt(self.engine, text, messages, chat=messages is not None)
+        except ConfigError as exc:
+            raise ApiError(400, f"{exc}; use /v1/completions",
+                           param="messages") from None
+        return ids[0].tolist()
+
+    def max_tokens(self, prompt_ids: List[int], requested: Optional[int], chat: bool,
+                   param: str) -> int:
+        """The tokens to generate: as requested, else what the context leaves (capped)."""
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        room = (self.context or FALLBACK_CONTEXT) - len(prompt_ids)
+        wanted = requested or (room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
+        try:
+            check_context(self.engine, len(prompt_ids), max(wanted, 1))
+        except ContextLengthError:
+            raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                                f"({max(wanted, 1)}) exceeds this model's context of "
+                                f"{self.context} tokens; shorten the prompt or lower max_tokens",
+                           param=param, code="context_length_exceeded") from None
+        return wanted
+
+    def submit(self, prompt_ids: List[int], request) -> tuple:
+        """Queue a request; returns (sequence, asyncio queue of its events)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        params = request.sampling_params(request.max_tokens)
+        sequence = Sequence(prompt_ids, params,
+                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            self.scheduler.submit(sequence)
+        except QueueFullError as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        return sequence, events
+
+
+async def _collect(service: ModelService, sequence: Sequence, events: asyncio.Queue,
+                   reply: Reply) -> dict:
+    """Wait for a whole reply; cancel the sequence if this request goes away first."""
+    parts, done = [], False
+    try:
+        while True:
+            event = await events.get()
+            if isinstance(event, TextEvent):
+                parts.append(event.text)
+            elif isinstance(event, DoneEvent):
+                done = True
+                return reply.whole("".join(parts), event.finish_reason, event.prompt_tokens,
+                                   event.completion_tokens)
+            elif isinstance(event, ErrorEvent):
+                done = True
+                raise ApiError(event.status, event.message, type="server_error")
+    finally:
+        if not done:
+            service.scheduler.cancel(sequence)
+
+
+async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Queue,
+                  reply: Reply, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with data: [DONE].
+
+    When the client disconnects, Starlette cancels this generator; the finally clause
+    tells the scheduler, which drops the sequence at its next step.
+    """
+    done = False
+    try:
+        if reply.chat:
+            yield sse(reply.chunk(None, first=True))
+        while not done:
+            event = await events.get()
+            if isinstance(event, TextEvent):
+                yield sse(reply.chunk(event.text))
+            elif isinstance(event, DoneEvent):
+                done = True
+                yield sse(reply.chunk(None, finish_reason=event.finish_reason))
+                if include_usage:
+                    yield sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
+            elif isinstance(event, ErrorEvent):
+                done = True
+                yield sse(ApiError(event.status, event.message, type="server_error").body())
+        yield sse("[DONE]")
+    finally:
+        if not done:
+            service.scheduler.cancel(sequence)
+
+
+async def _complete(service: ModelService, request, prompt_ids: List[int], chat: bool):
+    reply = Reply(service.model_id, chat=chat)
+    sequence, events = service.submit(prompt_ids, request)
+    if request.stream:
+        return StreamingResponse(
+            _stream(service, sequence, events, reply, request.include_usage),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(await _collect(service, sequence, events, reply))
+
+
+def _add_routes(app: FastAPI, service: ModelService) -> None:
+    def model_card() -> dict:
+        return {"id": service.model_id, "object": "model", "created": service.created,
+                "owned_by": "offload-engine"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        service.check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_body(await request.body(), ChatRequest)
+        service.check_model(body.model)
+        requested = body.requested_max_tokens()
+        prompt_ids = service.encode(None, [m.as_template_message() for m in body.messages])
+        body.max_tokens = service.max_tokens(prompt_ids, requested, True, "messages")
+        return await _complete(service, body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = parse_body(await request.body(), CompletionRequest)
+        service.check_model(body.model)
+        requested = body.requested_max_tokens()
+        prompt_ids = service.encode(body.prompt_text(), None)
+        body.max_tokens = service.max_tokens(prompt_ids, requested, False, "prompt")
+        return await _complete(service, body, prompt_ids, chat=False)
+
+    @app.get("/health")
+    async def health():
+        alive = service.scheduler.alive
+        return JSONResponse({"status": "ok" if alive else "scheduler stopped",
+                             "model": service.model_id}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return {"model": service.model_id, **service.scheduler.metrics.snapshot()}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        error = ApiError(exc.status_code, str(exc.detail),
+                         code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):
+        logger.exception("request failed")
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+
+def create_app(engine, config: Optional[ServerConfig] = None) -> FastAPI:
+    """The API around a loaded engine; the scheduler runs while the app is being served."""
+    service = ModelService(engine, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        service.scheduler.start()
+        try:
+            yield
+        finally:
+            service.scheduler.stop()
+
+    app = FastAPI(title="offload-engine", lifespan=lifespan)
+    app.state.service = service
+    _add_routes(app, service)
+    _add_error_handlers(app)
+    return app
+
+
+def serve(model, engine_config, config: ServerConfig,
+          on_loaded: Optional[Callable[[str], None]] = None) -> None:
+    """Load ``model``, serve it until interrupted, then stop the scheduler and the engine.
+
+    ``on_loaded`` receives the served model id once the engine is loaded.
+    """
+    import uvicorn
+
+    from ..engine import load
+
+    with load(model, engine_config) as engine:
+        app = create_app(engine, config)
+        if on_loaded is not None:
+            on_loaded(app.state.service.model_id)
+        uvicorn.run(app, host=config.host, port=config.port, log_level="info")

@@ -1,0 +1,264 @@
+"""Continuous batching: one scheduler thread owns the engine and decodes every request together.
+
+Each step the thread (1) drops cancelled requests, (2) admits waiting requests up to
+``max_batch``, prefilling each alone and sampling its first token, then (3) runs ONE forward
+over all active rows and samples one token per row. Requests join and leave between steps.
+The engine is not thread-safe, so nothing else touches it while the scheduler runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Set
+
+import torch
+
+from ..errors import OffloadError
+from .kvbatch import BatchedCache, check_batchable
+from .metrics import Metrics
+from .sampling import SamplingParams, TextTracker, make_generator, sample_token
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(OffloadError):
+    """Too many requests are waiting for a batch slot; the client should retry later."""
+
+
+@dataclass
+class TextEvent:
+    text: str  # new final text of the reply
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    message: str  # names the cause
+    status: int = 500  # HTTP status the request should fail with
+
+
+class Sequence:
+    """One request: its prompt, what it asked for, and what it produced so far."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: List[int], params: SamplingParams,
+                 emit: Callable[[object], None]):
+        self.id = next(self._ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.emit = emit  # called from the scheduler thread with Text/Done/ErrorEvents
+        self.token_ids: List[int] = []
+        self.cancelled = False  # set by the HTTP side when the client went away
+        self.generator: Optional[torch.Generator] = None
+        self.tracker: Optional[TextTracker] = None
+
+
+class Scheduler:
+    """The background thread that owns the engine and batches requests."""
+
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
+                 tokenizer_lock: Optional[threading.Lock] = None):
+        check_batchable(engine.model.config)
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        self.metrics = Metrics()
+        self._eos_ids = _eos_ids(engine)
+        self._wake = threading.Condition()
+        self._waiting: collections.deque = collections.deque()  # guarded by _wake
+        self._active: List[Sequence] = []  # scheduler thread only; row i of _batch
+        self._batch = BatchedCache()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self.metrics.snapshot_engine(engine.stats)
+
+    # ----- called from the HTTP side -------------------------------------------------------
+    def submit(self, sequence: Sequence) -> None:
+        with self._wake:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.metrics.count("requests_rejected")
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting "
+                                     f"(--max-queue {self.max_queue}); retry shortly")
+            self._waiting.append(sequence)
+            self.metrics.set_queue(len(self._waiting), len(self._active))
+            self._wake.notify()
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Drop a request at the next step (its client disconnected)."""
+        with self._wake:
+            sequence.cancelled = True
+            self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="offload-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread after its current step; fail whatever is still queued or running."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.error("the scheduler thread did not stop within %.0f s", timeout)
+                return
+        with self._wake:
+            leftover = list(self._waiting) + self._active
+            self._waiting.clear()
+        self._active = []
+        for sequence in leftover:
+            _safe_emit(sequence, ErrorEvent("the server is shutting down", status=503))
+
+    # ----- the scheduler thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._active):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - the running requests fail with the cause
+                logger.exception("scheduler step failed")
+                self._fail_active(f"{type(exc).__name__}: {exc}")
+
+    def _fail_active(self, cause: str) -> None:
+        self.metrics.count("requests_failed", len(self._active))
+        for sequence in self._active:
+            _safe_emit(sequence, ErrorEvent(cause))
+        self._active, self._batch = [], BatchedCache()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step: drop, admit (prefill), then one decode forward for all rows."""
+        started = time.perf_counter()
+        self._drop_cancelled()
+        admitted = self._take_waiting()
+        for sequence in admitted:
+            self._prefill(sequence)
+        if self._active:
+            self._decode()
+        self.metrics.add_busy(time.perf_counter() - started)
+        self.metrics.snapshot_engine(self.engine.stats)
+        with self._wake:
+            self.metrics.set_queue(len(self._waiting), len(self._active))
+
+    def _take_waiting(self) -> List[Sequence]:
+        with self._wake:
+            live = [s for s in self._waiting if not s.cancelled]
+            for sequence in self._waiting:
+                if sequence.cancelled:
+                    self.metrics.count("requests_cancelled")
+            room = max(self.max_batch - len(self._active), 0)
+            admitted, rest = live[:room], live[room:]
+            self._waiting = collections.deque(rest)
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        gone = {i for i, s in enumerate(self._active) if s.cancelled}
+        if gone:
+            self.metrics.count("requests_cancelled", len(gone))
+            self._leave(gone)
+
+    def _leave(self, rows: Set[int]) -> None:
+        keep = [i for i in range(len(self._active)) if i not in rows]
+        self._active = [self._active[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _prefill(self, sequence: Sequence) -> None:
+        """Run the prompt alone, sample the first token, and join the batch if not done."""
+        sequence.generator = make_generator(sequence.params, self.engine.device)
+        sequence.tracker = TextTracker(self.engine.tokenizer, sequence.params.stop)
+        try:
+            input_ids = torch.tensor([sequence.prompt_ids], device=self.engine.device)
+            output = self.engine.model(input_ids=input_ids, attention_mask=torch.ones_like(
+                input_ids), use_cache=True, logits_to_keep=1)
+            self.metrics.count("prefills")
+            if not self._advance(sequence, output.logits[0, -1]):
+                self._batch.join(output.past_key_values)
+                self._active.append(sequence)
+        except Exception as exc:  # noqa: BLE001 - reported to the request, logged, not swallowed
+            logger.exception("prefill of request %d failed", sequence.id)
+            self.metrics.count("requests_failed")
+            _safe_emit(sequence, ErrorEvent(f"prefill failed: {type(exc).__name__}: {exc}"))
+
+    def _decode(self) -> None:
+        inputs = self._batch.decode_inputs([s.token_ids[-1] for s in self._active])
+        try:
+            output = self.engine.model(**inputs, logits_to_keep=1)
+        except Exception as exc:  # noqa: BLE001 - every row's request fails with the cause
+            logger.exception("decode step over %d sequences failed", len(self._active))
+            self._fail_active(f"decode step failed: {type(exc).__name__}: {exc}")
+            return
+        self._batch.advance(inputs["attention_mask"])
+        self.metrics.record_batch(len(self._active))
+        logits = output.logits[:, -1]  # (B, V)
+        finished = {i for i, s in enumerate(self._active) if self._advance(s, logits[i])}
+        if finished:
+            self._leave(finished)
+
+    def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
+        """Sample one token for ``sequence``, hand out its text; True when it is finished."""
+        params = sequence.params
+        token = sample_token(logits, params, sequence.generator)
+        sequence.token_ids.append(token)
+        self.metrics.count("tokens_generated")
+        reason = None
+        if token in self._eos_ids:
+            reason = "stop"
+        elif len(sequence.token_ids) >= params.max_tokens:
+            reason = "length"
+        with self.tokenizer_lock:
+            text, stopped = sequence.tracker.update(sequence.token_ids, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        if text and not _safe_emit(sequence, TextEvent(text)):
+            sequence.cancelled = True
+        if reason is None:
+            return False
+        self.metrics.count("requests_served")
+        _safe_emit(sequence, DoneEvent(reason, len(sequence.prompt_ids),
+                                       len(sequence.token_ids)))
+        return True
+
+
+def _safe_emit(sequence: Sequence, event) -> bool:
+    """Hand an event to the request; False when its side is gone (loop closed)."""
+    try:
+        sequence.emit(event)
+        return True
+    except RuntimeError:
+        logger.debug("request %d: its event loop is gone; dropping it", sequence.id)
+        return False
+
+
+def _eos_ids(engine) -> Set[int]:
+    ids = set()
+    for source in (engine.model.generation_config.eos_token_id,
+                   engine.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids

@@ -1,0 +1,85 @@
+"""One left-padded KV cache shared by every sequence being decoded.
+
+Each sequence is prefilled alone (no padding, so its prefill equals a batch-of-one run);
+its cache then joins the batched cache, left-padded to the longest row, with an attention
+mask marking the padding. A decode step feeds one token per row with position ids counted
+from each row's own real tokens, so a row computes what it would compute alone. Rows
+leave by index, and columns that became padding in every row are trimmed away.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ..errors import ConfigError
+
+
+def check_batchable(model_config) -> None:
+    """Refuse models whose cache layers are not plain growing key/value tensors."""
+    layers = DynamicCache(config=model_config).layers
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ConfigError(f"the server batches full-attention models only; this model's cache "
+                          f"has {', '.join(odd)} layers (sliding-window or linear attention)")
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad (B, H, T, D) on the left of T with zeros up to ``length``."""
+    return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
+
+
+class BatchedCache:
+    """The KV cache and padding mask of the rows decoded together, in row order."""
+
+    def __init__(self) -> None:
+        self.cache: Optional[DynamicCache] = None
+        self.mask: Optional[torch.Tensor] = None  # (B, T) long: 1 real token, 0 padding
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def join(self, cache: DynamicCache) -> None:
+        """Append one prefilled sequence's cache (batch of one, no padding) as the last row."""
+        length = cache.get_seq_length()
+        mask = torch.ones((1, length), dtype=torch.long, device=cache.layers[0].keys.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], length)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width),
+                                     _left_pad(theirs.values, width)])
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
+                               F.pad(mask, (width - length, 0))])
+
+    def keep(self, rows: List[int]) -> None:
+        """Keep only ``rows`` (in that order); trim columns that are padding in all of them."""
+        if not rows:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        start = int((self.mask.shape[1] - self.mask.sum(dim=1)).min())  # shortest padding
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def decode_inputs(self, last_tokens: List[int]) -> dict:
+        """Model kwargs for one step feeding ``last_tokens[i]`` to row i."""
+        device = self.mask.device
+        input_ids = torch.tensor(last_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        positions = self.mask.sum(dim=1, keepdim=True)  # (B, 1): real tokens before this one
+        attention_mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)  # (B, T+1)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=self.cache, use_cache=True)
+
+    def advance(self, attention_mask: torch.Tensor) -> None:
+        """After a decode step the cache grew one column; the step's mask now describes it."""
+        self.mask = attention_mask

@@ -1,0 +1,93 @@
+"""Per-request sampling and the text a request has produced so far (stop strings included)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """What one request asked for; validated by the HTTP layer before it gets here."""
+
+    max_tokens: int  # new tokens at most; finish_reason "length" when reached
+    temperature: float = 1.0  # 0 means greedy (always the likeliest token)
+    top_p: float = 1.0  # nucleus: sample from the smallest set holding this much probability
+    seed: Optional[int] = None  # seeds this request's own generator; None draws a fresh seed
+    stop: List[str] = field(default_factory=list)  # finish when the text contains one
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> Optional[torch.Generator]:
+    """A generator per request, so batching with others never changes a seeded result."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams,
+                 generator: Optional[torch.Generator]) -> int:
+    """Pick the next token from one row of logits (V,)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass ahead of each token
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _held_back(text: str, stops: List[str]) -> int:
+    """Characters at the end of ``text`` that could be the start of a stop string."""
+    held = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:size]):
+                held = size
+                break
+    return held
+
+
+class TextTracker:
+    """Decodes a request's tokens and hands out only text that is final.
+
+    Text is held back while it ends in an incomplete UTF-8 character or could be the start
+    of a stop string; a stop string that appears ends the request and is not returned.
+    """
+
+    def __init__(self, tokenizer, stops: List[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.emitted = ""  # text already handed out
+
+    def update(self, token_ids: List[int], final: bool) -> Tuple[str, bool]:
+        """The new text to hand out, and whether a stop string was found."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            return self._hand_out(text[:cut]), True
+        if not final:
+            if text.endswith("\ufffd"):
+                return "", False
+            text = text[:len(text) - _held_back(text, self.stops)]
+        return self._hand_out(text), False
+
+    def _hand_out(self, text: str) -> str:
+        if not text.startswith(self.emitted):
+            # a later token changed how earlier ones decode; keep what was already sent
+            text = self.emitted + text[len(self.emitted):]
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta

@@ -1,0 +1,144 @@
+"""OpenAI-style request bodies, their validation, and the error body every failure returns."""
+
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .sampling import SamplingParams
+
+MAX_STOP_STRINGS = 4  # as the OpenAI API allows
+
+
+class ApiError(Exception):
+    """A request the server refuses; rendered as {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int and true is not a number; unknown fields are ignored, as
+    # clients send options this server does not implement (presence_penalty, user...)
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[TextPart], None] = None
+
+    def as_template_message(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False  # send a last chunk with the usage counts
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Union[str, List[str], None] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    def stop_list(self) -> List[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, "
+                                f"got {len(stops)}", param="stop")
+        return stops
+
+    def requested_max_tokens(self) -> Optional[int]:
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ApiError(400, f"max_tokens must be at least 1, got {self.max_tokens}",
+                           param="max_tokens")
+        if self.n != 1:
+            raise ApiError(400, f"this server returns one choice per request; n must be 1, "
+                                f"got {self.n}", param="n")
+        return self.max_tokens
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed, stop=self.stop_list())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
+    messages: List[ChatMessage]
+    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+
+    def requested_max_tokens(self) -> Optional[int]:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if not self.messages:
+            raise ApiError(400, "messages must hold at least one message", param="messages")
+        return super().requested_max_tokens()
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, List[str]]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ApiError(400, "this server takes one prompt per request (a string or a list "
+                                f"of one string), got {len(self.prompt)}", param="prompt")
+        return self.prompt[0]
+
+
+def parse_body(raw: bytes, model_class):
+    """Validate a raw JSON body; any problem becomes a 400 naming the field at fault."""
+    try:
+        return model_class.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            reason = first["msg"].removeprefix("Invalid JSON: ")
+            raise ApiError(400, f"the request body is not valid JSON: {reason}",
+                           code="invalid_json") from None
+        where = ".".join(str(part) for part in _field_path(exc.errors()))
+        message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
+        raise ApiError(400, message, param=where or None) from None
+
+
+def _field_path(errors: list) -> tuple:
+    """The field at fault. A union field reports one error per member, each with the
+    member's type appended to the path (content.str, content.list[TextPart]): keep the
+    part the first error's siblings share."""
+    path = tuple(errors[0]["loc"])
+    for error in errors[1:]:
+        loc = tuple(error["loc"])
+        if loc[:1] != path[:1]:
+            continue
+        shared = 0
+        while shared < min(len(loc), len(path)) and loc[shared] == path[shared]:
+            shared += 1
+        path = path[:shared]
+    return path
