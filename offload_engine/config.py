@@ -30,6 +30,7 @@ class EngineConfig:
     cache_format: str = "auto"  # "packed", "dequantized"; auto: packed on CUDA, else dequantized
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA, float32 on CPU
     attention: str = "auto"  # "flash_attention_2", "sdpa", "eager"; auto picks
+    hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
     progress: bool = True  # tqdm bars while loading
 
     def __post_init__(self) -> None:

@@ -118,7 +118,7 @@ def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
     fmt = config.resolved_cache_format()
     order = list(linears)
     plan = plan_cache([(n, held_nbytes(store[n], fmt, dtype), store[n].nbytes) for n in order],
-                      config.budget_bytes(), config.policy, config.prefetch_depth,
+                      _budget(config, directory), config.policy, config.prefetch_depth,
                       config.cache_entries)
     logger.info("cache plan: %s", asdict(plan))
     cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress)
@@ -134,6 +134,26 @@ def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
         cache.close()
         raise
     return Engine(directory, model, tokenizer, cache, store, config)
+
+
+def _budget(config: EngineConfig, directory: Path) -> Optional[int]:
+    """The arena budget: the flag's, or the one `plan` derives for --hw-profile."""
+    if config.hw_profile is None or config.gpu_budget is not None or config.cache_entries:
+        return config.budget_bytes()
+    from .planner import PlanRequest, describe_model, make_plan
+    from .profiles import load_profile
+
+    shape = describe_model(directory)
+    context = min(PlanRequest.context, shape.max_positions or PlanRequest.context)
+    request = PlanRequest(load_profile(config.hw_profile), context=context,
+                          policy=config.policy, prefetch_depth=config.prefetch_depth,
+                          cache_format=config.resolved_cache_format(),
+                          dtype=str(config.torch_dtype()).replace("torch.", ""))
+    plan = make_plan(shape, request)
+    budget = plan.settings["budget_bytes"]
+    logger.info("--hw-profile %s: weight budget %s (%s)", config.hw_profile, budget,
+                plan.settings["budget_source"])
+    return budget
 
 
 def _check_manifest_matches(manifest, linears, directory: Path) -> None:

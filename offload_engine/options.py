@@ -34,6 +34,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention", default="auto",
                        choices=("auto", "flash_attention_2", "sdpa", "eager"),
                        help="attention kernel; auto: flash_attention_2 when installed on CUDA")
+    group.add_argument("--hw-profile", default=None, metavar="NAME|PATH",
+                       help="without --gpu-budget, use the weight budget `offload-engine plan` "
+                            "derives for this card (e.g. rtx4060-8gb to try an 8 GB setup on a "
+                            "bigger GPU)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -47,5 +51,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cache_format=args.cache_format,
         dtype=args.dtype,
         attention=args.attention,
+        hw_profile=args.hw_profile,
         progress=not args.no_progress,
     )

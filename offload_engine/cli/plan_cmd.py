@@ -1,0 +1,220 @@
+"""``offload-engine plan MODEL``: will this model fit on my card, and how fast? (a prediction)
+
+The flags below mirror the engine flags of options.py by name, but they describe a
+hardware profile's device, not this machine's, so they are declared here: a
+fraction budget is a share of the profile's memory, and ``--device`` has no meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from ..cache import CACHE_FORMATS, POLICIES
+from ..config import DTYPES
+from ..layout import GROUP_SIZES, SCHEMES
+from ..profiles import DEFAULT_PROFILE
+
+DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "plan", help="predict memory use and decode speed for a model on a card",
+        description="Size a quantized directory, or a bare Hugging Face config.json (plan "
+                    "before downloading), against a hardware profile. Speeds are PREDICTIONS "
+                    f"of a bandwidth model. Exit status {DOES_NOT_FIT} when it does not fit.")
+    parser.add_argument("model", type=Path,
+                        help="a directory written by `quantize`, an HF model directory, or a "
+                             "config.json")
+    parser.add_argument("--hw-profile", default=DEFAULT_PROFILE, metavar="NAME|PATH",
+                        help=f"a preset (rtx3090, rtx4090, rtx4060ti-16gb, rtx3060-12gb, "
+                             f"rtx4060-8gb, cpu) or a TOML file; default {DEFAULT_PROFILE}")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--gpu-budget", default=None, metavar="B",
+                        help="arena bytes (10GiB), a share of the card after its reserve (0.8) "
+                             "or 'unbounded'; default: what the card leaves free")
+    budget.add_argument("--cache-entries", type=int, default=None, metavar="N",
+                        help="budget as N slots of the largest weight")
+    parser.add_argument("--context", type=int, default=4096, metavar="T",
+                        help="tokens per sequence, for the KV cache and prefill (default 4096)")
+    parser.add_argument("--batch", type=int, default=1, metavar="N",
+                        help="sequences decoded together (default 1)")
+    parser.add_argument("--scheme", choices=SCHEMES, default=None,
+                        help="for a config.json: the scheme to plan for (default int4)")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                        help="for a config.json: the group size (default 128)")
+    parser.add_argument("--policy", choices=POLICIES, default="static")
+    parser.add_argument("--prefetch-depth", type=int, default=2, metavar="K")
+    parser.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
+                        help="auto: packed on a cuda profile, dequantized on cpu")
+    parser.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                        help="compute dtype; auto: bfloat16 on a cuda profile, float32 on cpu")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..layout import QuantSpec
+    from ..planner import PlanRequest, describe_model, make_plan
+    from ..profiles import load_profile
+
+    spec = None
+    if args.scheme is not None or args.group_size is not None:
+        spec = QuantSpec(args.scheme or "int4", args.group_size or 128)
+    request = PlanRequest(
+        profile=load_profile(args.hw_profile), gpu_budget=args.gpu_budget,
+        cache_entries=args.cache_entries, context=args.context, batch=args.batch,
+        policy=args.policy, prefetch_depth=args.prefetch_depth,
+        cache_format=args.cache_format, dtype=args.dtype)
+    shape = describe_model(args.model, spec)
+    plan = make_plan(shape, request)
+    report = plan.as_dict()
+    report["resident_summary"] = summarise_weights(plan.cache.resident, plan.weight_names)
+    streamed = [n for n in plan.weight_names if n not in set(plan.cache.resident)]
+    report["streamed_summary"] = summarise_weights(streamed, plan.weight_names)
+    report["advice"] = advise(plan, shape, request)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print("\n".join(render(plan, report)))
+    return 0 if plan.fits else DOES_NOT_FIT
+
+
+def size(nbytes: float) -> str:
+    """Decimal units, as the issue, vendors and the design notes quote sizes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def card(nbytes: float) -> str:
+    """A card-sized amount in both units: vendors' "24 GB" cards hold 24 GiB."""
+    return f"{size(nbytes)} ({nbytes / 2**30:.2f} GiB)"
+
+
+def render(plan, report: dict) -> List[str]:
+    """The plan as text: sizes, what stays resident, and the labelled prediction."""
+    model, hw, settings = plan.model, plan.hardware, plan.settings
+    mem, cache, pred = plan.memory, plan.cache, plan.prediction
+    spec = model["spec"]
+    lines = [
+        f"model:    {model['source']} ({model['model_type']}, {model['num_layers']} layers, "
+        f"{model['quantized_linears']} quantized linears, {spec['scheme']} "
+        f"g{spec['group_size']})",
+        f"hardware: {hw['name']}: {hw['description']}",
+        f"          {card(hw['memory_bytes'])} memory, {hw['device_bandwidth'] / 1e9:.0f} GB/s "
+        f"device, {hw['h2d_bandwidth'] / 1e9:.2f} GB/s host->device",
+        f"settings: policy {settings['policy']}, prefetch depth {settings['prefetch_depth']}, "
+        f"cache format {settings['cache_format']}, {settings['dtype']}, context "
+        f"{settings['context']} x batch {settings['batch']}",
+        "",
+        f"weights ({spec['scheme']} g{spec['group_size']}, copied from host RAM):",
+        f"  linear weights in the layers  {size(plan.weights['linear_layers']):>10}",
+        f"  lm_head                       {size(plan.weights['lm_head']):>10}"
+        + ("  (tied to the embeddings: dense)" if model["tied_embeddings"] else ""),
+        "device memory:",
+    ]
+    rows = [
+        ("resident weights", mem.resident_weights, f"{len(cache.resident)} of "
+         f"{len(plan.weight_names)} weights"),
+        ("staging ring", mem.staging_ring, f"{cache.slot_count} slots x "
+         f"{size(cache.slot_bytes)}"),
+        ("embeddings", mem.embeddings, "on the device in this runtime"),
+        ("norms, biases", mem.other_dense, ""),
+        ("KV cache", mem.kv_cache, f"{mem.kv_cache_per_token / 1024:.1f} KiB per token x "
+         f"{settings['context']} x {settings['batch']}"),
+        ("activations (estimate)", mem.activations, "prefill of the whole context"),
+        ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
+         else "OS, Python, torch"),
+    ]
+    if mem.host_store:
+        rows.append(("host store (INT4)", mem.host_store, "same RAM as the cpu 'device'"))
+    lines += [f"  {label:<28}{size(n):>10}  {note}".rstrip() for label, n, note in rows]
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines += [
+        f"  {'total':<28}{size(mem.total):>10}  of {card(hw['memory_bytes'])}: {verdict}",
+        f"  budget: {_budget(settings)}",
+        "",
+        f"resident: {report['resident_summary']}",
+        f"streamed: {report['streamed_summary']}",
+        f"minimum workable budget: {size(plan.minimum_budget)} of weights "
+        f"(a {card(plan.minimum_memory)} card);",
+        f"  every weight resident: a {card(plan.all_resident_memory)} card",
+        "",
+        "PREDICTION (bandwidth model, not a measurement):",
+        f"  streamed per token: {size(pred.streamed_bytes_per_token)} host->device, "
+        f"hit rate {pred.hit_rate:.1%}",
+        f"  per step: resident reads {pred.resident_read_s * 1e3:.2f} ms + dense reads "
+        f"{pred.dense_read_s * 1e3:.2f} ms + streaming {pred.stream_s * 1e3:.2f} ms + KV "
+        f"reads {pred.kv_read_s * 1e3:.2f} ms = {pred.step_s * 1e3:.2f} ms",
+        f"  predicted decode: {pred.tokens_per_s:.3g} tokens/s"
+        + (f" in all ({pred.tokens_per_s_per_sequence:.3g} per sequence)"
+           if settings["batch"] > 1 else ""),
+    ]
+    lines += [f"note: {text}" for text in report["advice"]]
+    return lines
+
+
+def _budget(settings: dict) -> str:
+    value = settings["budget_bytes"]
+    shown = "unbounded (every weight resident)" if value is None else size(value)
+    return f"{shown}, {settings['budget_source']}"
+
+
+def summarise_weights(chosen: List[str], order: List[str]) -> str:
+    """Group weight names by layer: "layers 0-37: all linears; layer 38: q_proj; lm_head"."""
+    if not chosen:
+        return "none"
+    chosen_set = set(chosen)
+    per_layer: Dict[int, Tuple[List[str], List[str]]] = {}
+    others = []
+    for name in order:
+        match = re.search(r"\.layers\.(\d+)\.(.+)$", name)
+        if match is None:
+            others += [name] if name in chosen_set else []
+            continue
+        every, picked = per_layer.setdefault(int(match.group(1)), ([], []))
+        every.append(match.group(2).rsplit(".", 1)[-1])
+        if name in chosen_set:
+            picked.append(every[-1])
+    runs: List[list] = []  # [first layer, last layer, label]
+    for layer in sorted(per_layer):
+        every, picked = per_layer[layer]
+        if not picked:
+            continue
+        label = "all linears" if picked == every else ", ".join(picked)
+        if runs and runs[-1][1] == layer - 1 and runs[-1][2] == label:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer, label])
+    parts = [(f"layers {a}-{b}" if a != b else f"layer {a}") + f": {label}"
+             for a, b, label in runs]
+    return "; ".join(parts + others)
+
+
+def advise(plan, shape, request) -> List[str]:
+    """What to change when the plan does not fit, or what more memory would buy."""
+    mem, limit = plan.memory, request.profile.memory_bytes
+    advice = []
+    if shape.max_positions and request.context > shape.max_positions:
+        advice.append(f"--context {request.context} exceeds the model's "
+                      f"max_position_embeddings ({shape.max_positions})")
+    if not plan.fits:
+        advice.append(f"DOES NOT FIT: needs {card(mem.total)} on a {card(limit)} card")
+        if plan.minimum_memory > limit:
+            advice.append(
+                f"even the minimum arena needs a {card(plan.minimum_memory)} card: lower "
+                f"--context or --batch (KV cache {size(mem.kv_cache)}, activations "
+                f"{size(mem.activations)}), lower --prefetch-depth (each slot "
+                f"{size(plan.cache.slot_bytes or plan.minimum_budget)}), or use a card with "
+                "more memory")
+        else:
+            advice.append("lower --gpu-budget, or leave it out to use what the card leaves free")
+    elif plan.cache.streamed_bytes and request.policy == "static":
+        advice.append(f"every weight resident would need a {card(plan.all_resident_memory)} "
+                      "card (or a shorter --context)")
+    return advice

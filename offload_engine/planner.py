@@ -1,0 +1,416 @@
+"""Will a model fit on a card, and how fast will it decode? Sizing and a bandwidth model.
+
+Pure arithmetic on shapes: the planner reads a quantized directory's manifest and
+config.json, or a bare Hugging Face config.json (plan before downloading 65 GB), builds
+the empty skeleton to learn every linear's shape, sizes the weights with
+:meth:`QuantSpec.nbytes` / :func:`held_nbytes`, and asks :func:`plan_cache` (the one
+cache policy, shared with the runtime) which weights stay resident. Embeddings, KV
+cache, activations and the reserve are sized here.
+
+The speed is a PREDICTION from a memory-bound model of one decode step: each step
+reads every resident weight from device memory, copies every streamed weight over
+the host link, and reads each sequence's KV cache. One step serves the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+from . import architecture
+from .cache import CACHE_FORMATS, POLICIES, CachePlan, held_nbytes, plan_cache
+from .config import DTYPES, UNBOUNDED
+from .errors import ConfigError, SourceError
+from .format import MANIFEST_NAME, read_manifest
+from .layout import QuantSpec
+from .profiles import HardwareProfile
+from .quantize import QuantizedWeight
+from .units import parse_bytes
+
+logger = logging.getLogger(__name__)
+LOGITS_BYTES = 4  # logits are upcast to float32 before sampling
+PREFILL_SCRATCH_MAX_ELEMENTS = 1 << 26  # kernels/triton_dequant.py DEFAULT_MAX_SCRATCH_ELEMENTS
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One quantized linear, in execution order."""
+
+    name: str  # module name, e.g. "model.layers.0.mlp.up_proj"
+    out_features: int
+    in_features: int
+    is_lm_head: bool
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs to know about a model: shapes only, no weights."""
+
+    source: str  # the path planned
+    model_type: str  # e.g. "qwen2"
+    spec: QuantSpec  # the directory's scheme, or the one asked for
+    quantized: bool  # True for a directory written by `quantize`
+    linears: List[LinearShape]  # every quantized linear, in execution order
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    max_positions: Optional[int]  # max_position_embeddings, when the config gives it
+    tied_embeddings: bool  # lm_head shares the (dense) embedding
+    other_dense_elements: int  # norms, biases... kept dense besides the embedding
+    host_dense_bytes: int  # embedding + other dense tensors as stored on the host
+
+    @property
+    def embedding_elements(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+
+@dataclass
+class PlanRequest:
+    """The question asked: which card, which settings. Fields mirror the CLI flags."""
+
+    profile: HardwareProfile  # the card (or cpu)
+    gpu_budget: Optional[Union[str, int, float]] = None  # None: what the card leaves free
+    cache_entries: Optional[int] = None  # the classic N-entry knob instead of a budget
+    context: int = 4096  # tokens per sequence: sizes the KV cache and the prefill
+    batch: int = 1  # sequences decoded together
+    policy: str = "static"  # cache policy, as in the runtime
+    prefetch_depth: int = 2  # staging slots beyond the one computing
+    cache_format: str = "auto"  # packed, dequantized; auto: packed on cuda, else dequantized
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
+
+    def __post_init__(self) -> None:
+        if self.context < 1 or self.batch < 1:
+            raise ConfigError(f"--context and --batch must be at least 1, got {self.context} "
+                              f"and {self.batch}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown --policy {self.policy!r}: use {' or '.join(POLICIES)}")
+        if self.cache_format not in CACHE_FORMATS + ("auto",):
+            raise ConfigError(f"unknown --cache-format {self.cache_format!r}")
+        if self.dtype not in tuple(DTYPES) + ("auto",):
+            raise ConfigError(f"unknown --dtype {self.dtype!r}: use auto, {', '.join(DTYPES)}")
+        if self.gpu_budget is not None and self.cache_entries is not None:
+            raise ConfigError("give either --gpu-budget or --cache-entries, not both")
+
+    # Same defaults as EngineConfig, decided by the profile's device instead of this machine's.
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.profile.device == "cuda" else torch.float32
+
+    def resolved_cache_format(self) -> str:
+        if self.cache_format != "auto":
+            return self.cache_format
+        return "packed" if self.profile.device == "cuda" else "dequantized"
+
+    def explicit_budget(self) -> Tuple[bool, Optional[int]]:
+        """(given, bytes): bytes None means unbounded; a fraction is of usable memory."""
+        if self.gpu_budget is None:
+            return False, None
+        text = str(self.gpu_budget).strip().lower()
+        if text in UNBOUNDED:
+            return True, None
+        if re.fullmatch(r"0?\.\d+|1(\.0*)?", text):
+            return True, int(float(text) * self.profile.usable_bytes)
+        try:
+            return True, parse_bytes(self.gpu_budget)
+        except Exception as exc:  # argparse.ArgumentTypeError: not a ValueError
+            raise ConfigError(f"--gpu-budget: {exc}") from exc
+
+
+@dataclass
+class Memory:
+    """Device memory, in bytes, by what holds it."""
+
+    resident_weights: int  # weights kept on the device for the whole run (held form)
+    staging_ring: int  # slots that streamed weights pass through
+    embeddings: int  # the token embedding (lives on the device in our runtime today)
+    other_dense: int  # norms, biases
+    kv_cache: int  # at --context x --batch
+    kv_cache_per_token: int  # one token of one sequence, all layers, K and V
+    activations: int  # estimate: prefill of a whole --context, logits, kernel scratch
+    reserve: int  # the profile's CUDA context / workspace allowance
+    host_store: int  # INT4 weights in host RAM: counted here only when the device is cpu
+
+    @property
+    def total(self) -> int:
+        return (self.resident_weights + self.staging_ring + self.fixed + self.reserve)
+
+    @property
+    def fixed(self) -> int:
+        """Everything that is not the weight arena and not the reserve."""
+        return (self.embeddings + self.other_dense + self.kv_cache + self.activations
+                + self.host_store)
+
+
+@dataclass
+class Prediction:
+    """PREDICTION of one decode step from the bandwidth model (not a measurement)."""
+
+    resident_read_s: float  # resident bytes / device bandwidth
+    dense_read_s: float  # norms, and a tied lm_head's dense embedding matrix / device bandwidth
+    stream_s: float  # streamed bytes / host-to-device bandwidth
+    kv_read_s: float  # batch x KV cache at --context / device bandwidth
+    step_s: float  # the sum: one step decodes one token for every sequence
+    tokens_per_s: float  # batch / step_s, all sequences together
+    tokens_per_s_per_sequence: float  # 1 / step_s
+    streamed_bytes_per_step: int  # host->device per step, shared by the batch
+    streamed_bytes_per_token: float  # the above over the batch
+    hit_rate: float  # cache hits per weight use
+
+
+@dataclass
+class Plan:
+    """The answer: sizes, the cache split, the prediction and whether it fits."""
+
+    model: Dict[str, object]  # source, type, scheme, shape numbers
+    hardware: Dict[str, object]  # the profile's numbers
+    settings: Dict[str, object]  # policy, depth, cache format, dtype, context, batch, budget
+    weights: Dict[str, int]  # linear_layers, lm_head, total copy/held bytes
+    memory: Memory
+    cache: CachePlan  # exactly what the runtime would build with this budget
+    minimum_budget: int  # smallest arena the policy accepts
+    minimum_memory: int  # smallest card: minimum arena + everything else + reserve
+    all_resident_memory: int  # the card that would hold every weight
+    prediction: Prediction
+    fits: bool  # everything, reserve included, within the card's memory
+    weight_names: List[str] = field(default_factory=list)  # execution order (not in JSON)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("weight_names")
+        data["memory"]["total"] = self.memory.total
+        data["cache"]["arena_bytes"] = self.cache.arena_bytes
+        data["cache"]["streamed_bytes"] = self.cache.streamed_bytes
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=1)
+
+
+# ----- reading the model ------------------------------------------------------------------
+def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> ModelShape:
+    """Shapes of the model at ``path``: a quantized directory, an HF directory or config.json.
+
+    ``spec`` is the scheme to plan for; a quantized directory has its own, and asking
+    for another one is an error.
+    """
+    path = Path(path)
+    hf_config, manifest = _read_config(path)
+    if manifest is not None:
+        if spec is not None and spec != manifest.spec:
+            raise ConfigError(
+                f"{path} is quantized as {manifest.scheme} g{manifest.group_size}; plan it "
+                f"without --scheme/--group-size, or plan the source config.json for "
+                f"{spec.scheme} g{spec.group_size}")
+        spec = manifest.spec
+    spec = spec or QuantSpec()
+    text = architecture.text_config(hf_config)
+    model = architecture.build_skeleton(hf_config)
+    found = architecture.find_linears(model, hf_config)
+    linears = [LinearShape(n, i.out_features, i.in_features, i.is_lm_head)
+               for n, i in found.items()]
+    embedding = model.get_input_embeddings().weight
+    # The skeleton is not tied yet: a tied lm_head still has its own meta weight.
+    embeddings = {id(embedding), id(model.get_output_embeddings().weight)}
+    weight_names = {f"{name}.weight" for name in found}
+    other = sum(p.numel() for name, p in model.named_parameters()
+                if name not in weight_names and id(p) not in embeddings)
+    heads = text.num_attention_heads
+    if manifest is not None:
+        roles = manifest.bytes_by_role()
+        host_dense = sum(b for role, b in roles.items() if role not in ("linear", "lm_head"))
+    else:
+        source_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+        itemsize = source_dtype.itemsize if isinstance(source_dtype, torch.dtype) else 2
+        host_dense = (embedding.numel() + other) * itemsize
+    return ModelShape(
+        source=str(path), model_type=str(getattr(hf_config, "model_type", "?")), spec=spec,
+        quantized=manifest is not None, linears=linears,
+        vocab_size=embedding.shape[0], hidden_size=embedding.shape[1],
+        intermediate_size=int(getattr(text, "intermediate_size", 4 * embedding.shape[1])),
+        num_layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        max_positions=getattr(text, "max_position_embeddings", None),
+        tied_embeddings=architecture.ties_embeddings(hf_config),
+        other_dense_elements=other, host_dense_bytes=host_dense,
+    )
+
+
+def _read_config(path: Path):
+    """(transformers config, manifest or None) for a directory or a config.json file."""
+    from transformers import AutoConfig
+
+    if path.suffix == ".gguf":
+        raise ConfigError(f"{path}: plan reads config.json, not GGUF; convert it first with "
+                          "`offload-engine quantize`, or plan the original model's config.json")
+    if path.is_file():
+        config_path, manifest = path, None
+    elif path.is_dir():
+        config_path = path / "config.json"
+        manifest = read_manifest(path) if (path / MANIFEST_NAME).is_file() else None
+    else:
+        raise SourceError(f"{path}: no such file or directory; give a quantized directory, a "
+                          "Hugging Face model directory or its config.json")
+    if not config_path.is_file():
+        raise SourceError(f"{path}: no config.json; give a Hugging Face model directory or "
+                          "the path of its config.json")
+    try:
+        return AutoConfig.from_pretrained(config_path), manifest
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(f"{config_path}: not a config.json transformers can read ({exc})") \
+            from exc
+
+
+def cache_entries(shape: ModelShape, cache_format: str,
+                  dtype: torch.dtype) -> List[Tuple[str, int, int]]:
+    """[(name, held bytes, copy bytes)] in execution order, as the runtime computes them."""
+    entries = []
+    for linear in shape.linears:
+        weight = _meta_weight(shape.spec, linear)
+        entries.append((linear.name, held_nbytes(weight, cache_format, dtype),
+                        shape.spec.nbytes(linear.out_features, linear.in_features)))
+    return entries
+
+
+def _meta_weight(spec: QuantSpec, linear: LinearShape) -> QuantizedWeight:
+    """A QuantizedWeight of meta tensors: the right shapes and dtypes, no memory."""
+    parts = {name: torch.empty(shape, dtype=dtype, device="meta")
+             for name, (shape, dtype) in spec.component_shapes(
+                 linear.out_features, linear.in_features).items()}
+    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), spec,
+                           linear.out_features, linear.in_features)
+
+
+# ----- sizing -------------------------------------------------------------------------------
+def kv_bytes_per_token(shape: ModelShape, itemsize: int) -> int:
+    """K and V of every layer for one token of one sequence."""
+    return shape.num_layers * 2 * shape.kv_heads * shape.head_dim * itemsize
+
+
+def activation_bytes(shape: ModelShape, request: PlanRequest, itemsize: int) -> int:
+    """ESTIMATE of the activation peak, which is the prefill of a whole --context at once.
+
+    Live tensors per prompt token: about four hidden-sized ones (residual, norm output,
+    attention output, q) plus three intermediate-sized ones (gate, up, their product);
+    attention scores are not materialised (flash / SDPA). Plus float32 logits of the
+    last position, and on CUDA with packed weights the prefill kernel's dequant scratch.
+    """
+    tokens = request.context * request.batch
+    per_token = (4 * shape.hidden_size + 3 * shape.intermediate_size) * itemsize
+    logits = 2 * request.batch * shape.vocab_size * LOGITS_BYTES
+    scratch = 0
+    if request.profile.device == "cuda" and request.resolved_cache_format() == "packed":
+        largest = max((lin.out_features * lin.in_features for lin in shape.linears), default=0)
+        scratch = min(largest, PREFILL_SCRATCH_MAX_ELEMENTS) * itemsize
+    return tokens * per_token + logits + scratch
+
+
+def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
+    """Every device byte except the weight arena (filled in by :func:`make_plan`)."""
+    itemsize = request.torch_dtype().itemsize
+    per_token = kv_bytes_per_token(shape, itemsize)
+    host_store = 0
+    if request.profile.device == "cpu":  # the INT4 store shares the same RAM
+        host_store = sum(shape.spec.nbytes(lin.out_features, lin.in_features)
+                         for lin in shape.linears)
+    return Memory(
+        resident_weights=0, staging_ring=0,
+        embeddings=shape.embedding_elements * itemsize,
+        other_dense=shape.other_dense_elements * itemsize,
+        kv_cache=per_token * request.context * request.batch, kv_cache_per_token=per_token,
+        activations=activation_bytes(shape, request, itemsize),
+        reserve=request.profile.reserve_bytes, host_store=host_store,
+    )
+
+
+# ----- the plan -----------------------------------------------------------------------------
+def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
+    """Size everything, split the arena with the runtime's policy, predict the speed."""
+    fmt, dtype = request.resolved_cache_format(), request.torch_dtype()
+    entries = cache_entries(shape, fmt, dtype)
+    memory = fixed_memory(shape, request)
+    floor = plan_cache(entries, None, request.policy, request.prefetch_depth)
+    usable = request.profile.usable_bytes
+    given, budget = request.explicit_budget()
+    if request.cache_entries is not None:
+        given, source = True, f"--cache-entries {request.cache_entries}"
+    elif given:
+        source = "--gpu-budget"
+    else:  # what the card leaves once everything else has its share
+        source = "derived from the profile"
+        room = usable - memory.fixed
+        budget = None if room >= floor.total_bytes else max(room, floor.minimum_budget)
+        if room < floor.minimum_budget:
+            source = "the policy's minimum: the card has no room left for weights"
+    cache = plan_cache(entries, budget, request.policy, request.prefetch_depth,
+                       request.cache_entries)
+    memory.resident_weights = cache.resident_bytes
+    memory.staging_ring = cache.slot_count * cache.slot_bytes
+    minimum_memory = floor.minimum_budget + memory.fixed + memory.reserve
+    all_resident = floor.total_bytes + memory.fixed + memory.reserve
+    lm_head = sum(nbytes for (_, _, nbytes), linear in zip(entries, shape.linears, strict=True)
+                  if linear.is_lm_head)
+    return Plan(
+        model=_model_facts(shape),
+        hardware=asdict(request.profile),
+        settings=dict(policy=request.policy, prefetch_depth=request.prefetch_depth,
+                      cache_format=fmt, dtype=str(dtype).replace("torch.", ""),
+                      context=request.context, batch=request.batch,
+                      budget_bytes=budget, budget_source=source),
+        weights=dict(linear_layers=floor.total_copy_bytes - lm_head, lm_head=lm_head,
+                     total_copy=floor.total_copy_bytes, total_held=floor.total_bytes),
+        memory=memory, cache=cache, minimum_budget=floor.minimum_budget,
+        minimum_memory=minimum_memory, all_resident_memory=all_resident,
+        prediction=predict(cache, shape, request, memory),
+        fits=memory.total <= request.profile.memory_bytes,
+        weight_names=[name for name, _, _ in entries],
+    )
+
+
+def _model_facts(shape: ModelShape) -> Dict[str, object]:
+    facts = asdict(shape)
+    facts.pop("linears")
+    facts["spec"] = {"scheme": shape.spec.scheme, "group_size": shape.spec.group_size}
+    facts["quantized_linears"] = len(shape.linears)
+    return facts
+
+
+def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest,
+            memory: Memory) -> Prediction:
+    """The bandwidth model of one decode step (a PREDICTION, see the module docstring)."""
+    profile = request.profile
+    count = len(shape.linears)
+    if request.policy == "static":
+        streamed = cache.streamed_bytes
+        hit_rate = len(cache.resident) / count if count else 1.0
+    else:  # lru under cyclic access: it hits only when every weight has a slot
+        everything_fits = cache.slot_count >= count
+        streamed = 0 if everything_fits else cache.total_copy_bytes
+        hit_rate = 1.0 if everything_fits else 0.0
+    resident_read = cache.resident_bytes / profile.device_bandwidth
+    if request.policy == "lru" and streamed == 0:
+        resident_read = cache.total_bytes / profile.device_bandwidth
+    dense = memory.other_dense + (memory.embeddings if shape.tied_embeddings else 0)
+    dense_read = dense / profile.device_bandwidth
+    stream = streamed / profile.h2d_bandwidth
+    kv_read = (request.batch * request.context * memory.kv_cache_per_token
+               / profile.device_bandwidth)
+    step = resident_read + dense_read + stream + kv_read
+    return Prediction(
+        resident_read_s=resident_read, dense_read_s=dense_read, stream_s=stream,
+        kv_read_s=kv_read, step_s=step,
+        tokens_per_s=request.batch / step if step else float("inf"),
+        tokens_per_s_per_sequence=1 / step if step else float("inf"),
+        streamed_bytes_per_step=streamed, streamed_bytes_per_token=streamed / request.batch,
+        hit_rate=hit_rate,
+    )

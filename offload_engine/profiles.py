@@ -1,0 +1,125 @@
+"""Hardware profiles: the few numbers of a card that decide whether a model fits and how fast.
+
+A profile is a small TOML file. The presets ship inside the package
+(``offload_engine/profiles_data/NAME.toml``); a user can write their own and pass
+its path. Example::
+
+    name = "rtx3090"
+    description = "NVIDIA GeForce RTX 3090, 24 GB GDDR6X, PCIe 4.0 x16"
+    device = "cuda"                 # or "cpu"
+    memory = "24GiB"                # device memory (VRAM); host RAM for "cpu"
+    device_bandwidth_gb_s = 936.0   # device memory read bandwidth, decimal GB/s
+    h2d_bandwidth_gb_s = 24.0       # pinned host-to-device copies, decimal GB/s
+    reserve = "1GiB"                # kept free: CUDA context, workspace, fragmentation
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import List, Union
+
+from .errors import ConfigError
+from .units import parse_bytes
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DATA_PACKAGE_DIR = "profiles_data"
+DEVICES = ("cuda", "cpu")
+DEFAULT_PROFILE = "rtx3090"
+GB = 1e9  # bandwidths are quoted in decimal GB/s, as vendors and benchmarks quote them
+REQUIRED_KEYS = ("name", "device", "memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
+                 "reserve")
+OPTIONAL_KEYS = ("description",)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One card (or the CPU), as the planner sees it."""
+
+    name: str  # short id, e.g. "rtx3090"
+    device: str  # "cuda" or "cpu": decides the default compute dtype and cache format
+    memory_bytes: int  # device memory; for "cpu", the host RAM the run may use
+    device_bandwidth: float  # bytes/s read from device memory (what resident weights cost)
+    h2d_bandwidth: float  # bytes/s host->device for streamed weights, as achieved in practice
+    reserve_bytes: int  # never planned for: CUDA context, cuBLAS workspace, fragmentation
+    description: str = ""  # a human-readable line naming the card and its link
+    source: str = ""  # the file the profile was read from
+
+    def __post_init__(self) -> None:
+        where = self.source or self.name
+        if self.device not in DEVICES:
+            raise ConfigError(f"hardware profile {where}: device must be one of "
+                              f"{', '.join(DEVICES)}, got {self.device!r}")
+        for label, value in (("memory", self.memory_bytes),
+                             ("device_bandwidth_gb_s", self.device_bandwidth),
+                             ("h2d_bandwidth_gb_s", self.h2d_bandwidth)):
+            if not value > 0:
+                raise ConfigError(f"hardware profile {where}: {label} must be positive")
+        if not 0 <= self.reserve_bytes < self.memory_bytes:
+            raise ConfigError(f"hardware profile {where}: reserve must be at least 0 and "
+                              "smaller than memory")
+
+    @property
+    def usable_bytes(self) -> int:
+        """Device memory left once the reserve is set aside."""
+        return self.memory_bytes - self.reserve_bytes
+
+
+def available_profiles() -> List[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(entry.name[:-5] for entry in _data_dir().iterdir()
+                  if entry.name.endswith(".toml"))
+
+
+def _data_dir():
+    """The presets' folder inside the installed package (importlib.resources, not __file__)."""
+    return resources.files(__package__).joinpath(DATA_PACKAGE_DIR)
+
+
+def load_profile(name_or_path: Union[str, Path]) -> HardwareProfile:
+    """A preset by name (``rtx3090``) or a TOML file by path (``./my-card.toml``)."""
+    text, where = _profile_text(str(name_or_path))
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"hardware profile {where}: not valid TOML ({exc})") from exc
+    return profile_from_dict(data, where)
+
+
+def profile_from_dict(data: dict, where: str) -> HardwareProfile:
+    """Validate the keys of a parsed profile and build the dataclass."""
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    unknown = sorted(set(data) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if missing or unknown:
+        raise ConfigError(f"hardware profile {where}: missing keys {missing}, unknown keys "
+                          f"{unknown}; the keys are {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    try:
+        memory, reserve = parse_bytes(data["memory"]), parse_bytes(data["reserve"])
+        device_bw = float(data["device_bandwidth_gb_s"]) * GB
+        h2d_bw = float(data["h2d_bandwidth_gb_s"]) * GB
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"hardware profile {where}: {exc}") from exc
+    return HardwareProfile(name=str(data["name"]), device=str(data["device"]),
+                           memory_bytes=memory, device_bandwidth=device_bw,
+                           h2d_bandwidth=h2d_bw, reserve_bytes=reserve,
+                           description=str(data.get("description", "")), source=where)
+
+
+def _profile_text(name_or_path: str):
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"--hw-profile {name_or_path}: no such file")
+        return path.read_text(encoding="utf-8"), str(path)
+    entry = _data_dir().joinpath(f"{name_or_path}.toml")
+    if not entry.is_file():
+        raise ConfigError(f"--hw-profile {name_or_path!r} is neither a preset nor a .toml file; "
+                          f"presets: {', '.join(available_profiles())}")
+    return entry.read_text(encoding="utf-8"), f"{name_or_path} ({DATA_PACKAGE_DIR})"
