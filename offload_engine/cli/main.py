@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import traceback
 
 from .. import __version__
 from ..errors import OffloadError
-from . import inspect_cmd, quantize_cmd
 
-SUBCOMMANDS = [quantize_cmd, inspect_cmd]
-
-
-def _optional_subcommands():
-    """Subcommands whose modules pull in the runtime (imported lazily for a fast --help)."""
-    from . import chat_cmd, demo_cmd, run_cmd
-
-    return [run_cmd, chat_cmd, demo_cmd]
+# Subcommand modules, each with register(commands); in the order `--help` lists them.
+COMMAND_MODULES = ("quantize_cmd", "inspect_cmd", "run_cmd", "chat_cmd", "demo_cmd",
+                   "plan_cmd", "eval_cmd", "serve_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"offload-engine {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in SUBCOMMANDS + _optional_subcommands():
-        module.register(commands)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f".{name}", __package__).register(commands)
     return parser
 
 
