@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
 from .kernels import quantized_linear
+from .ranges import LINEAR, profiled
 
 
 class OffloadedLinear(nn.Module):
@@ -34,7 +34,7 @@ class OffloadedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError(f"{self.weight_name}: no cache attached (use offload_engine.load)")
-        with record_function("offload.linear"):
+        with profiled(LINEAR):
             handle = self.cache.acquire(self.weight_name)
             try:
                 return _apply(x, handle.weight, self.bias)

@@ -20,6 +20,7 @@ import torch
 from torch.profiler import record_function
 
 from .quantize import QuantizedWeight, dequantize_weight
+from .ranges import FETCH
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class PrefetchWorker:
                     return
                 error = None
                 try:
-                    with record_function("offload.fetch"):
+                    # Always recorded: the profiler-on check is per thread and this thread
+                    # never turns it on, and a copy of megabytes dwarfs the range's cost.
+                    with record_function(FETCH):
                         self.copier.run(job)
                 except Exception as exc:  # handed to the caller that needs this weight
                     error = exc

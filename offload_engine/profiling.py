@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from .ranges import RANGE_NAMES, recording
+
+__all__ = ["RANGE_NAMES", "trace_to"]
+
 logger = logging.getLogger(__name__)
-RANGE_NAMES = ("offload.fetch", "offload.wait", "offload.linear")
 
 
 def _all_threads_config():
@@ -38,7 +41,7 @@ def trace_to(path: Optional[Path]):
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities, record_shapes=False,
-                 experimental_config=_all_threads_config()) as prof:
+                 experimental_config=_all_threads_config()) as prof, recording():
         yield prof
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

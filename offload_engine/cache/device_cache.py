@@ -16,11 +16,11 @@ from threading import Condition
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from ..errors import WorkerError
 from ..prefetch import Copier, CopyJob, PrefetchWorker
+from ..ranges import WAIT, profiled
 from .arena import Held, carve, held_nbytes
 from .policy import CachePlan, choose_victim, drops_after_use
 
@@ -92,6 +92,8 @@ class DeviceCache:
         self.arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
         self.resident: Dict[str, Held] = {}
         self._load_resident(progress)
+        self._resident_handles = {name: Handle(name, held, None)
+                                  for name, held in self.resident.items()}
         resident = set(self.resident)
         self._stream_order = [name for name in self.order if name not in resident]
         self._stream_pos = {name: i for i, name in enumerate(self._stream_order)}
@@ -133,12 +135,20 @@ class DeviceCache:
     # ----- compute side --------------------------------------------------------
     def acquire(self, name: str) -> Handle:
         """The weight ``name`` on the device, waiting for its copy if needed."""
+        index = self._order_index.get(name)
+        if index is None:
+            raise KeyError(f"weight {name!r} is not managed by this cache")
+        if index == 0:
+            self.stats.passes += 1  # counters are written by this thread only
+        handle = self._resident_handles.get(name)
+        if handle is not None:  # the hot path of a resident weight takes no lock...
+            self.stats.hits += 1
+            if self._stream_order and self._next_stream[index] != self._cursor:
+                with self._cond:  # ...unless the prefetch window moves
+                    self._advance(index)
+            return handle
         with self._cond:
-            self._advance(name)
-            held = self.resident.get(name)
-            if held is not None:
-                self.stats.hits += 1
-                return Handle(name, held, None)
+            self._advance(index)
             slot = self._wait_ready(name)
         if slot.ready_event is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
@@ -159,12 +169,8 @@ class DeviceCache:
                 slot.holder, slot.held = None, None
             self._cond.notify_all()
 
-    def _advance(self, name: str) -> None:
-        index = self._order_index.get(name)
-        if index is None:
-            raise KeyError(f"weight {name!r} is not managed by this cache")
-        if index == 0:
-            self.stats.passes += 1
+    def _advance(self, index: int) -> None:
+        """The compute is at order position ``index``: slide the prefetch window there."""
         if self._stream_order:
             self._cursor = self._next_stream[index]
             self._cond.notify_all()
@@ -182,7 +188,7 @@ class DeviceCache:
         started = time.perf_counter()
         waited = False
         try:
-            with record_function("offload.wait"):
+            with profiled(WAIT):
                 while True:
                     self._raise_if_worker_dead(name)
                     slot = self._location.get(name)
@@ -297,5 +303,6 @@ class DeviceCache:
                 raise WorkerError("the prefetch worker did not stop within "
                                   f"{JOIN_TIMEOUT_S:.0f} s of close()")
         self.resident.clear()
+        self._resident_handles.clear()
         self.slots = []
         self.arena = torch.empty(0, dtype=torch.uint8, device=self.device)
