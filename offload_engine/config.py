@@ -16,6 +16,7 @@ from .units import parse_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNBOUNDED = ("unbounded", "none", "inf", "all")
+EMBEDDING_PLACES = ("device", "host")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EngineConfig:
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA, float32 on CPU
     attention: str = "auto"  # "flash_attention_2", "sdpa", "eager"; auto picks
     hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
+    embeddings: str = "device"  # "host" keeps the token embedding table off the device
     progress: bool = True  # tqdm bars while loading
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class EngineConfig:
                               f"{', '.join(CACHE_FORMATS)}")
         if self.dtype not in tuple(DTYPES) + ("auto",):
             raise ConfigError(f"unknown --dtype {self.dtype!r}: use auto, {', '.join(DTYPES)}")
+        if self.embeddings not in EMBEDDING_PLACES:
+            raise ConfigError(f"unknown --embeddings {self.embeddings!r}: use device or host")
         if self.gpu_budget is not None:
             _budget_kind(self.gpu_budget)  # fail early on unreadable text
         resolve_device(self.device)

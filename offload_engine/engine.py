@@ -125,7 +125,8 @@ def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
     try:
         for module in swapped.values():
             module.attach(cache)
-        load_dense(model, read_dense_tensors(directory, manifest), device, dtype)
+        load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
+                   host_names=_host_tensor_names(manifest, config))
         model.eval()
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -134,6 +135,12 @@ def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
         cache.close()
         raise
     return Engine(directory, model, tokenizer, cache, store, config)
+
+
+def _host_tensor_names(manifest, config: EngineConfig) -> frozenset:
+    if config.embeddings != "host":
+        return frozenset()
+    return frozenset(name for name, entry in manifest.tensors.items() if entry.role == "embedding")
 
 
 def _budget(config: EngineConfig, directory: Path) -> Optional[int]:
@@ -148,6 +155,7 @@ def _budget(config: EngineConfig, directory: Path) -> Optional[int]:
     request = PlanRequest(load_profile(config.hw_profile), context=context,
                           policy=config.policy, prefetch_depth=config.prefetch_depth,
                           cache_format=config.resolved_cache_format(),
+                          embeddings=config.embeddings,
                           dtype=str(config.torch_dtype()).replace("torch.", ""))
     plan = make_plan(shape, request)
     budget = plan.settings["budget_bytes"]

@@ -34,6 +34,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention", default="auto",
                        choices=("auto", "flash_attention_2", "sdpa", "eager"),
                        help="attention kernel; auto: flash_attention_2 when installed on CUDA")
+    group.add_argument("--embeddings", choices=("device", "host"), default="device",
+                       help="host keeps the token embedding table in host RAM and gathers rows "
+                            "there (frees vocab x hidden x 2 bytes of GPU memory; untied "
+                            "models only)")
     group.add_argument("--hw-profile", default=None, metavar="NAME|PATH",
                        help="without --gpu-budget, use the weight budget `offload-engine plan` "
                             "derives for this card (e.g. rtx4060-8gb to try an 8 GB setup on a "
@@ -52,5 +56,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         attention=args.attention,
         hw_profile=args.hw_profile,
+        embeddings=args.embeddings,
         progress=not args.no_progress,
     )

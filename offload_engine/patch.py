@@ -12,10 +12,11 @@ import logging
 from typing import Dict, Iterable, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import architecture
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .linear import OffloadedLinear
 
 logger = logging.getLogger(__name__)
@@ -38,22 +39,65 @@ def swap_linears(module: nn.Module, linears: Dict[str, architecture.LinearInfo],
 
 
 def load_dense(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]],
-               device: torch.device, dtype: torch.dtype) -> None:
-    """Assign every dense tensor (embeddings, norms, biases) onto ``device``."""
+               device: torch.device, dtype: torch.dtype, host_names=frozenset()) -> None:
+    """Assign every dense tensor (embeddings, norms, biases) onto ``device``.
+
+    Tensors named in ``host_names`` stay in host memory (see :class:`HostEmbedding`).
+    """
     state = {}
     for name, tensor in tensors:
-        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        target = torch.device("cpu") if name in host_names else device
+        state[name] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else None)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise FormatError(f"the checkpoint has tensors this model does not: "
                           f"{result.unexpected_keys[:5]}; is the config.json the right one?")
     model.tie_weights()
+    if host_names:
+        _host_embeddings(model, device, host_names)
     for name, buffer in model.named_buffers():
+        if isinstance(model.get_submodule(name.rpartition(".")[0] or ""), HostEmbedding):
+            continue
         if buffer.device != device:
             _set_buffer(model, name, buffer.to(device))
     for param in model.parameters():
         param.requires_grad_(False)
     architecture.assert_nothing_on_meta(model)
+
+
+class HostEmbedding(nn.Module):
+    """A token embedding whose table stays in host memory.
+
+    A decode step looks up one row per sequence, so the table (1.56 GB in bf16 for a 32B
+    model with a 152k vocabulary) need not take device memory: the rows are gathered on
+    the host and only they cross to the device. The table is a buffer, not a parameter,
+    so ``model.device`` (the first parameter's device) still names the compute device.
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, padding_idx=None):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.output_device = device
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids.to(self.weight.device), self.weight)  # (B, T, hidden)
+        return rows.to(self.output_device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, on {self.weight.device}"
+
+
+def _host_embeddings(model: nn.Module, device: torch.device, host_names) -> None:
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        raise ConfigError("--embeddings host needs untied embeddings: this model's lm_head "
+                          "shares the embedding matrix, which must then be on the device")
+    host = HostEmbedding(embedding.weight.detach(), device,
+                         getattr(embedding, "padding_idx", None))
+    model.set_input_embeddings(host)
 
 
 def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from . import architecture
 from .cache import CACHE_FORMATS, POLICIES, CachePlan, held_nbytes, plan_cache
-from .config import DTYPES, UNBOUNDED
+from .config import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from .errors import ConfigError, SourceError
 from .format import MANIFEST_NAME, read_manifest
 from .layout import QuantSpec
@@ -86,6 +86,7 @@ class PlanRequest:
     prefetch_depth: int = 2  # staging slots beyond the one computing
     cache_format: str = "auto"  # packed, dequantized; auto: packed on cuda, else dequantized
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
+    embeddings: str = "device"  # "host": the token embedding table stays in host RAM
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.batch < 1:
@@ -99,6 +100,8 @@ class PlanRequest:
             raise ConfigError(f"unknown --dtype {self.dtype!r}: use auto, {', '.join(DTYPES)}")
         if self.gpu_budget is not None and self.cache_entries is not None:
             raise ConfigError("give either --gpu-budget or --cache-entries, not both")
+        if self.embeddings not in EMBEDDING_PLACES:
+            raise ConfigError(f"unknown --embeddings {self.embeddings!r}: use device or host")
 
     # Same defaults as EngineConfig, decided by the profile's device instead of this machine's.
     def torch_dtype(self) -> torch.dtype:
@@ -132,7 +135,7 @@ class Memory:
 
     resident_weights: int  # weights kept on the device for the whole run (held form)
     staging_ring: int  # slots that streamed weights pass through
-    embeddings: int  # the token embedding (lives on the device in our runtime today)
+    embeddings: int  # the token embedding on the device (0 with --embeddings host)
     other_dense: int  # norms, biases
     kv_cache: int  # at --context x --batch
     kv_cache_per_token: int  # one token of one sequence, all layers, K and V
@@ -323,9 +326,13 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
     if request.profile.device == "cpu":  # the INT4 store shares the same RAM
         host_store = sum(shape.spec.nbytes(lin.out_features, lin.in_features)
                          for lin in shape.linears)
+    if request.embeddings == "host" and shape.tied_embeddings:
+        raise ConfigError("--embeddings host needs untied embeddings: this model's lm_head "
+                          "shares the embedding matrix, which must then be on the device")
+    on_device = request.embeddings == "device" or request.profile.device == "cpu"
     return Memory(
         resident_weights=0, staging_ring=0,
-        embeddings=shape.embedding_elements * itemsize,
+        embeddings=shape.embedding_elements * itemsize if on_device else 0,
         other_dense=shape.other_dense_elements * itemsize,
         kv_cache=per_token * request.context * request.batch, kv_cache_per_token=per_token,
         activations=activation_bytes(shape, request, itemsize),

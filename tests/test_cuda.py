@@ -55,3 +55,13 @@ def test_gpu_bf16_packed_uses_the_triton_kernels(qwen2_q):
         assert gateway.kernel_path(x, weight) == gateway.TRITON_GEMV
         result = engine.generate("hello", max_new_tokens=8, greedy=True)
         assert len(result.token_ids) >= 1
+
+
+def test_gpu_embeddings_on_host_match(qwen2_q):
+    with load(qwen2_q, progress=False, device="cuda:0", dtype="float32") as engine:
+        expected = _logits(engine)
+    with load(qwen2_q, progress=False, device="cuda:0", dtype="float32",
+              embeddings="host") as engine:
+        assert engine.model.get_input_embeddings().weight.device.type == "cpu"
+        torch.testing.assert_close(_logits(engine), expected)
+        assert len(engine.generate("hello", max_new_tokens=4, greedy=True).token_ids) >= 1

@@ -176,3 +176,17 @@ def test_run_with_hw_profile_uses_the_planned_budget(qwen2_q, tmp_path):
     assert 0 < planned.cache.resident_bytes < planned.cache.total_bytes, "pick a card that streams"
     with load(qwen2_q, progress=False, device="cpu", hw_profile=str(small_card)) as engine:
         assert asdict(engine.plan) == asdict(planned.cache)
+
+
+def test_embeddings_on_host_free_device_memory_for_weights(shape_32b):
+    on_device = make_plan(shape_32b, PlanRequest(load_profile("rtx4060-8gb")))
+    on_host = make_plan(shape_32b, PlanRequest(load_profile("rtx4060-8gb"), embeddings="host"))
+    assert on_host.memory.embeddings == 0 and round(on_device.memory.embeddings / GB, 2) == 1.56
+    assert on_host.cache.resident_bytes > on_device.cache.resident_bytes + GB
+    assert on_host.prediction.tokens_per_s > on_device.prediction.tokens_per_s
+
+
+def test_embeddings_on_host_need_untied_embeddings(llama_q):
+    with pytest.raises(ConfigError, match="untied"):
+        make_plan(describe_model(llama_q), PlanRequest(load_profile("rtx3090"),
+                                                       embeddings="host"))

@@ -173,3 +173,25 @@ def test_profile_trace_has_named_ranges(qwen2_q, tmp_path):
     text = path.read_text()
     for name in RANGE_NAMES:
         assert f'"{name}"' in text, name
+
+
+def test_embeddings_on_host_give_the_same_logits(qwen2_q):
+    from offload_engine.patch import HostEmbedding
+
+    with load(qwen2_q, progress=False, cache_entries=3) as engine:
+        with torch.no_grad():
+            expected = engine.model(PROMPT_IDS).logits
+    with load(qwen2_q, progress=False, cache_entries=3, embeddings="host") as engine:
+        embedding = engine.model.get_input_embeddings()
+        assert isinstance(embedding, HostEmbedding) and embedding.weight.device.type == "cpu"
+        assert "weight" not in dict(embedding.named_parameters())
+        assert engine.model.device == engine.device
+        with torch.no_grad():
+            torch.testing.assert_close(engine.model(PROMPT_IDS).logits, expected)
+        assert len(engine.generate("hello", max_new_tokens=4, greedy=True).token_ids) >= 1
+
+
+def test_embeddings_on_host_refuse_tied_models(llama_q):
+    with pytest.raises(ConfigError, match="untied"):
+        load(llama_q, progress=False, embeddings="host")
+    assert not [t for t in threading.enumerate() if t.name == "offload-prefetch"]

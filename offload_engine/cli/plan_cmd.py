@@ -54,6 +54,8 @@ def register(commands) -> None:
                         help="auto: packed on a cuda profile, dequantized on cpu")
     parser.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                         help="compute dtype; auto: bfloat16 on a cuda profile, float32 on cpu")
+    parser.add_argument("--embeddings", choices=("device", "host"), default="device",
+                        help="host: plan for the token embedding table kept in host RAM")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=run)
 
@@ -70,7 +72,7 @@ def run(args) -> int:
         profile=load_profile(args.hw_profile), gpu_budget=args.gpu_budget,
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
-        cache_format=args.cache_format, dtype=args.dtype)
+        cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings)
     shape = describe_model(args.model, spec)
     plan = make_plan(shape, request)
     report = plan.as_dict()
@@ -125,7 +127,8 @@ def render(plan, report: dict) -> List[str]:
          f"{len(plan.weight_names)} weights"),
         ("staging ring", mem.staging_ring, f"{cache.slot_count} slots x "
          f"{size(cache.slot_bytes)}"),
-        ("embeddings", mem.embeddings, "on the device in this runtime"),
+        ("embeddings", mem.embeddings, "on the device (--embeddings host frees it)"
+         if mem.embeddings else "in host RAM (--embeddings host)"),
         ("norms, biases", mem.other_dense, ""),
         ("KV cache", mem.kv_cache, f"{mem.kv_cache_per_token / 1024:.1f} KiB per token x "
          f"{settings['context']} x {settings['batch']}"),
