@@ -103,7 +103,7 @@ def card(nbytes: float) -> str:
 def render(plan, report: dict) -> List[str]:
     """The plan as text: sizes, what stays resident, and the labelled prediction."""
     model, hw, settings = plan.model, plan.hardware, plan.settings
-    mem, cache, pred = plan.memory, plan.cache, plan.prediction
+    mem, pred = plan.memory, plan.prediction
     spec = model["spec"]
     lines = [
         f"model:    {model['source']} ({model['model_type']}, {model['num_layers']} layers, "
@@ -122,22 +122,7 @@ def render(plan, report: dict) -> List[str]:
         + ("  (tied to the embeddings: dense)" if model["tied_embeddings"] else ""),
         "device memory:",
     ]
-    rows = [
-        ("resident weights", mem.resident_weights, f"{len(cache.resident)} of "
-         f"{len(plan.weight_names)} weights"),
-        ("staging ring", mem.staging_ring, f"{cache.slot_count} slots x "
-         f"{size(cache.slot_bytes)}"),
-        ("embeddings", mem.embeddings, "on the device (--embeddings host frees it)"
-         if mem.embeddings else "in host RAM (--embeddings host)"),
-        ("norms, biases", mem.other_dense, ""),
-        ("KV cache", mem.kv_cache, f"{mem.kv_cache_per_token / 1024:.1f} KiB per token x "
-         f"{settings['context']} x {settings['batch']}"),
-        ("activations (estimate)", mem.activations, "prefill of the whole context"),
-        ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
-         else "OS, Python, torch"),
-    ]
-    if mem.host_store:
-        rows.append(("host store (INT4)", mem.host_store, "same RAM as the cpu 'device'"))
+    rows = _memory_rows(plan)
     lines += [f"  {label:<28}{size(n):>10}  {note}".rstrip() for label, n, note in rows]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += [
@@ -162,6 +147,28 @@ def render(plan, report: dict) -> List[str]:
     ]
     lines += [f"note: {text}" for text in report["advice"]]
     return lines
+
+
+def _memory_rows(plan) -> List[Tuple[str, int, str]]:
+    """(label, bytes, note) for every kind of device memory."""
+    mem, cache, settings, hw = plan.memory, plan.cache, plan.settings, plan.hardware
+    rows = [
+        ("resident weights", mem.resident_weights, f"{len(cache.resident)} of "
+         f"{len(plan.weight_names)} weights"),
+        ("staging ring", mem.staging_ring, f"{cache.slot_count} slots x "
+         f"{size(cache.slot_bytes)}"),
+        ("embeddings", mem.embeddings, "on the device (--embeddings host frees it)"
+         if mem.embeddings else "in host RAM (--embeddings host)"),
+        ("norms, biases", mem.other_dense, ""),
+        ("KV cache", mem.kv_cache, f"{mem.kv_cache_per_token / 1024:.1f} KiB per token x "
+         f"{settings['context']} x {settings['batch']}"),
+        ("activations (estimate)", mem.activations, "prefill of the whole context"),
+        ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
+         else "OS, Python, torch"),
+    ]
+    if mem.host_store:
+        rows.append(("host store (INT4)", mem.host_store, "same RAM as the cpu 'device'"))
+    return rows
 
 
 def _budget(settings: dict) -> str:
