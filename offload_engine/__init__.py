@@ -5,7 +5,7 @@
         print(engine.generate("Hello", max_new_tokens=32).text)
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["EngineConfig", "Engine", "load", "__version__"]
 
@@ -13,11 +13,11 @@ __all__ = ["EngineConfig", "Engine", "load", "__version__"]
 def __getattr__(name):
     # Lazy so that `offload-engine --help` and `import offload_engine` stay fast.
     if name in ("load", "Engine"):
-        from . import engine
+        from .decode import api
 
-        return getattr(engine, name)
+        return getattr(api, name)
     if name == "EngineConfig":
-        from .config import EngineConfig
+        from .runtime.config import EngineConfig
 
         return EngineConfig
     raise AttributeError(f"module 'offload_engine' has no attribute {name!r}")

@@ -36,8 +36,8 @@ def llama_src(tmp_path_factory, tokenizer_dir):
 
 
 def _converted(tmp_path_factory, src, name, scheme="int4", group_size=64):
-    from offload_engine.convert import convert
-    from offload_engine.layout import QuantSpec
+    from offload_engine.checkpoint.convert import convert
+    from offload_engine.quant.layout import QuantSpec
 
     dst = tmp_path_factory.mktemp(name) / "q"
     convert(src, dst, QuantSpec(scheme, group_size), progress=False)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from offload_engine.cache.policy import plan_cache
 from offload_engine.errors import ConfigError
-from offload_engine.layout import QuantSpec
+from offload_engine.planning.policy import plan_cache
+from offload_engine.quant.layout import QuantSpec
 
 GIB = 1024**3
 SPEC = QuantSpec("int4", 128)

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from offload_engine import convert as convert_module
+from offload_engine.checkpoint import convert as convert_module
+from offload_engine.checkpoint.convert import convert
+from offload_engine.checkpoint.format import MANIFEST_NAME, read_manifest, verify_directory
 from offload_engine.cli import main
-from offload_engine.convert import convert
 from offload_engine.errors import ConversionError, FormatError, SourceError
-from offload_engine.format import MANIFEST_NAME, read_manifest, verify_directory
-from offload_engine.layout import QuantSpec
-from offload_engine.store import HostStore
+from offload_engine.quant.layout import QuantSpec
+from offload_engine.runtime.store import HostStore
 
 
 def test_qwen2_conversion_roles_and_side_files(qwen2_src, qwen2_q):
@@ -203,8 +203,8 @@ from pathlib import Path
 import psutil, torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
-from offload_engine.convert import convert
-from offload_engine.layout import QuantSpec
+from offload_engine.checkpoint.convert import convert
+from offload_engine.quant.layout import QuantSpec
 
 root = Path(sys.argv[1])
 src = root / "src"

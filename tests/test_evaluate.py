@@ -8,7 +8,7 @@ import torch
 
 from offload_engine.cli.main import main
 from offload_engine.errors import ConfigError, SourceError
-from offload_engine.evaluate import (
+from offload_engine.quality.evaluate import (
     EvalSettings,
     batches_of,
     check_compatible,
@@ -28,8 +28,8 @@ SETTINGS = EvalSettings(tokens=160, window=64, greedy_tokens=24, prompt_tokens=1
 
 
 def _convert(tmp_path_factory, src, name, scheme, group_size):
-    from offload_engine.convert import convert
-    from offload_engine.layout import QuantSpec
+    from offload_engine.checkpoint.convert import convert
+    from offload_engine.quant.layout import QuantSpec
 
     dst = tmp_path_factory.mktemp(name) / "q"
     convert(src, dst, QuantSpec(scheme, group_size), progress=False)
@@ -37,7 +37,7 @@ def _convert(tmp_path_factory, src, name, scheme, group_size):
 
 
 def _evaluate(model_dir, reference_dir, settings=SETTINGS):
-    from offload_engine.engine import load
+    from offload_engine.decode.api import load
 
     with load(model_dir, device="cpu", progress=False) as engine:
         return evaluate(engine, load_reference(reference_dir), None, settings, progress=False)
@@ -53,8 +53,8 @@ def dequantized_reference(tmp_path_factory, qwen2_src, qwen2_int8):
     """The stock model with the engine's dequantized linear weights, as an HF directory."""
     from transformers import AutoModelForCausalLM
 
-    from offload_engine.engine import load
-    from offload_engine.quantize import dequantize_weight
+    from offload_engine.decode.api import load
+    from offload_engine.quant.quantize import dequantize_weight
 
     model = AutoModelForCausalLM.from_pretrained(qwen2_src, dtype=torch.float32)
     modules = dict(model.named_modules())
@@ -91,7 +91,7 @@ def test_int8_is_closer_to_the_source_than_int4(qwen2_int8, qwen2_src, healthy_i
 
 def test_damaged_quantization_is_detected(tmp_path_factory, qwen2_src, healthy_int4,
                                           monkeypatch):
-    import offload_engine.convert as convert_module
+    import offload_engine.checkpoint.convert as convert_module
 
     quantize = convert_module.quantize_weight
 
@@ -121,7 +121,7 @@ def test_windows_and_batches():
 def test_default_text_is_a_fixed_prefix(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from offload_engine.evaluate import default_text
+    from offload_engine.quality.evaluate import default_text
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     short, long = tokenize(tokenizer, None, 50), tokenize(tokenizer, None, 400)

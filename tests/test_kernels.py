@@ -11,8 +11,8 @@ import torch
 
 from offload_engine.kernels import gateway
 from offload_engine.kernels.selfcheck import Case, compare, make_inputs, run_case
-from offload_engine.layout import QuantSpec
-from offload_engine.quantize import quantize_weight
+from offload_engine.quant.layout import QuantSpec
+from offload_engine.quant.quantize import quantize_weight
 
 pytest.importorskip("triton")
 

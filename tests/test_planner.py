@@ -9,9 +9,9 @@ from offload_engine import load
 from offload_engine.cli import main
 from offload_engine.cli.plan_cmd import summarise_weights
 from offload_engine.errors import ConfigError
-from offload_engine.layout import QuantSpec
-from offload_engine.planner import PlanRequest, describe_model, make_plan
-from offload_engine.profiles import available_profiles, load_profile
+from offload_engine.planning.planner import PlanRequest, describe_model, make_plan
+from offload_engine.planning.profiles import available_profiles, load_profile
+from offload_engine.quant.layout import QuantSpec
 
 # Qwen2.5-32B / DeepSeek-R1-Distill-Qwen-32B, as published (no weights needed to plan).
 QWEN25_32B = {

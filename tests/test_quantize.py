@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from offload_engine import layout
 from offload_engine.errors import ConfigError, QuantizationError
-from offload_engine.layout import QuantSpec
-from offload_engine.quantize import dequantize_weight, quantize_weight
+from offload_engine.quant import layout
+from offload_engine.quant.layout import QuantSpec
+from offload_engine.quant.quantize import dequantize_weight, quantize_weight
 
 
 def test_pack_unpack_round_trip_and_nibble_order():
@@ -64,7 +64,7 @@ def test_odd_shapes_keep_true_size_and_layout(shape, scheme):
 
 
 def test_chunked_quantization_equals_one_piece(monkeypatch):
-    from offload_engine import quantize
+    from offload_engine.quant import quantize
 
     weight = torch.randn(100, 200, generator=torch.Generator().manual_seed(4))
     whole = quantize_weight(weight, QuantSpec("int4-asym", 32))

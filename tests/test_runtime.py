@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from offload_engine import load
 from offload_engine.errors import ConfigError, ContextLengthError, WorkerError
-from offload_engine.linear import OffloadedLinear
-from offload_engine.quantize import dequantize_weight
+from offload_engine.quant.quantize import dequantize_weight
+from offload_engine.runtime.linear import OffloadedLinear
 
 PROMPT_IDS = torch.tensor([[5, 77, 123, 9, 300, 41, 42, 250]])
 
@@ -164,7 +164,7 @@ def test_chat_template_and_sampling_with_seed(qwen2_q):
 
 
 def test_profile_trace_has_named_ranges(qwen2_q, tmp_path):
-    from offload_engine.profiling import RANGE_NAMES, trace_to
+    from offload_engine.runtime.profiling import RANGE_NAMES, trace_to
 
     path = tmp_path / "trace.json"
     with load(qwen2_q, progress=False, cache_entries=3) as engine:
@@ -176,7 +176,7 @@ def test_profile_trace_has_named_ranges(qwen2_q, tmp_path):
 
 
 def test_embeddings_on_host_give_the_same_logits(qwen2_q):
-    from offload_engine.patch import HostEmbedding
+    from offload_engine.runtime.patch import HostEmbedding
 
     with load(qwen2_q, progress=False, cache_entries=3) as engine:
         with torch.no_grad():

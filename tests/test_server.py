@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from offload_engine.engine import load  # noqa: E402
+from offload_engine.decode.api import load  # noqa: E402
 from offload_engine.server.app import ServerConfig, create_app  # noqa: E402
 from offload_engine.server.batcher import Scheduler, Sequence, TextEvent  # noqa: E402
 from offload_engine.server.sampling import SamplingParams  # noqa: E402

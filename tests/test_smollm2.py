@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2_q(tmp_path_factory):
     pytest.importorskip("gguf")
-    from offload_engine.convert import convert
-    from offload_engine.embedded import embedded_gguf
+    from offload_engine.checkpoint.convert import convert
+    from offload_engine.checkpoint.embedded import embedded_gguf
 
     try:
         gguf = embedded_gguf()
@@ -49,8 +49,8 @@ def test_streaming_reply_is_english_and_budget_independent(smollm2_q):
 def test_logits_equal_the_gguf_model_with_dequantized_int4_weights(smollm2_q):
     from transformers import AutoModelForCausalLM
 
-    from offload_engine.embedded import embedded_gguf
-    from offload_engine.quantize import dequantize_weight
+    from offload_engine.checkpoint.embedded import embedded_gguf
+    from offload_engine.quant.quantize import dequantize_weight
 
     gguf = embedded_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,

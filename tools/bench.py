@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from offload_engine.cache import POLICIES
-from offload_engine.engine import device_name, load
+from offload_engine.cli.options import add_engine_args, engine_config_from_args
+from offload_engine.decode.api import load
 from offload_engine.errors import OffloadError
-from offload_engine.options import add_engine_args, engine_config_from_args
-from offload_engine.planner import PlanRequest, describe_model, make_plan
-from offload_engine.profiles import load_profile
+from offload_engine.planning.planner import PlanRequest, describe_model, make_plan
+from offload_engine.planning.policy import POLICIES
+from offload_engine.planning.profiles import load_profile
+from offload_engine.runtime.engine import device_name
 from offload_engine.units import parse_bytes
 
 DEFAULT_BUDGETS = "min,25%,50%,75%,unbounded"
@@ -72,7 +73,7 @@ def resolve_model(path) -> Path:
     """The model to bench; the embedded SmolLM2 is converted on first use."""
     if path is not None:
         return path
-    from offload_engine.embedded import ensure_demo_model
+    from offload_engine.checkpoint.embedded import ensure_demo_model
 
     target, summary = ensure_demo_model()
     if summary is not None:
@@ -158,11 +159,13 @@ def sweep(args, model: Path, shape, profile, base) -> tuple:
 def linear_overhead(calls: int, device: torch.device, dtype: torch.dtype,
                     repeats: int = 7) -> list:
     """Microseconds per call: OffloadedLinear (resident, dequantized) vs nn.Linear."""
-    from offload_engine.cache import DeviceCache, held_nbytes, plan_cache
-    from offload_engine.layout import QuantSpec
-    from offload_engine.linear import OffloadedLinear
-    from offload_engine.quantize import dequantize_weight, quantize_weight
-    from offload_engine.store import HostStore
+    from offload_engine.planning.policy import plan_cache
+    from offload_engine.planning.sizes import held_nbytes
+    from offload_engine.quant.layout import QuantSpec
+    from offload_engine.quant.quantize import dequantize_weight, quantize_weight
+    from offload_engine.runtime.cache import DeviceCache
+    from offload_engine.runtime.linear import OffloadedLinear
+    from offload_engine.runtime.store import HostStore
 
     torch.manual_seed(0)
     results = []

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def decode_bytes(n_out: int, k_in: int) -> tuple:
     """(fused, dequant-then-matmul) bytes for one bf16 row through an int4 g128 linear."""
-    from offload_engine.layout import QuantSpec
+    from offload_engine.quant.layout import QuantSpec
 
     quantized = QuantSpec("int4", 128).nbytes(n_out, k_in)  # packed codes + bf16 scales
     activations = (k_in + n_out) * ACT_BYTES  # read x, write y
@@ -157,8 +157,8 @@ def random_weight(n_out: int, k_in: int, device):
     """An int4 g128 weight with random codes (timing does not depend on the values)."""
     import torch
 
-    from offload_engine.layout import QuantSpec
-    from offload_engine.quantize import QuantizedWeight
+    from offload_engine.quant.layout import QuantSpec
+    from offload_engine.quant.quantize import QuantizedWeight
 
     spec = QuantSpec("int4", 128)
     shapes = spec.component_shapes(n_out, k_in)

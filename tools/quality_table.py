@@ -26,7 +26,7 @@ CONFIGS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from offload_engine.options import add_engine_args
+    from offload_engine.cli.options import add_engine_args
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def selected_configs(only) -> list:
     from offload_engine.errors import ConfigError
-    from offload_engine.layout import QuantSpec
+    from offload_engine.quant.layout import QuantSpec
 
     if not only:
         return [QuantSpec(scheme, group) for scheme, group in CONFIGS]
@@ -61,7 +61,7 @@ def selected_configs(only) -> list:
 
 def converted(spec, progress: bool) -> Path:
     """The cached conversion of the embedded GGUF for ``spec``; converted now if needed."""
-    from offload_engine.embedded import ensure_demo_model
+    from offload_engine.checkpoint.embedded import ensure_demo_model
 
     target, summary = ensure_demo_model(spec, progress=progress)
     if summary is not None:
@@ -86,11 +86,11 @@ def markdown_table(reports) -> str:
 
 
 def main(argv=None) -> int:
-    from offload_engine.embedded import embedded_gguf
-    from offload_engine.engine import load
+    from offload_engine.checkpoint.embedded import embedded_gguf
+    from offload_engine.cli.options import engine_config_from_args
+    from offload_engine.decode.api import load
     from offload_engine.errors import OffloadError
-    from offload_engine.evaluate import EvalSettings, evaluate, load_reference
-    from offload_engine.options import engine_config_from_args
+    from offload_engine.quality.evaluate import EvalSettings, evaluate, load_reference
 
     args = parse_args(argv)
     try:

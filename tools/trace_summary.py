@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
-from offload_engine.profiling import RANGE_NAMES
+from offload_engine.runtime.profiling import RANGE_NAMES
 
 FETCH, WAIT, LINEAR = "offload.fetch", "offload.wait", "offload.linear"
 Interval = Tuple[float, float]  # (start us, end us)

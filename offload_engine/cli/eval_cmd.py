@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, engine_config_from_args
 
 DEFAULT_TOKENS = 2048
 DEFAULT_GREEDY_TOKENS = 64
@@ -39,8 +39,14 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..engine import load
-    from ..evaluate import EvalSettings, evaluate, load_reference, read_text, reference_location
+    from ..decode.api import load
+    from ..quality.evaluate import (
+        EvalSettings,
+        evaluate,
+        load_reference,
+        read_text,
+        reference_location,
+    )
 
     settings = EvalSettings(tokens=args.tokens, window=args.window,
                             greedy_tokens=args.greedy_tokens)

@@ -19,7 +19,7 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..format import verify_directory
+    from ..checkpoint.format import verify_directory
 
     manifest = verify_directory(args.directory)
     source = manifest.source

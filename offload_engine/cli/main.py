@@ -8,8 +8,8 @@ import logging
 import sys
 import traceback
 
-from .. import __version__
 from ..errors import OffloadError
+from ..version import __version__
 
 # Subcommand modules, each with register(commands); in the order `--help` lists them.
 COMMAND_MODULES = ("quantize_cmd", "inspect_cmd", "run_cmd", "chat_cmd", "demo_cmd",

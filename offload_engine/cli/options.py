@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from .cache import CACHE_FORMATS, POLICIES
-from .config import DTYPES, EngineConfig
+from ..planning.policy import POLICIES
+from ..planning.settings import DTYPES
+from ..planning.sizes import CACHE_FORMATS
+from ..runtime.config import EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from ..cache import CACHE_FORMATS, POLICIES
-from ..config import DTYPES
-from ..layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
-from ..profiles import DEFAULT_PROFILE
+from ..planning.policy import POLICIES
+from ..planning.profiles import DEFAULT_PROFILE
+from ..planning.settings import DTYPES
+from ..planning.sizes import CACHE_FORMATS
+from ..quant.layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
 
@@ -61,9 +62,9 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..layout import QuantSpec
-    from ..planner import PlanRequest, describe_model, make_plan
-    from ..profiles import load_profile
+    from ..planning.planner import PlanRequest, describe_model, make_plan
+    from ..planning.profiles import load_profile
+    from ..quant.layout import QuantSpec
 
     spec = None
     if args.scheme is not None or args.group_size is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
+from ..quant.layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from ..units import parse_bytes
 
 
@@ -31,8 +31,8 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..convert import convert
-    from ..layout import QuantSpec
+    from ..checkpoint.convert import convert
+    from ..quant.layout import QuantSpec
 
     summary = convert(args.src, args.dst, QuantSpec(args.scheme, args.group_size),
                       force=args.force, shard_bytes=args.shard_size,

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, engine_config_from_args
 
 
 def add_generation_args(parser) -> None:
@@ -41,8 +41,8 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..engine import load
-    from ..profiling import trace_to
+    from ..decode.api import load
+    from ..runtime.profiling import trace_to
 
     def show(text: str) -> None:
         sys.stdout.write(text)

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, engine_config_from_args
 
 
 def register(commands) -> None:

@@ -10,8 +10,8 @@ from typing import Callable, List, Optional
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from .errors import ConfigError, ContextLengthError
-from .units import format_bytes
+from ..errors import ConfigError, ContextLengthError
+from ..units import format_bytes
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..quantize import QuantizedWeight
+from ..quant.quantize import QuantizedWeight
 from .reference import quantized_linear_reference
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..quantize import QuantizedWeight, dequantize_weight
+from ..quant.quantize import QuantizedWeight, dequantize_weight
 
 
 def quantized_linear_reference(

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..layout import QuantSpec
-from ..quantize import QuantizedWeight, dequantize_weight, quantize_weight
+from ..quant.layout import QuantSpec
+from ..quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 from . import gateway
 
 

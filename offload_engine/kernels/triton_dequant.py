@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..quantize import QuantizedWeight
+from ..quant.quantize import QuantizedWeight
 from .triton_tiles import block_k_for, check_launchable, interpreted, load_weight_tile, weight_args
 
 # Upper bound on one scratch buffer: 64 Mi elements (128 MiB in bf16).

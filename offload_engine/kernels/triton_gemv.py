@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantize import QuantizedWeight
+from ..quant.quantize import QuantizedWeight
 from .triton_tiles import block_k_for, check_launchable, interpreted, load_weight_tile, weight_args
 
 MAX_ROWS = 16  # the decode kernel takes at most this many rows of x

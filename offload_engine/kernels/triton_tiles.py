@@ -3,7 +3,7 @@
 Importing this module imports triton and defines (never compiles) the jit helpers;
 the gateway imports it lazily, only when a Triton path is about to run.
 
-The layout read here is the one of :mod:`offload_engine.layout`: row n of an int4
+The layout read here is the one of :mod:`offload_engine.quant.layout`: row n of an int4
 weight holds element 2j in the low nibble of byte j and element 2j + 1 in the high
 nibble; int8 weights store signed values; one bf16 scale (and one uint8 zero point
 for int4-asym) per ``group_size`` elements along the padded input dimension.
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import layout
-from ..quantize import QuantizedWeight
+from ..quant import layout
+from ..quant.quantize import QuantizedWeight
 
 # The symmetric int4 offset, as a value the jit functions can fold in.
 SYM_OFFSET = tl.constexpr(layout.INT4_SYMMETRIC_OFFSET)

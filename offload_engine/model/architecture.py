@@ -13,7 +13,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .errors import FormatError
+from ..errors import FormatError
 
 logger = logging.getLogger(__name__)
 

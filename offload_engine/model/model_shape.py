@@ -1,22 +1,20 @@
 """What the planner needs to know about a model: shapes only, no weights.
 
-Read from a quantized directory (its manifest and config.json) or from a bare Hugging
-Face config.json, so a user can plan before downloading a 65 GB checkpoint. The linear
-shapes come from the same empty skeleton the converter and the runtime use.
+Computed from a transformers config alone, so a user can plan before downloading a
+65 GB checkpoint. The linear shapes come from the same empty skeleton the converter
+and the runtime use. Reading a quantized directory's manifest is the planner's job
+(:mod:`offload_engine.planning.describe`), one stage up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 
+from ..quant.layout import QuantSpec
 from . import architecture
-from .errors import ConfigError, SourceError
-from .format import MANIFEST_NAME, read_manifest
-from .layout import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -54,22 +52,13 @@ class ModelShape:
         return self.vocab_size * self.hidden_size
 
 
-def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> ModelShape:
-    """Shapes of the model at ``path``: a quantized directory, an HF directory or config.json.
+def shape_from_config(hf_config, spec: QuantSpec, source: str, quantized: bool = False,
+                      host_dense_bytes: Optional[int] = None) -> ModelShape:
+    """Shapes of the model ``hf_config`` describes, planned as ``spec``.
 
-    ``spec`` is the scheme to plan for; a quantized directory has its own, and asking
-    for another one is an error.
+    ``host_dense_bytes`` is the size of the dense tensors as stored, when known (a
+    quantized directory's manifest says); otherwise it is counted at the config's dtype.
     """
-    path = Path(path)
-    hf_config, manifest = _read_config(path)
-    if manifest is not None:
-        if spec is not None and spec != manifest.spec:
-            raise ConfigError(
-                f"{path} is quantized as {manifest.scheme} g{manifest.group_size}; plan it "
-                f"without --scheme/--group-size, or plan the source config.json for "
-                f"{spec.scheme} g{spec.group_size}")
-        spec = manifest.spec
-    spec = spec or QuantSpec()
     text = architecture.text_config(hf_config)
     model = architecture.build_skeleton(hf_config)
     found = architecture.find_linears(model, hf_config)
@@ -82,16 +71,13 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
     other = sum(p.numel() for name, p in model.named_parameters()
                 if name not in weight_names and id(p) not in embeddings)
     heads = text.num_attention_heads
-    if manifest is not None:
-        roles = manifest.bytes_by_role()
-        host_dense = sum(b for role, b in roles.items() if role not in ("linear", "lm_head"))
-    else:
+    if host_dense_bytes is None:
         source_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
         itemsize = source_dtype.itemsize if isinstance(source_dtype, torch.dtype) else 2
-        host_dense = (embedding.numel() + other) * itemsize
+        host_dense_bytes = (embedding.numel() + other) * itemsize
     return ModelShape(
-        source=str(path), model_type=str(getattr(hf_config, "model_type", "?")), spec=spec,
-        quantized=manifest is not None, linears=linears,
+        source=source, model_type=str(getattr(hf_config, "model_type", "?")), spec=spec,
+        quantized=quantized, linears=linears,
         vocab_size=embedding.shape[0], hidden_size=embedding.shape[1],
         intermediate_size=int(getattr(text, "intermediate_size", 4 * embedding.shape[1])),
         num_layers=text.num_hidden_layers,
@@ -99,32 +85,5 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         max_positions=getattr(text, "max_position_embeddings", None),
         tied_embeddings=architecture.ties_embeddings(hf_config),
-        other_dense_elements=other, host_dense_bytes=host_dense,
+        other_dense_elements=other, host_dense_bytes=host_dense_bytes,
     )
-
-
-def _read_config(path: Path):
-    """(transformers config, manifest or None) for a directory or a config.json file."""
-    from transformers import AutoConfig
-
-    if path.suffix == ".gguf":
-        raise ConfigError(f"{path}: plan reads config.json, not GGUF; convert it first with "
-                          "`offload-engine quantize`, or plan the original model's config.json")
-    if path.is_file():
-        config_path, manifest = path, None
-    elif path.is_dir():
-        config_path = path / "config.json"
-        manifest = read_manifest(path) if (path / MANIFEST_NAME).is_file() else None
-    else:
-        raise SourceError(f"{path}: no such file or directory; give a quantized directory, a "
-                          "Hugging Face model directory or its config.json")
-    if not config_path.is_file():
-        raise SourceError(f"{path}: no config.json; give a Hugging Face model directory or "
-                          "the path of its config.json")
-    try:
-        return AutoConfig.from_pretrained(config_path), manifest
-    except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(f"{config_path}: not a config.json transformers can read ({exc})") \
-            from exc
-
-

@@ -22,14 +22,16 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .cache import CACHE_FORMATS, POLICIES, CachePlan, held_nbytes, plan_cache
-from .config import DTYPES, EMBEDDING_PLACES, UNBOUNDED
-from .errors import ConfigError
-from .layout import QuantSpec
-from .model_shape import LinearShape, ModelShape, describe_model
+from ..errors import ConfigError
+from ..model.model_shape import LinearShape, ModelShape
+from ..quant.layout import QuantSpec
+from ..quant.quantize import QuantizedWeight
+from ..units import parse_bytes
+from .describe import describe_model
+from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
-from .quantize import QuantizedWeight
-from .units import parse_bytes
+from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
+from .sizes import CACHE_FORMATS, held_nbytes
 
 logger = logging.getLogger(__name__)
 __all__ = ["Plan", "PlanRequest", "describe_model", "make_plan", "predict"]

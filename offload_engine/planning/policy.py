@@ -15,15 +15,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
 from ..units import format_bytes
+from .sizes import aligned
 
 POLICIES = ("static", "lru")
-ALIGN_BYTES = 256  # every view in the arena starts on this boundary
-
-
-def aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
-
-
 @dataclass
 class CachePlan:
     """How the device arena is split between resident weights and staging slots."""

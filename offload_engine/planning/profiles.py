@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import List, Union
 
-from .errors import ConfigError
-from .units import parse_bytes
+from ..errors import ConfigError
+from ..units import parse_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib

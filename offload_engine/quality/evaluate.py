@@ -22,9 +22,9 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .architecture import text_config
-from .errors import ConfigError, SourceError
-from .format import MANIFEST_NAME
+from ..checkpoint.format import MANIFEST_NAME
+from ..errors import ConfigError, SourceError
+from ..model.architecture import text_config
 
 logger = logging.getLogger(__name__)
 

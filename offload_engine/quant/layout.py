@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SCHEMES = ("int4", "int4-asym", "int8")
 GROUP_SIZES = (32, 64, 128, 256)

@@ -1,6 +1,6 @@
 """Group-wise quantization and its reference inverse, as pure functions.
 
-The memory layout is defined in :mod:`offload_engine.layout`; this module only
+The memory layout is defined in :mod:`offload_engine.quant.layout`; this module only
 computes codes and scales and hands them to the layout's packers.
 """
 
@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import QuantizationError
 from . import layout
-from .errors import QuantizationError
 from .layout import QuantSpec
 
 # Rows are quantized in blocks of about this many elements so that the float32

@@ -10,13 +10,11 @@ from typing import Optional, Union
 import psutil
 import torch
 
-from .cache import CACHE_FORMATS, POLICIES
-from .errors import ConfigError
-from .units import parse_bytes
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNBOUNDED = ("unbounded", "none", "inf", "all")
-EMBEDDING_PLACES = ("device", "host")
+from ..errors import ConfigError
+from ..planning.policy import POLICIES
+from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
+from ..planning.sizes import CACHE_FORMATS
+from ..units import parse_bytes
 
 
 @dataclass

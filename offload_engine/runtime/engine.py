@@ -10,11 +10,13 @@ from typing import Optional
 
 import torch
 
-from . import architecture
-from .cache import DeviceCache, held_nbytes, plan_cache
+from ..checkpoint.format import verify_directory
+from ..errors import FormatError
+from ..model import architecture
+from ..planning.policy import plan_cache
+from ..planning.sizes import held_nbytes
+from .cache import DeviceCache
 from .config import EngineConfig
-from .errors import FormatError
-from .format import verify_directory
 from .linear import OffloadedLinear
 from .patch import load_dense, swap_linears
 from .store import HostStore, module_name, read_dense_tensors
@@ -23,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    """A loaded model: ``.model`` is a stock transformers model whose linears stream."""
+    """A loaded model: ``.model`` is a stock transformers model whose linears stream.
+
+    Generation is added one stage up, by :class:`offload_engine.decode.api.Engine`.
+    """
 
     def __init__(self, directory: Path, model, tokenizer, cache: DeviceCache, store: HostStore,
                  config: EngineConfig):
@@ -62,12 +67,6 @@ class Engine:
             "device_name": device_name(self.device),
         }
 
-    def generate(self, prompt=None, **kwargs):
-        """Generate from a prompt string or chat ``messages=[...]``; see generate.generate."""
-        from .generate import generate
-
-        return generate(self, prompt, **kwargs)
-
     def close(self) -> None:
         """Stop the prefetch worker and free the arena. Safe to call twice."""
         if not self._closed:
@@ -95,11 +94,13 @@ def attention_for(config: EngineConfig) -> str:
     return "sdpa"
 
 
-def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
+def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = Engine,
+         **overrides) -> Engine:
     """Load a quantized directory for inference.
 
     ``overrides`` are EngineConfig fields: ``device``, ``gpu_budget``, ``policy``,
     ``prefetch_depth``, ``cache_entries``, ``cache_format``, ``dtype``...
+    ``engine_class`` lets a higher stage (decode) return its own subclass.
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -134,7 +135,7 @@ def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
     except BaseException:
         cache.close()
         raise
-    return Engine(directory, model, tokenizer, cache, store, config)
+    return engine_class(directory, model, tokenizer, cache, store, config)
 
 
 def _host_tensor_names(manifest, config: EngineConfig) -> frozenset:
@@ -147,8 +148,8 @@ def _budget(config: EngineConfig, directory: Path) -> Optional[int]:
     """The arena budget: the flag's, or the one `plan` derives for --hw-profile."""
     if config.hw_profile is None or config.gpu_budget is not None or config.cache_entries:
         return config.budget_bytes()
-    from .planner import PlanRequest, describe_model, make_plan
-    from .profiles import load_profile
+    from ..planning.planner import PlanRequest, describe_model, make_plan
+    from ..planning.profiles import load_profile
 
     shape = describe_model(directory)
     context = min(PlanRequest.context, shape.max_positions or PlanRequest.context)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import quantized_linear
+from ..kernels import quantized_linear
 from .ranges import LINEAR, profiled
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import architecture
-from .errors import ConfigError, FormatError
+from ..errors import ConfigError, FormatError
+from ..model import architecture
 from .linear import OffloadedLinear
 
 logger = logging.getLogger(__name__)

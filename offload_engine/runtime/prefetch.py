@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch.profiler import record_function
 
-from .quantize import QuantizedWeight, dequantize_weight
+from ..quant.quantize import QuantizedWeight, dequantize_weight
 from .ranges import FETCH
 
 logger = logging.getLogger(__name__)

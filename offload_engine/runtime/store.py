@@ -16,10 +16,10 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ResourceError
-from .format import Manifest, load_component, read_manifest, verify_directory
-from .quantize import QuantizedWeight
-from .units import format_bytes
+from ..checkpoint.format import Manifest, load_component, read_manifest, verify_directory
+from ..errors import ResourceError
+from ..quant.quantize import QuantizedWeight
+from ..units import format_bytes
 
 logger = logging.getLogger(__name__)
 WEIGHT_SUFFIX = ".weight"

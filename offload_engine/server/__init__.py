@@ -2,5 +2,6 @@
 
 Needs the ``serve`` extra (FastAPI and uvicorn): ``pip install 'offload-engine[serve]'``.
 Import ``offload_engine.server.app`` for ``create_app`` and ``serve``; this package itself
-imports nothing, so the CLI's --help works without the extra.
+imports nothing, so the CLI's --help works without the extra. Stage 8: may use
+quality/, decode/ and everything below them, never the CLI.
 """

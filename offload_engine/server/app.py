@@ -19,8 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decode.generate import check_context, encode_prompt
 from ..errors import ConfigError, ContextLengthError
-from ..generate import check_context, encode_prompt
 from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
@@ -254,7 +254,7 @@ def serve(model, engine_config, config: ServerConfig,
     """
     import uvicorn
 
-    from ..engine import load
+    from ..decode.api import load
 
     with load(model, engine_config) as engine:
         app = create_app(engine, config)

@@ -1,10 +1,9 @@
-"""The bounded device cache. Policy decisions live in :mod:`.policy` and nowhere else."""
+"""The bounded device cache: one preallocated arena, resident weights, a staging ring.
 
-from .arena import CACHE_FORMATS, held_nbytes
+Which weights stay resident and which slot is refilled are decided in
+:mod:`offload_engine.planning.policy`; this package carries the decision out.
+"""
+
 from .device_cache import CacheStats, DeviceCache, Handle
-from .policy import POLICIES, CachePlan, plan_cache
 
-__all__ = [
-    "CACHE_FORMATS", "POLICIES", "CachePlan", "CacheStats", "DeviceCache", "Handle",
-    "held_nbytes", "plan_cache",
-]
+__all__ = ["CacheStats", "DeviceCache", "Handle"]

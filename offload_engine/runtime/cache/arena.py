@@ -3,7 +3,8 @@
 A weight is held either ``packed`` (its quantized components, as stored: what the
 fused kernel reads) or ``dequantized`` (one dense matrix in the compute dtype: what
 a plain matmul reads). The byte counts here are the real bytes of each form, so
-the budget means what it says.
+the budget means what it says. The sizes themselves are counted in
+:mod:`offload_engine.planning.sizes`, so the planner and the arena agree.
 """
 
 from __future__ import annotations
@@ -12,18 +13,10 @@ from typing import Union
 
 import torch
 
-from ..quantize import QuantizedWeight
-from .policy import aligned
+from ...planning.sizes import aligned
+from ...quant.quantize import QuantizedWeight
 
-CACHE_FORMATS = ("packed", "dequantized")
 Held = Union[QuantizedWeight, torch.Tensor]
-
-
-def held_nbytes(weight: QuantizedWeight, cache_format: str, dtype: torch.dtype) -> int:
-    """Arena bytes one weight takes in the given form (each view aligned)."""
-    if cache_format == "dequantized":
-        return aligned(weight.out_features * weight.in_features * dtype.itemsize)
-    return sum(aligned(t.numel() * t.element_size()) for t in weight.components().values())
 
 
 def _view(arena: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ The compute thread calls :meth:`DeviceCache.acquire` / :meth:`release` around ea
 linear; the prefetch worker calls :meth:`next_job` / :meth:`finish_job`. All shared
 state is guarded by one condition variable; waits are on it, never on sleeps.
 Which weights stay resident and which slot is refilled are decided in
-:mod:`.policy` alone.
+:mod:`offload_engine.planning.policy` alone.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import WorkerError
+from ...errors import WorkerError
+from ...planning.policy import CachePlan, choose_victim, drops_after_use
+from ...planning.sizes import held_nbytes
 from ..prefetch import Copier, CopyJob, PrefetchWorker
 from ..ranges import WAIT, profiled
-from .arena import Held, carve, held_nbytes
-from .policy import CachePlan, choose_victim, drops_after_use
+from .arena import Held, carve
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 10.0
