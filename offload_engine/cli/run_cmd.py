@@ -6,14 +6,22 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import ConfigError
 from .options import add_engine_args, engine_config_from_args
 
 
 def add_generation_args(parser) -> None:
+    """Generation flags; the short aliases are llama.cpp's (-n, -c)."""
     group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    group.add_argument("--temperature", type=float, default=0.7, metavar="T")
-    group.add_argument("--top-p", type=float, default=0.9, metavar="P")
+    group.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N",
+                       help="tokens to generate at most")
+    group.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
+                       help="tokens the prompt plus reply may use (default: the model's "
+                            "context); chat drops its oldest turns to stay within it")
+    group.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                       help="sampling temperature; 0 is greedy")
+    group.add_argument("--top-p", type=float, default=0.9, metavar="P",
+                       help="nucleus sampling: keep the likeliest tokens covering P")
     group.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     group.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
@@ -26,9 +34,12 @@ def generation_kwargs(args) -> dict:
 def register(commands) -> None:
     parser = commands.add_parser(
         "run", help="generate text from a prompt with a quantized model",
-        description="Stream a reply to --prompt, then print one stats line.")
+        description="Stream a reply to the prompt, then print one stats line. "
+                    "Example: offload-engine run DIR \"Hello\" -n 32")
     parser.add_argument("model", type=Path, help="a directory written by `quantize`")
-    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
+                        help="the prompt text (or -p/--prompt)")
+    parser.add_argument("-p", "--prompt", default=None, help="the prompt text")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template")
     add_generation_args(parser)
@@ -40,17 +51,33 @@ def register(commands) -> None:
     parser.set_defaults(handler=run)
 
 
+def prompt_from_args(args) -> str:
+    """The prompt, given positionally or with -p; exactly one, and not blank."""
+    if args.prompt is not None and args.prompt_text is not None:
+        raise ConfigError("give the prompt once: either positionally or with -p/--prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_text
+    if prompt is None:
+        raise ConfigError("no prompt: offload-engine run DIR \"your prompt\" (or -p TEXT)")
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; give some text to continue")
+    return prompt
+
+
 def run(args) -> int:
     from ..decode.api import load
+    from ..decode.context import check_prompt_fits
     from ..runtime.profiling import trace_to
+
+    prompt = prompt_from_args(args)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     with load(args.model, engine_config_from_args(args)) as engine:
+        check_prompt_fits(engine, prompt, args.chat, args.max_new_tokens, args.ctx_size)
         with trace_to(args.profile_trace):
-            result = engine.generate(args.prompt, chat=args.chat, on_text=show,
+            result = engine.generate(prompt, chat=args.chat, on_text=show,
                                      **generation_kwargs(args))
         print()
         print(result.stats.line(), file=sys.stderr)

@@ -16,8 +16,9 @@ from typing import List, Optional, Sequence, Tuple
 from ..errors import ConfigError
 from ..units import format_bytes
 from .sizes import aligned
+from .words import POLICIES  # noqa: F401  (re-exported: callers import it from here)
 
-POLICIES = ("static", "lru")
+
 @dataclass
 class CachePlan:
     """How the device arena is split between resident weights and staging slots."""

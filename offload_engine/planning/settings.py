@@ -9,6 +9,6 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"
-EMBEDDING_PLACES = ("device", "host")  # where the token embedding table lives
+from .words import DTYPE_NAMES, EMBEDDING_PLACES, UNBOUNDED  # noqa: F401
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}

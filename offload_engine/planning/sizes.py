@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..quant.quantize import QuantizedWeight
+from .words import CACHE_FORMATS  # noqa: F401  (re-exported: callers import it from here)
 
-CACHE_FORMATS = ("packed", "dequantized")
 ALIGN_BYTES = 256  # every view in the arena starts on this boundary
 
 

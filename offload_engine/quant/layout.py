@@ -30,13 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES  # noqa: F401
 
-SCHEMES = ("int4", "int4-asym", "int8")
-GROUP_SIZES = (32, 64, 128, 256)
-# The defaults come from measured quality (docs/quality.md): on SmolLM2 the zero point
-# halved the KL divergence of int4 g128 (0.34 vs 0.61 nats) for 1.5% more bytes on a 32B model.
-DEFAULT_SCHEME = "int4-asym"
-DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.bfloat16
 INT4_SYMMETRIC_OFFSET = 8  # code = value + 8 for symmetric int4
 INT4_SYMMETRIC_MAX = 7  # quantized values use -7..7, keeping the grid symmetric

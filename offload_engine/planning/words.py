@@ -1,0 +1,11 @@
+"""The words the engine flags accept, without torch: the CLI builds its parsers from them.
+
+:mod:`.settings`, :mod:`.policy` and :mod:`.sizes` use the same tuples; they live
+here so that ``offload-engine --help`` never imports torch.
+"""
+
+POLICIES = ("static", "lru")  # cache policies, see policy.py
+CACHE_FORMATS = ("packed", "dequantized")  # how a cached weight is held, see sizes.py
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes, see settings.py
+UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"
+EMBEDDING_PLACES = ("device", "host")  # where the token embedding table lives
