@@ -8,7 +8,6 @@ or failed conversion never leaves a directory that loads.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ..quant.quantize import check_finite, quantize_weight
 from ..units import format_bytes
 from ..version import __version__
 from . import stfile
+from .destination import check_destination, make_staging_dir, swap_into_place
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
 from .sources import open_source
 
@@ -90,39 +90,17 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
 
-def _prepare_destination(dst: Path, force: bool) -> Path:
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} already exists; pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _swap_into_place(tmp: Path, dst: Path) -> None:
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConversionSummary:
     """Quantize SRC (safetensors directory or .gguf) into the directory DST."""
     started = time.perf_counter()
     dst = Path(dst)
+    check_destination(Path(src), dst, force)  # before reading SRC: a GGUF takes a while
     source = open_source(Path(src))
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} already exists; pass --force to replace it")
     skeleton = architecture.build_skeleton(source.config)
     linears = architecture.find_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
-    tmp = _prepare_destination(dst, force)
+    tmp = make_staging_dir(dst)
     try:
         manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress)
         manifest.source = {
@@ -133,7 +111,7 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
         }
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        _swap_into_place(tmp, dst)
+        swap_into_place(tmp, dst)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OffloadError, KeyboardInterrupt)):

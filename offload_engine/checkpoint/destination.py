@@ -1,0 +1,133 @@
+"""Where a conversion writes: refuse anything that could lose a file, then swap atomically.
+
+``--force`` replaces only a directory that is itself a previous output of ours (it
+holds our manifest and nothing else but our shards and side files). DST may never
+be SRC, contain SRC, or lie inside SRC. The new output is written beside DST and
+exchanged with the old one in one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it,
+so an interrupted ``--force`` leaves the old output in place and loadable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import List
+
+from ..errors import ConversionError
+from .format import FORMAT_NAME, MANIFEST_NAME
+from .sources import SIDE_FILES
+
+logger = logging.getLogger(__name__)
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+FOREIGN_SHOWN = 3  # foreign entries named in the error
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Raise ConversionError unless writing DST can lose nothing; reads no weights."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst == src or src.is_relative_to(dst):
+        raise ConversionError(
+            f"{dst}: the output would replace the source {src}; pick a new directory for DST")
+    if dst.is_relative_to(src):
+        raise ConversionError(
+            f"{dst}: the output lies inside the source {src}; write it beside the source")
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if dst.is_symlink() or not dst.is_dir():
+        raise ConversionError(f"{dst}: exists and is not a directory; pick another DST")
+    if not any(dst.iterdir()):
+        return  # an empty directory: nothing to lose
+    if not force:
+        raise ConversionError(f"{dst} already exists; pass --force to replace it "
+                              "(only a previous output of `quantize` can be replaced)")
+    foreign = foreign_entries(dst)
+    if foreign:
+        shown = ", ".join(foreign[:FOREIGN_SHOWN]) + (" ..." if len(foreign) > 3 else "")
+        raise ConversionError(
+            f"{dst}: --force replaces only a previous output of `quantize`, and this "
+            f"directory holds other files ({shown}); move them away or pick another DST")
+
+
+def foreign_entries(directory: Path) -> List[str]:
+    """Names in DIRECTORY that a conversion did not write (all of them if it has no manifest)."""
+    names = sorted(entry.name for entry in directory.iterdir())
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        ours = manifest.get("format") == FORMAT_NAME
+        shards = set(manifest.get("shards", {}))
+    except (OSError, ValueError, AttributeError):
+        ours, shards = False, set()
+    if not ours:
+        return names
+    known = shards | {MANIFEST_NAME} | set(SIDE_FILES)
+    return [name for name in names if name not in known or (directory / name).is_dir()]
+
+
+def make_staging_dir(dst: Path) -> Path:
+    """A fresh hidden directory beside DST (same filesystem, so the final rename is atomic)."""
+    dst = Path(dst)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as exc:
+        raise ConversionError(f"{dst}: cannot create the output there ({exc.strerror or exc}); "
+                              "pick a writable destination") from exc
+    return staging
+
+
+def swap_into_place(staging: Path, dst: Path) -> None:
+    """Move the finished STAGING directory to DST, replacing an old output atomically."""
+    try:
+        if not dst.exists():
+            os.rename(staging, dst)
+            return
+        if _exchange(staging, dst):
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
+            return
+        _rename_twice(staging, dst)
+    except OSError as exc:
+        raise ConversionError(f"{dst}: cannot move the new output into place "
+                              f"({exc.strerror or exc}); the old output is untouched") from exc
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2); False where the system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second),
+                       RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # an old kernel or a filesystem without exchange
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _rename_twice(staging: Path, dst: Path) -> None:
+    """Fallback swap: move the old output aside, move the new one in, put back on failure."""
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    os.rename(dst, old)
+    try:
+        os.rename(staging, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)  # the running process's C library
+    except OSError:
+        return None
