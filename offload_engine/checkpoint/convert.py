@@ -23,7 +23,7 @@ from ..quant.layout import QuantSpec
 from ..quant.quantize import check_finite, quantize_weight
 from ..units import format_bytes
 from ..version import __version__
-from . import stfile
+from . import checksums, stfile
 from .destination import check_destination, make_staging_dir, swap_into_place
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
 from .sources import open_source
@@ -157,6 +157,7 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
         raise ConversionError(f"{source.path}: the checkpoint lacks linear weights {missing[:3]}"
                               f"{' ...' if len(missing) > 3 else ''}; is it complete?")
     manifest.shards = dict(writer.shards)
+    manifest.checksums = checksums.record(tmp, manifest.shards)
     return manifest
 
 

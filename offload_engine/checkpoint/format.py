@@ -79,6 +79,9 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_by: str = ""
+    # {"shards": {file: sha256}, "tensors": {file: {key: crc32}}, ...}; see checksums.py.
+    # Empty in manifests written before checksums existed.
+    checksums: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> QuantSpec:
@@ -125,6 +128,7 @@ def manifest_from_dict(data: dict, where: Path) -> Manifest:
             tensors=tensors,
             shards={k: int(v) for k, v in data["shards"].items()},
             created_by=data.get("created_by", ""),
+            checksums=dict(data.get("checksums") or {}),
         )
         QuantSpec(manifest.scheme, manifest.group_size)  # raises on an unknown scheme
     except (KeyError, TypeError, ValueError) as exc:
@@ -137,17 +141,32 @@ def read_manifest(directory: Path) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
-        raise FormatError(f"{directory}: no such directory")
+        raise FormatError(not_a_quantized_dir(directory))
     if not path.is_file():
         raise FormatError(
             f"{directory}: no {MANIFEST_NAME}; this is not a quantized model directory "
-            "(create one with `offload-engine quantize SRC DST`)"
+            f"(create one with `offload-engine quantize {directory} {_suggested(directory)}`)"
         )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: corrupt JSON ({exc}); re-convert the model") from exc
     return manifest_from_dict(data, path)
+
+
+def not_a_quantized_dir(path: Path) -> str:
+    """The message for a path that is no directory: a GGUF or other file must be converted."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return (f"{path} is a GGUF file; convert it first: offload-engine quantize {path} "
+                f"{_suggested(path)}, then use {_suggested(path)}")
+    if path.is_file():
+        return (f"{path} is a file, not a quantized directory; convert the model with "
+                f"`offload-engine quantize SRC DST` and pass DST")
+    return f"{path}: no such directory"
+
+
+def _suggested(path: Path) -> str:
+    return str(path.with_suffix("")) + "-int4" if path.suffix else f"{path}-int4"
 
 
 def verify_directory(directory: Path, manifest: Optional[Manifest] = None) -> Manifest:

@@ -16,6 +16,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint.checksums import TensorVerifier
 from ..checkpoint.format import Manifest, load_component, read_manifest, verify_directory
 from ..errors import ResourceError
 from ..quant.quantize import QuantizedWeight
@@ -59,11 +60,13 @@ class HostStore(Mapping):
         check_host_ram(sum(e.nbytes for e in manifest.tensors.values()), directory)
         headers: dict = {}
         weights = {}
+        verifier = TensorVerifier(directory, manifest)
         bar = tqdm(quantized.items(), desc="loading weights", unit="tensor", disable=not progress)
         for name, entry in bar:
             parts = {}
             for part, comp in entry.components.items():
                 tensor = load_component(directory, comp, headers)
+                verifier.check(name, comp, tensor)
                 parts[part] = tensor.pin_memory() if pin else tensor
             weights[module_name(name)] = QuantizedWeight(
                 qweight=parts["qweight"], scales=parts["scales"], zeros=parts.get("zeros"),
@@ -91,6 +94,10 @@ def read_dense_tensors(directory: Path, manifest: Manifest | None = None
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
     headers: dict = {}
+    verifier = TensorVerifier(directory, manifest, note_missing=False)
     for name, entry in manifest.tensors.items():
         if not entry.quantized:
-            yield name, load_component(directory, entry.components["dense"], headers)
+            comp = entry.components["dense"]
+            tensor = load_component(directory, comp, headers)
+            verifier.check(name, comp, tensor)
+            yield name, tensor
