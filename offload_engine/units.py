@@ -26,6 +26,16 @@ def parse_bytes(text) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
+def parse_budget(text) -> int:
+    """Like parse_bytes, for budgets where a bare number is ambiguous: "1.5" meant 1.5 GB,
+    not 1 byte. Integers given from Python stay bytes; text needs a unit."""
+    if isinstance(text, int) or not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", str(text)):
+        return parse_bytes(text)
+    raise argparse.ArgumentTypeError(
+        f"a bare number above 1 needs a unit: write {str(text).strip()}GiB or "
+        f"{str(text).strip()}GB (a number up to 1, such as 0.8, is a share of free memory)")
+
+
 def format_bytes(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(nbytes) < 1024 or unit == "GiB":

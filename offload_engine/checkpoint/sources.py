@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SourceError
 from . import stfile
+from .hfconfig import read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ class SafetensorsSource:
                 "with safetensors weights, or a .gguf file (convert .bin checkpoints to "
                 "safetensors first)"
             )
-        if not (self.path / "config.json").is_file():
-            raise SourceError(f"{self.path}: no config.json; copy it from the model's repository")
-        from transformers import AutoConfig
-
-        self.config = AutoConfig.from_pretrained(self.path)
+        self.config = read_hf_config(self.path, SourceError,
+                                     fix="copy it from the model's repository")
         self.headers = [(shard, stfile.read_header(shard)) for shard in self.shards]
 
     def tensor_list(self) -> List[Tuple[str, str, tuple, int]]:

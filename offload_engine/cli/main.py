@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -57,7 +58,15 @@ def main(argv=None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `plan --json | head`: the reader left. Point stdout at devnull so the exit-time
+        # flush cannot raise again, and say so in one line.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("offload-engine: error: output closed early (broken pipe)", file=sys.stderr)
+        return 2
     except OffloadError as exc:
         if args.debug:
             traceback.print_exc()

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..model.model_shape import LinearShape, ModelShape
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight
-from ..units import parse_bytes
+from ..units import parse_budget
 from .describe import describe_model
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
@@ -90,7 +90,7 @@ class PlanRequest:
         if re.fullmatch(r"0?\.\d+|1(\.0*)?", text):
             return True, int(float(text) * self.profile.usable_bytes)
         try:
-            return True, parse_bytes(self.gpu_budget)
+            return True, parse_budget(self.gpu_budget)
         except Exception as exc:  # argparse.ArgumentTypeError: not a ValueError
             raise ConfigError(f"--gpu-budget: {exc}") from exc
 

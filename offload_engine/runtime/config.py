@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS
-from ..units import parse_bytes
+from ..units import parse_budget
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _budget_kind(budget):
     if str(budget).strip().lower() in UNBOUNDED:
         return "unbounded", None
     try:
-        return "bytes", parse_bytes(budget)
+        return "bytes", parse_budget(budget)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"--gpu-budget: {exc}") from exc
 

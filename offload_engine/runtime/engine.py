@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..checkpoint.format import verify_directory
-from ..errors import FormatError
+from ..checkpoint.hfconfig import check_tokenizer_files, read_hf_config
+from ..errors import ConfigError, FormatError
 from ..model import architecture
 from ..planning.policy import plan_cache
 from ..planning.sizes import held_nbytes
@@ -87,11 +88,23 @@ def device_name(device: torch.device) -> str:
 
 
 def attention_for(config: EngineConfig) -> str:
+    if config.attention == "flash_attention_2":
+        check_flash_attention(config.torch_device())
     if config.attention != "auto":
         return config.attention
     if config.torch_device().type == "cuda" and importlib.util.find_spec("flash_attn"):
         return "flash_attention_2"
     return "sdpa"
+
+
+def check_flash_attention(device: torch.device) -> None:
+    """--attention flash_attention_2 needs the flash-attn package and a CUDA device."""
+    if device.type != "cuda":
+        raise ConfigError(f"--attention flash_attention_2 runs on CUDA only, not {device}; "
+                          "use --attention sdpa (or auto)")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("--attention flash_attention_2 needs the flash-attn package: "
+                          "pip install 'offload-engine[flash]', or use --attention sdpa")
 
 
 def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = Engine,
@@ -102,13 +115,14 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     ``prefetch_depth``, ``cache_entries``, ``cache_format``, ``dtype``...
     ``engine_class`` lets a higher stage (decode) return its own subclass.
     """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     config = replace(config or EngineConfig(), **overrides)
     directory = Path(path)
     manifest = verify_directory(directory)
     device, dtype = config.torch_device(), config.torch_dtype()
-    hf_config = AutoConfig.from_pretrained(directory)
+    hf_config = read_hf_config(directory)
+    check_tokenizer_files(directory)
     hf_config._attn_implementation = attention_for(config)
     model = architecture.build_skeleton(hf_config)
     linears = architecture.find_linears(model, hf_config)

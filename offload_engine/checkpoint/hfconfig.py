@@ -1,0 +1,67 @@
+"""Reading a model's config.json and checking its tokenizer files, with one-line errors.
+
+transformers reports a malformed config.json with a traceback deep inside its own code,
+or accepts a string where a size belongs and fails later in model building. These
+checks run first and name the file, the field and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Type
+
+from ..errors import FormatError, OffloadError
+
+# Fields a decoder-only config holds as sizes; a string or float here breaks model building.
+INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "initializer_range")
+# A directory needs one of these for AutoTokenizer to build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def read_hf_config(directory: Path, error: Type[OffloadError] = FormatError,
+                   fix: str = "re-convert the model or restore the file"):
+    """The transformers config of DIRECTORY/config.json; ERROR(...) names what is wrong."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise error(f"{directory}: no config.json; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read it ({exc}); {fix}") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} "
+                    f"({exc.msg}); {fix}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}; {fix}")
+    check_field_types(data, path, error, fix)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(Path(directory))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise error(f"{path}: transformers cannot read this config ({exc}); {fix}") from exc
+
+
+def check_field_types(data: dict, path: Path, error: Type[OffloadError], fix: str) -> None:
+    """Sizes must be integers and epsilons numbers (JSON true/false are neither)."""
+    for key in INT_FIELDS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise error(f"{path}: {key!r} is {value!r} ({type(value).__name__}); it must be a "
+                        f"whole number; {fix}")
+    for key in FLOAT_FIELDS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise error(f"{path}: {key!r} is {value!r} ({type(value).__name__}); it must be a "
+                        f"number; {fix}")
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """Raise FormatError when DIRECTORY has none of the files a tokenizer is built from."""
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise FormatError(
+            f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy them from "
+            "the source model into this directory, or re-convert the model")
