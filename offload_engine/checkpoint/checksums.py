@@ -95,12 +95,16 @@ def verify_shards(directory: Path, manifest, progress=None) -> bool:
             continue
         recorded = checksums.get("tensors", {}).get(shard, {})
         bad = [key for key, crc in crcs.items() if recorded.get(key) not in (None, crc)]
-        where = (f"tensor {bad[0]!r} ({owners.get((shard, bad[0]), 'unknown')})" if bad
-                 else "its header")
+        where = _tensor_words(bad[0], owners.get((shard, bad[0]))) if bad else "its header"
         raise FormatError(f"{Path(directory) / shard}: checksum mismatch in {where}"
                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: the file is "
                           "corrupt; re-convert the model (or copy the shard again)")
     return True
+
+
+def _tensor_words(key: str, owner) -> str:
+    """"tensor 'a.qweight' (of a)", or just "tensor 'a'" when the key is the tensor's name."""
+    return f"tensor {key!r}" + (f" (of {owner})" if owner and owner != key else "")
 
 
 def _owners(manifest) -> Dict[Tuple[str, str], str]:
@@ -126,6 +130,7 @@ class TensorVerifier:
             return
         if tensor_crc(tensor) != expected:
             raise FormatError(
-                f"{self.directory / comp.shard}: checksum mismatch in tensor {comp.key!r} "
-                f"({name}): the file is corrupt; re-convert the model (or copy the shard "
-                f"again); `offload-engine inspect {self.directory}` checks every shard")
+                f"{self.directory / comp.shard}: checksum mismatch in "
+                f"{_tensor_words(comp.key, name)}: the file is corrupt; re-convert the model "
+                f"(or copy the shard again); `offload-engine inspect {self.directory}` "
+                "checks every shard")
