@@ -1,6 +1,7 @@
 """`offload-engine run` and `chat` end to end on a tiny model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,12 +34,13 @@ def test_run_reports_bad_flags_in_one_line(qwen2_q, capsys):
                  "--no-progress"]) in (0, 2)
 
 
-def test_chat_reset_and_exit(qwen2_q):
+def test_chat_reset_and_exit(qwen2_q, tmp_path):
     script = "hello\n/reset\nagain\n/exit\n"
     result = subprocess.run(
         [sys.executable, "-m", "offload_engine", "chat", str(qwen2_q), "--greedy",
          "--max-new-tokens", "4", "--no-progress", "--device", "cpu"],
-        input=script, capture_output=True, text=True, timeout=120)
+        input=script, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OFFLOAD_ENGINE_CACHE": str(tmp_path)})  # chat_history goes here
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("bot> ") == 2
     assert "(history cleared)" in result.stderr
