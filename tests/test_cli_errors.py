@@ -58,6 +58,11 @@ def test_wrong_types_in_config(src_copy, q_copy, tmp_path, capsys):
     _edit_config(q_copy, rms_norm_eps="small")
     assert main(["run", str(q_copy), "hi", *RUN]) == 2
     _one_line_error(capsys, "'rms_norm_eps'", "must be a number")
+    assert main(["plan", str(src_copy / "config.json")]) == 2
+    _one_line_error(capsys, "'num_hidden_layers' is 'two'")
+    _edit_config(src_copy, num_hidden_layers=2, tie_word_embeddings="yes")
+    assert main(["plan", str(src_copy)]) == 2
+    _one_line_error(capsys, "transformers cannot read this config", "tie_word_embeddings")
 
 
 @pytest.mark.parametrize("missing", [("config.json",), ("tokenizer.json", "vocab.json")])

@@ -24,9 +24,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def read_hf_config(directory: Path, error: Type[OffloadError] = FormatError,
                    fix: str = "re-convert the model or restore the file"):
     """The transformers config of DIRECTORY/config.json; ERROR(...) names what is wrong."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not (Path(directory) / "config.json").is_file():
         raise error(f"{directory}: no config.json; {fix}")
+    return read_config_file(Path(directory) / "config.json", error, fix)
+
+
+def read_config_file(path: Path, error: Type[OffloadError], fix: str):
+    """The transformers config in the config.json at PATH, checked before transformers reads it."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -37,12 +41,14 @@ def read_hf_config(directory: Path, error: Type[OffloadError] = FormatError,
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, found {type(data).__name__}; {fix}")
     check_field_types(data, path, error, fix)
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(Path(directory))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise error(f"{path}: transformers cannot read this config ({exc}); {fix}") from exc
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        detail = " ".join(str(exc).split())  # one line, whatever transformers wrote
+        raise error(f"{path}: transformers cannot read this config ({detail}); {fix}") from exc
 
 
 def check_field_types(data: dict, path: Path, error: Type[OffloadError], fix: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..checkpoint.format import MANIFEST_NAME, read_manifest
+from ..checkpoint.hfconfig import read_config_file
 from ..errors import ConfigError, SourceError
 from ..model.model_shape import ModelShape, shape_from_config
 from ..quant.layout import QuantSpec
@@ -39,8 +40,6 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
 
 def _read_config(path: Path):
     """(transformers config, manifest or None) for a directory or a config.json file."""
-    from transformers import AutoConfig
-
     if path.suffix == ".gguf":
         raise ConfigError(f"{path}: plan reads config.json, not GGUF; convert it first with "
                           "`offload-engine quantize`, or plan the original model's config.json")
@@ -55,10 +54,6 @@ def _read_config(path: Path):
     if not config_path.is_file():
         raise SourceError(f"{path}: no config.json; give a Hugging Face model directory or "
                           "the path of its config.json")
-    try:
-        return AutoConfig.from_pretrained(config_path), manifest
-    except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(f"{config_path}: not a config.json transformers can read ({exc})") \
-            from exc
+    return read_config_file(config_path, SourceError, "fix it or download it again"), manifest
 
 
