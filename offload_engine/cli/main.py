@@ -64,7 +64,10 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         # `plan --json | head`: the reader left. Point stdout at devnull so the exit-time
         # flush cannot raise again, and say so in one line.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout replaced by an object without a descriptor
+            pass
         print("offload-engine: error: output closed early (broken pipe)", file=sys.stderr)
         return 2
     except OffloadError as exc:
