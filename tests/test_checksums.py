@@ -87,3 +87,19 @@ def test_manifest_without_checksums_loads_with_a_note(copy, caplog, capsys):
     assert "no checksums" in caplog.text
     assert main(["inspect", str(copy), "--no-progress"]) == 0
     assert "shapes and sizes only" in capsys.readouterr().out
+
+
+def test_checksum_cost_tool_measures_a_share_of_load_time(qwen2_q):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "checksum_cost.py"
+    result = subprocess.run([sys.executable, str(tool), str(qwen2_q), "--repeat", "1", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    manifest = read_manifest(qwen2_q)
+    assert report["checked_bytes"] == sum(e.nbytes for e in manifest.tensors.values())
+    assert report["device"] == "cpu" and report["check_seconds"] > 0
+    assert 0 < report["check_share"] < 1

@@ -53,9 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     load = load_seconds(args.model, args.repeat)
     check, nbytes = check_seconds(args.model)
-    result = {"model": str(args.model), "device": "cpu", "load_seconds": round(load, 3),
-              "check_seconds": round(check, 3), "checked_bytes": nbytes,
-              "check_share": round(check / load, 4),
+    result = {"model": str(args.model), "device": "cpu", "load_seconds": round(load, 4),
+              "check_seconds": round(check, 6), "checked_bytes": nbytes,
+              "check_share": round(check / load, 6),
               "check_mib_per_s": round(nbytes / 2**20 / check, 1) if check else None}
     if args.json:
         print(json.dumps(result, indent=1))
