@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import torch
 from offload_engine import load
 from offload_engine.errors import ConfigError, WorkerError
 from offload_engine.planning.host_policy import plan_host
+from offload_engine.planning.planner import PlanRequest, describe_model, make_plan
+from offload_engine.planning.profiles import load_profile, profile_from_dict
 from offload_engine.runtime.config import EngineConfig
 
 PROMPT_IDS = torch.tensor([[5, 77, 123, 9, 300, 41, 42, 250]])
@@ -93,6 +96,34 @@ def test_disk_bytes_per_token_equal_the_plan(qwen2_q):
     assert stats.h2d_bytes_per_token == streamed  # the disk tier changes nothing downstream
     assert stats.disk_read_bytes_per_s > 0
     assert "from disk" in stats.line()
+    # `offload-engine plan` predicts the same figure from the directory alone
+    predicted = make_plan(describe_model(qwen2_q), PlanRequest(
+        load_profile("cpu"), gpu_budget="260KB", host_budget=minimum, context=64))
+    assert predicted.host["disk_bytes_per_step"] == stats.disk_bytes_per_token
+    assert predicted.prediction.disk_bytes_per_step == stats.disk_bytes_per_token
+
+
+def test_plan_adds_the_disk_read_to_the_prediction(qwen2_q):
+    shape = describe_model(qwen2_q)
+    base = profile_from_dict(dict(name="t", device="cuda", memory="8GiB",
+                                  device_bandwidth_gb_s=100.0, h2d_bandwidth_gb_s=1.0,
+                                  reserve="1GiB"), "test")
+    slow_disk = replace(base, disk_read_bandwidth=1e3)  # 1 kB/s: the disk decides the step
+    settings = dict(cache_entries=3, context=64)
+    ram = make_plan(shape, PlanRequest(base, **settings))
+    minimum = make_plan(shape, PlanRequest(base, host_budget="1TB", **settings)
+                        ).host["minimum_budget"]
+    unknown = make_plan(shape, PlanRequest(base, host_budget=minimum, **settings))
+    disk = make_plan(shape, PlanRequest(slow_disk, host_budget=minimum, **settings))
+    assert ram.prediction.disk_bytes_per_step == 0 and ram.host["weights_on_disk"] == 0
+    assert unknown.prediction.step_s == ram.prediction.step_s and unknown.host["notes"]
+    assert disk.prediction.disk_bytes_per_step > 0
+    read = disk.prediction.disk_bytes_per_step / 1e3
+    assert disk.prediction.disk_read_s == pytest.approx(read)
+    assert disk.prediction.step_s == pytest.approx(
+        ram.prediction.step_s - ram.prediction.stream_s + read)
+    with pytest.raises(ConfigError, match="host budget"):
+        make_plan(shape, PlanRequest(base, host_budget=minimum - 1, **settings))
 
 
 def test_device_resident_weights_are_not_kept_in_ram(qwen2_q):
