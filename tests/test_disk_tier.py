@@ -212,3 +212,17 @@ def test_peak_rss_growth_stays_within_the_host_budget(synthetic_q):
     assert numbers["host"] <= budget and numbers["disk"] > 0
     limit = budget + numbers["arena"] + MEMORY_MARGIN
     assert numbers["growth"] <= limit, numbers
+
+
+@pytest.mark.slow
+def test_disk_tier_table_tool_runs_and_agrees_with_the_plan(qwen2_q):
+    tool = REPO / "tools" / "disk_tier_table.py"
+    run = subprocess.run([sys.executable, str(tool), str(qwen2_q), "--gpu-budget", "260KB",
+                          "--host-budgets", "min,unbounded", "--tokens", "2"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| min")]
+    assert len(rows) == 1 and "greedy tokens identical across budgets: True" in run.stdout
+    measured, planned = rows[0].split("|")[4].split()
+    assert planned == f"({measured})"
