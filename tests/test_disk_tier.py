@@ -226,3 +226,22 @@ def test_disk_tier_table_tool_runs_and_agrees_with_the_plan(qwen2_q):
     assert len(rows) == 1 and "greedy tokens identical across budgets: True" in run.stdout
     measured, planned = rows[0].split("|")[4].split()
     assert planned == f"({measured})"
+
+
+def test_cli_run_and_plan_take_host_budget(qwen2_q, tmp_path, capsys):
+    from offload_engine.cli import main
+
+    _, minimum = _sizes(qwen2_q, gpu_budget="260KB")
+    stats_path = tmp_path / "stats.json"
+    assert main(["run", str(qwen2_q), "--prompt", "the", "--greedy", "--max-new-tokens", "4",
+                 "--gpu-budget", "260KB", "--host-budget", str(minimum), "--device", "cpu",
+                 "--no-progress", "--stats-json", str(stats_path)]) == 0
+    assert "from disk" in capsys.readouterr().err
+    stats = json.loads(stats_path.read_text())
+    assert stats["disk_bytes_per_token"] > 0 and stats["cache"]["host_budget_bytes"] == minimum
+    assert main(["run", str(qwen2_q), "--prompt", "x", "--host-budget", "1B", "--gpu-budget",
+                 "260KB", "--no-progress"]) == 2
+    assert "host budget" in capsys.readouterr().err
+    main(["plan", str(qwen2_q), "--hw-profile", "cpu", "--gpu-budget", "260KB",
+          "--host-budget", str(minimum), "--context", "64"])
+    assert "read from disk per token" in capsys.readouterr().out
