@@ -82,7 +82,6 @@ class EngineConfig:
             return int(value)
         return int(value * free_device_bytes(self.torch_device()))
 
-
     def host_bytes(self, default):
         """The host budget in bytes, None when unbounded; ``default()`` when not given."""
         value = self.host_budget

@@ -39,7 +39,8 @@ def check_host_ram(needed_bytes: int, directory: Path) -> None:
         raise ResourceError(
             f"{directory}: loading needs {format_bytes(needed_bytes)} of host RAM plus "
             f"{format_bytes(RAM_HEADROOM_BYTES)} headroom, but only {format_bytes(available)} "
-            "is available; close other programs, or use a smaller model or scheme"
+            "is available; set --host-budget to read part of the weights from disk, close "
+            "other programs, or use a smaller model or scheme"
         )
 
 
