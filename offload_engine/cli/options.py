@@ -41,6 +41,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="without --gpu-budget, use the weight budget `offload-engine plan` "
                             "derives for this card (e.g. rtx4060-8gb to try an 8 GB setup on a "
                             "bigger GPU)")
+    group.add_argument("--host-budget", default=None, metavar="B",
+                       help="host RAM for weights (4GiB, or 'unbounded'); the rest is read "
+                            "from the shard files every token. Default: what fits in "
+                            "available RAM with a margin")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -60,4 +64,5 @@ def engine_config_from_args(args: argparse.Namespace):
         hw_profile=args.hw_profile,
         embeddings=args.embeddings,
         progress=not args.no_progress,
+        host_budget=args.host_budget,
     )

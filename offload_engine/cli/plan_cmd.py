@@ -55,6 +55,9 @@ def register(commands) -> None:
                         help="compute dtype; auto: bfloat16 on a cuda profile, float32 on cpu")
     parser.add_argument("--embeddings", choices=("device", "host"), default="device",
                         help="host: plan for the token embedding table kept in host RAM")
+    parser.add_argument("--host-budget", default=None, metavar="B",
+                        help="host RAM for weights (16GiB); the rest is read from disk every "
+                             "token. Default: unbounded (every weight in RAM)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=run)
 
@@ -71,7 +74,8 @@ def run(args) -> int:
         profile=load_profile(args.hw_profile), gpu_budget=args.gpu_budget,
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
-        cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings)
+        cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
+        host_budget=args.host_budget)
     shape = describe_model(args.model, spec)
     plan = make_plan(shape, request)
     report = plan.as_dict()
@@ -144,8 +148,26 @@ def render(plan, report: dict) -> List[str]:
         + (f" in all ({pred.tokens_per_s_per_sequence:.3g} per sequence)"
            if settings["batch"] > 1 else ""),
     ]
-    lines += [f"note: {text}" for text in report["advice"]]
+    lines[-1:-1] = _host_lines(plan)
+    lines += [f"note: {text}" for text in report["advice"] + plan.host.get("notes", [])]
     return lines
+
+
+def _host_lines(plan) -> List[str]:
+    """The disk tier's share of the prediction, when --host-budget leaves weights on disk."""
+    host, pred = plan.host, plan.prediction
+    if not host or host["budget_bytes"] is None:
+        return []
+    speed = host["disk_read_bandwidth"]
+    return [
+        f"  host RAM: {size(host['ram_bytes'])} of weights ({host['weights_in_ram']}) + "
+        f"{host['ring_slots']} disk buffers {size(host['ring_bytes'])}, budget "
+        f"{size(host['budget_bytes'])} (minimum {size(host['minimum_budget'])})",
+        f"  read from disk per token: {size(host['disk_bytes_per_step'])} "
+        f"({host['weights_on_disk']} weights)"
+        + (f" at {speed / 1e9:.2f} GB/s = {pred.disk_read_s * 1e3:.2f} ms, overlapping the "
+           "streaming (the slower of the two counts)" if speed else ""),
+    ]
 
 
 def _memory_rows(plan) -> List[Tuple[str, int, str]]:

@@ -35,6 +35,10 @@ class GenerationStats:
     arena_bytes: int
     resident_bytes: int
     streamed_bytes: int
+    disk_bytes: int = 0  # of h2d_bytes, those read from the shard files (--host-budget)
+    disk_bytes_per_token: float = 0.0  # per forward pass, as h2d_bytes_per_token
+    disk_read_bytes_per_s: float = 0.0  # the disk reader's achieved speed during the call
+    disk_stall_seconds: float = 0.0  # the prefetch worker waiting for the disk reader
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -43,7 +47,10 @@ class GenerationStats:
                 f"first token {self.time_to_first_token_s:.2f} s, "
                 f"{format_bytes(self.h2d_bytes_per_token)}/token host->device, "
                 f"hit rate {self.hit_rate:.1%}, peak device memory {peak}, "
-                f"{self.device_name} ({self.device}), policy {self.policy}]")
+                f"{self.device_name} ({self.device}), policy {self.policy}"
+                + (f", {format_bytes(self.disk_bytes_per_token)}/token from disk at "
+                   f"{self.disk_read_bytes_per_s / 1e9:.2f} GB/s, stall {self.stall_seconds:.2f} "
+                   f"s (disk {self.disk_stall_seconds:.2f} s)" if self.disk_bytes else "") + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +140,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text)
     stopping = StoppingCriteriaList([_StopOnEvent(stop_event)] if stop_event else [])
-    before = engine.cache.stats.as_dict()
+    before = engine.counters()
     _reset_peak(engine.device)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -169,7 +176,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: float,
            finished: float, first_at: float) -> GenerationStats:
-    after = engine.cache.stats.as_dict()
+    after = engine.counters()
     passes = after["passes"] - before["passes"]
     h2d = after["h2d_bytes"] - before["h2d_bytes"]
     hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
@@ -187,5 +194,16 @@ def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: f
                            if engine.device.type == "cuda" else None),
         device=str(engine.device), device_name=summary["device_name"], policy=summary["policy"],
         arena_bytes=summary["arena_bytes"], resident_bytes=summary["resident_bytes"],
-        streamed_bytes=summary["streamed_bytes"],
+        streamed_bytes=summary["streamed_bytes"], **_disk_stats(before, after, passes),
     )
+
+
+def _disk_stats(before: dict, after: dict, passes: int) -> dict:
+    if "disk_bytes_read" not in after:  # no disk tier
+        return {}
+    read = after["disk_bytes_read"] - before["disk_bytes_read"]
+    seconds = after["disk_read_seconds"] - before["disk_read_seconds"]
+    disk = after["disk_bytes"] - before["disk_bytes"]
+    return dict(disk_bytes=disk, disk_bytes_per_token=disk / passes if passes else 0.0,
+                disk_read_bytes_per_s=read / seconds if seconds > 0 else 0.0,
+                disk_stall_seconds=after["disk_stall_seconds"] - before["disk_stall_seconds"])

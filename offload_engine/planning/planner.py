@@ -28,6 +28,7 @@ from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight
 from ..units import parse_budget
 from .describe import describe_model
+from .disk_plan import add_disk_tier
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
 from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
@@ -53,6 +54,7 @@ class PlanRequest:
     cache_format: str = "auto"  # packed, dequantized; auto: packed on cuda, else dequantized
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
     embeddings: str = "device"  # "host": the token embedding table stays in host RAM
+    host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.batch < 1:
@@ -134,6 +136,8 @@ class Prediction:
     streamed_bytes_per_step: int  # host->device per step, shared by the batch
     streamed_bytes_per_token: float  # the above over the batch
     hit_rate: float  # cache hits per weight use
+    disk_read_s: float = 0.0  # bytes read from disk / disk bandwidth (overlaps the stream)
+    disk_bytes_per_step: int = 0  # weights read from the shards per step (--host-budget)
 
 
 @dataclass
@@ -152,6 +156,7 @@ class Plan:
     prediction: Prediction
     fits: bool  # everything, reserve included, within the card's memory
     weight_names: List[str] = field(default_factory=list)  # execution order (not in JSON)
+    host: Dict[str, object] = field(default_factory=dict)  # host RAM / disk split (disk_plan)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -258,7 +263,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     all_resident = floor.total_bytes + memory.fixed + memory.reserve
     lm_head = sum(nbytes for (_, _, nbytes), linear in zip(entries, shape.linears, strict=True)
                   if linear.is_lm_head)
-    return Plan(
+    plan = Plan(
         model=_model_facts(shape),
         hardware=asdict(request.profile),
         settings=dict(policy=request.policy, prefetch_depth=request.prefetch_depth,
@@ -273,6 +278,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         fits=memory.total <= request.profile.memory_bytes,
         weight_names=[name for name, _, _ in entries],
     )
+    return add_disk_tier(plan, entries, request.host_budget, request.profile.disk_read_bandwidth)
 
 
 def _model_facts(shape: ModelShape) -> Dict[str, object]:

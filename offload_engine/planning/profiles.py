@@ -11,6 +11,7 @@ its path. Example::
     device_bandwidth_gb_s = 936.0   # device memory read bandwidth, decimal GB/s
     h2d_bandwidth_gb_s = 24.0       # pinned host-to-device copies, decimal GB/s
     reserve = "1GiB"                # kept free: CUDA context, workspace, fragmentation
+    disk_read_gb_s = 3.0            # optional: reads from the model's disk (--host-budget)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 from ..errors import ConfigError
 from ..units import parse_bytes
@@ -36,7 +37,7 @@ DEFAULT_PROFILE = "rtx3090"
 GB = 1e9  # bandwidths are quoted in decimal GB/s, as vendors and benchmarks quote them
 REQUIRED_KEYS = ("name", "device", "memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
                  "reserve")
-OPTIONAL_KEYS = ("description",)
+OPTIONAL_KEYS = ("description", "disk_read_gb_s")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class HardwareProfile:
     reserve_bytes: int  # never planned for: CUDA context, cuBLAS workspace, fragmentation
     description: str = ""  # a human-readable line naming the card and its link
     source: str = ""  # the file the profile was read from
+    disk_read_bandwidth: Optional[float] = None  # bytes/s read from the model's disk, if known
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -62,6 +64,8 @@ class HardwareProfile:
                              ("h2d_bandwidth_gb_s", self.h2d_bandwidth)):
             if not value > 0:
                 raise ConfigError(f"hardware profile {where}: {label} must be positive")
+        if self.disk_read_bandwidth is not None and not self.disk_read_bandwidth > 0:
+            raise ConfigError(f"hardware profile {where}: disk_read_gb_s must be positive")
         if not 0 <= self.reserve_bytes < self.memory_bytes:
             raise ConfigError(f"hardware profile {where}: reserve must be at least 0 and "
                               "smaller than memory")
@@ -104,12 +108,14 @@ def profile_from_dict(data: dict, where: str) -> HardwareProfile:
         memory, reserve = parse_bytes(data["memory"]), parse_bytes(data["reserve"])
         device_bw = float(data["device_bandwidth_gb_s"]) * GB
         h2d_bw = float(data["h2d_bandwidth_gb_s"]) * GB
+        disk_bw = (float(data["disk_read_gb_s"]) * GB if "disk_read_gb_s" in data else None)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"hardware profile {where}: {exc}") from exc
     return HardwareProfile(name=str(data["name"]), device=str(data["device"]),
                            memory_bytes=memory, device_bandwidth=device_bw,
                            h2d_bandwidth=h2d_bw, reserve_bytes=reserve,
-                           description=str(data.get("description", "")), source=where)
+                           description=str(data.get("description", "")), source=where,
+                           disk_read_bandwidth=disk_bw)
 
 
 def _profile_text(name_or_path: str):

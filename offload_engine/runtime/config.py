@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS
-from ..units import parse_budget
+from ..units import parse_budget, parse_bytes
 
 
 @dataclass
@@ -32,6 +32,9 @@ class EngineConfig:
     hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
     embeddings: str = "device"  # "host" keeps the token embedding table off the device
     progress: bool = True  # tqdm bars while loading
+    host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: what fits
+    # in available RAM with a margin; "unbounded": every weight in RAM. The rest is read
+    # from the shard files every pass (planning/host_policy.py decides which).
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -51,6 +54,8 @@ class EngineConfig:
             raise ConfigError(f"unknown --embeddings {self.embeddings!r}: use device or host")
         if self.gpu_budget is not None:
             _budget_kind(self.gpu_budget)  # fail early on unreadable text
+        if self.host_budget is not None:
+            self.host_bytes(lambda: 0)  # fail early on unreadable text
         resolve_device(self.device)
 
     def torch_device(self) -> torch.device:
@@ -76,6 +81,18 @@ class EngineConfig:
         if kind == "bytes":
             return int(value)
         return int(value * free_device_bytes(self.torch_device()))
+
+    def host_bytes(self, default):
+        """The host budget in bytes, None when unbounded; ``default()`` when not given."""
+        value = self.host_budget
+        if value is None:
+            return default()
+        if str(value).strip().lower() in UNBOUNDED:
+            return None
+        try:
+            return parse_bytes(value)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"--host-budget: {exc}") from exc
 
 
 def _budget_kind(budget):

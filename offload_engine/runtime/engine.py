@@ -14,6 +14,7 @@ from ..checkpoint.format import verify_directory
 from ..checkpoint.hfconfig import check_tokenizer_files, read_hf_config
 from ..errors import ConfigError, FormatError
 from ..model import architecture
+from ..planning.host_policy import host_summary, plan_host
 from ..planning.policy import plan_cache
 from ..planning.sizes import held_nbytes
 from .cache import DeviceCache
@@ -21,6 +22,7 @@ from .config import EngineConfig
 from .linear import OffloadedLinear
 from .patch import load_dense, swap_linears
 from .store import HostStore, module_name, read_dense_tensors
+from .tiered_store import default_host_budget, open_store, quantized_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class Engine:
         self.config = config
         self.device = config.torch_device()
         self._closed = False
+        self.host_plan = None  # planning.host_policy.HostPlan, set by load()
 
     @property
     def plan(self):
@@ -66,13 +69,20 @@ class Engine:
             "staging_slots": plan.slot_count,
             "device": str(self.device),
             "device_name": device_name(self.device),
+            **host_summary(self.host_plan),
         }
+
+    def counters(self) -> dict:
+        """Cache counters plus the disk reader's (``disk_read_*``), as plain numbers."""
+        disk = getattr(self.store, "disk_stats", None)
+        return {**self.cache.stats.as_dict(),
+                **({f"disk_{k}": v for k, v in disk.as_dict().items()} if disk else {})}
 
     def close(self) -> None:
         """Stop the prefetch worker and free the arena. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self.cache.close()
+            _close(self.cache, self.store)
 
     def __enter__(self) -> Engine:
         return self
@@ -128,15 +138,23 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     linears = architecture.find_linears(model, hf_config)
     _check_manifest_matches(manifest, linears, directory)
     swapped = swap_linears(model, linears)
-    store = HostStore.load(directory, manifest, pin=device.type == "cuda",
-                           progress=config.progress)
     fmt = config.resolved_cache_format()
     order = list(linears)
-    plan = plan_cache([(n, held_nbytes(store[n], fmt, dtype), store[n].nbytes) for n in order],
+    layouts = quantized_layouts(manifest)
+    plan = plan_cache([(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes)
+                       for n in order],
                       _budget(config, directory), config.policy, config.prefetch_depth,
                       config.cache_entries)
     logger.info("cache plan: %s", asdict(plan))
-    cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress)
+    host_plan = plan_host([(n, layouts[n].nbytes) for n in order], plan.resident,
+                          config.host_bytes(lambda: default_host_budget(
+                              manifest, plan.arena_bytes, device)))
+    store = open_store(directory, manifest, host_plan, device.type == "cuda", config.progress)
+    try:
+        cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress)
+    except BaseException:
+        store.close()
+        raise
     try:
         for module in swapped.values():
             module.attach(cache)
@@ -147,9 +165,19 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
             model.generation_config = GenerationConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except BaseException:
-        cache.close()
+        _close(cache, store)
         raise
-    return engine_class(directory, model, tokenizer, cache, store, config)
+    engine = engine_class(directory, model, tokenizer, cache, store, config)
+    engine.host_plan = host_plan
+    return engine
+
+
+def _close(cache: DeviceCache, store: HostStore) -> None:
+    # The store first: a prefetch worker waiting on the disk reader is woken with an error.
+    try:
+        store.close()
+    finally:
+        cache.close()
 
 
 def _host_tensor_names(manifest, config: EngineConfig) -> frozenset:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +31,7 @@ class CopyJob:
     """Copy ``source`` (host) into ``target`` (device views of a slot)."""
 
     name: str
-    source: QuantizedWeight
+    source: object  # QuantizedWeight in host RAM, or a DiskSource to borrow it from
     target: object  # QuantizedWeight of views, or a dense tensor (dequantized form)
     wait_event: Optional[object] = None  # CUDA event: last reader of the slot is queued
     ready_event: Optional[object] = None  # CUDA event recorded after the copy
@@ -47,15 +48,24 @@ class Copier:
         return torch.cuda.Event() if self.stream is not None else None
 
     def run(self, job: CopyJob) -> None:
-        _check_scales(job.name, job.source)
-        if self.stream is None:
-            _copy(job.source, job.target, self.device)
-            return
-        with torch.cuda.stream(self.stream):
-            if job.wait_event is not None:
-                self.stream.wait_event(job.wait_event)
-            _copy(job.source, job.target, self.device)
-            job.ready_event.record(self.stream)
+        # A weight read from disk is borrowed from the disk reader's ring of host buffers.
+        with _borrow(job.source) as source:
+            _check_scales(job.name, source)
+            if self.stream is None:
+                _copy(source, job.target, self.device)
+                return
+            with torch.cuda.stream(self.stream):
+                if job.wait_event is not None:
+                    self.stream.wait_event(job.wait_event)
+                _copy(source, job.target, self.device)
+                job.ready_event.record(self.stream)
+            if source is not job.source:  # the ring buffer is refilled once it is returned
+                job.ready_event.synchronize()
+
+
+def _borrow(source):
+    borrow = getattr(source, "borrow", None)
+    return borrow() if borrow is not None else nullcontext(source)
 
 
 def _check_scales(name: str, weight: QuantizedWeight) -> None:

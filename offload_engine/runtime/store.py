@@ -40,7 +40,8 @@ def check_host_ram(needed_bytes: int, directory: Path) -> None:
         raise ResourceError(
             f"{directory}: loading needs {format_bytes(needed_bytes)} of host RAM plus "
             f"{format_bytes(RAM_HEADROOM_BYTES)} headroom, but only {format_bytes(available)} "
-            "is available; close other programs, or use a smaller model or scheme"
+            "is available; set --host-budget to read part of the weights from disk, close "
+            "other programs, or use a smaller model or scheme"
         )
 
 
@@ -86,6 +87,23 @@ class HostStore(Mapping):
     @property
     def nbytes(self) -> int:
         return sum(weight.nbytes for weight in self._weights.values())
+
+    # The hooks the device cache uses, so that a store with a disk tier
+    # (runtime/tiered_store.py) can stand in for this one.
+    def describe(self, name: str) -> QuantizedWeight:
+        """The weight's shapes and dtypes (its data may be on disk)."""
+        return self._weights[name]
+
+    def source(self, name: str):
+        """What a copy reads: the weight, or a handle to borrow it from the disk reader."""
+        return self._weights[name]
+
+    def disk_nbytes(self, name: str) -> int:
+        """Bytes read from disk each time ``name`` is copied (0: it is in RAM)."""
+        return 0
+
+    def close(self) -> None:
+        """Stop background reading (nothing to stop here)."""
 
 
 def read_dense_tensors(directory: Path, manifest: Manifest | None = None

@@ -41,6 +41,7 @@ class CacheStats:
     evictions: int = 0  # loaded weights replaced by another
     stall_seconds: float = 0.0  # compute thread waiting for a copy
     passes: int = 0  # uses of the first weight in the execution order (≈ forward passes)
+    disk_bytes: int = 0  # of h2d_bytes, those read from the shard files (host budget)
 
     @property
     def hit_rate(self) -> float:
@@ -213,7 +214,8 @@ class DeviceCache:
     def _count_use(self, slot: Slot) -> None:
         if slot.fresh:
             self.stats.misses += 1
-            self.stats.h2d_bytes += self.store[slot.holder].nbytes
+            self.stats.h2d_bytes += self.store.describe(slot.holder).nbytes
+            self.stats.disk_bytes += self.store.disk_nbytes(slot.holder)
             slot.fresh = False
         else:
             self.stats.hits += 1
@@ -268,11 +270,12 @@ class DeviceCache:
         if slot.holder is not None:
             self.stats.evictions += 1
             self._location.pop(slot.holder, None)
-        weight = self.store[name]
+        weight = self.store.describe(name)  # shapes only: a weight on disk is not read here
         slot.holder, slot.loading, slot.fresh, slot.error = name, True, True, None
         slot.held = carve(self.arena, slot.offset, weight, self.cache_format, self.dtype)
         self._location[name] = slot
-        return CopyJob(name, weight, slot.held, slot.free_event, slot.ready_event)
+        return CopyJob(name, self.store.source(name), slot.held, slot.free_event,
+                       slot.ready_event)
 
     def finish_job(self, job: CopyJob, error: Optional[BaseException]) -> None:
         with self._cond:

@@ -1,0 +1,156 @@
+"""A host store with a disk tier: some weights in RAM, the rest read from the shards.
+
+It stands in for :class:`HostStore` when a host budget is set
+(:func:`offload_engine.planning.host_policy.plan_host` decides the split). Weights
+the device cache streams and the plan keeps in RAM are read once, with direct reads
+into (pinned) buffers; weights the plan leaves on disk are borrowed from the
+:class:`DiskRing` at each copy. Weights resident on the device are not kept at all:
+``store[name]`` reads them from disk into fresh tensors, once, while the cache loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Iterator
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint.format import Component, Manifest, TensorEntry
+from ..checkpoint.stfile import DTYPES
+from ..planning.host_policy import HostPlan
+from ..planning.sizes import held_nbytes
+from ..quant.quantize import QuantizedWeight
+from .disk_ring import DiskRing, DiskSource, DiskStats
+from .shard_io import ShardFiles
+from .store import RAM_HEADROOM_BYTES, HostStore, check_host_ram, module_name
+
+logger = logging.getLogger(__name__)
+
+
+def layout_of(entry: TensorEntry, spec) -> QuantizedWeight:
+    """A QuantizedWeight of meta tensors shaped like the stored components: no memory."""
+    parts = {part: torch.empty(comp.shape, dtype=DTYPES[comp.dtype], device="meta")
+             for part, comp in entry.components.items()}
+    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), spec,
+                           entry.shape[0], entry.shape[1])
+
+
+def quantized_layouts(manifest: Manifest) -> Dict[str, QuantizedWeight]:
+    """module name -> layout of every quantized weight, from the manifest alone."""
+    return {module_name(name): layout_of(entry, manifest.spec)
+            for name, entry in manifest.tensors.items() if entry.quantized}
+
+
+class TieredStore(HostStore):
+    """Read-only mapping: module name -> QuantizedWeight, from RAM or from the shards."""
+
+    def __init__(self, weights: Dict[str, QuantizedWeight], layouts: Dict[str, QuantizedWeight],
+                 components: Dict[str, Dict[str, Component]], files: ShardFiles,
+                 ring: DiskRing, plan: HostPlan, pinned: bool):
+        super().__init__(weights, pinned)
+        self.layouts, self.components = layouts, components
+        self.files, self.ring, self.plan = files, ring, plan
+        on_disk = set(plan.on_disk)
+        self._sources = {name: DiskSource(ring, name, layouts[name].nbytes)
+                         for name in on_disk}
+
+    @classmethod
+    def load_tiered(cls, directory: Path, manifest: Manifest, plan: HostPlan, pin: bool = False,
+                    progress: bool = True) -> TieredStore:
+        directory = Path(directory)
+        layouts = quantized_layouts(manifest)
+        components = {module_name(name): entry.components
+                      for name, entry in manifest.tensors.items() if entry.quantized}
+        dense = sum(e.nbytes for e in manifest.tensors.values() if not e.quantized)
+        slot_bytes = max((held_nbytes(layouts[n], "packed", torch.uint8) for n in plan.on_disk),
+                         default=0)
+        check_host_ram(plan.ram_bytes + plan.ring_slots * slot_bytes + dense, directory)
+        files = ShardFiles(directory, manifest, drop_cache=True)
+        weights = {}
+        try:
+            for name in tqdm(plan.in_ram, desc="loading weights", unit="tensor",
+                             disable=not progress or not plan.in_ram):
+                weights[name] = _read_new(files, layouts[name], components[name], pin)
+            ring = DiskRing(files, layouts, components, plan.on_disk, plan.ring_slots,
+                            slot_bytes, pin)
+        except BaseException:
+            files.close()
+            raise
+        logger.info("host tier: %d weights in RAM (%d bytes), %d read from disk every pass "
+                    "(%d bytes) through %d buffers of %d bytes", len(plan.in_ram),
+                    plan.ram_bytes, len(plan.on_disk), plan.disk_bytes_per_pass,
+                    plan.ring_slots, slot_bytes)
+        return cls(weights, layouts, components, files, ring, plan, pinned=pin)
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        weight = self._weights.get(name)
+        if weight is not None:
+            return weight
+        # Not kept in RAM: read it now (the device cache does this once per weight it
+        # keeps resident; a caller holding the result holds its memory).
+        return _read_new(self.files, self.layouts[name], self.components[name], pin=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layouts)
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    @property
+    def nbytes(self) -> int:
+        """Host RAM the weights take: those kept, plus the disk ring's buffers."""
+        return super().nbytes + sum(b.data.numel() for b in self.ring.buffers)
+
+    def describe(self, name: str) -> QuantizedWeight:
+        return self._weights.get(name) or self.layouts[name]
+
+    def source(self, name: str):
+        return self._weights.get(name) or self._sources[name]
+
+    def disk_nbytes(self, name: str) -> int:
+        source = self._sources.get(name)
+        return source.nbytes if source is not None else 0
+
+    @property
+    def disk_stats(self) -> DiskStats:
+        return self.ring.stats
+
+    def close(self) -> None:
+        try:
+            self.ring.close()
+        finally:
+            self.files.close()
+
+
+def _read_new(files: ShardFiles, layout: QuantizedWeight, components: Dict[str, Component],
+              pin: bool) -> QuantizedWeight:
+    parts = {}
+    for part, comp in components.items():
+        like = getattr(layout, part)
+        parts[part] = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+        files.read_into(comp, parts[part])
+    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), layout.spec,
+                           layout.out_features, layout.in_features)
+
+
+def open_store(directory: Path, manifest: Manifest, plan: HostPlan, pin: bool,
+               progress: bool) -> HostStore:
+    """The store the host plan asks for: all in RAM when unbounded, else with a disk tier."""
+    if not plan.bounded:
+        return HostStore.load(directory, manifest, pin=pin, progress=progress)
+    return TieredStore.load_tiered(directory, manifest, plan, pin=pin, progress=progress)
+
+
+def default_host_budget(manifest: Manifest, arena_bytes: int, device: torch.device):
+    """What fits in available RAM with a margin; None when every weight fits (no disk tier).
+
+    Dense tensors (embeddings, norms) and, on a CPU "device", the arena share the RAM.
+    """
+    dense = sum(e.nbytes for e in manifest.tensors.values() if not e.quantized)
+    quantized = sum(e.nbytes for e in manifest.tensors.values() if e.quantized)
+    other = dense + (arena_bytes if device.type == "cpu" else 0)
+    room = psutil.virtual_memory().available - RAM_HEADROOM_BYTES - other
+    return None if room >= quantized else max(room, 0)
