@@ -36,7 +36,9 @@ DEFAULT_PROFILE = "rtx3090"
 GB = 1e9  # bandwidths are quoted in decimal GB/s, as vendors and benchmarks quote them
 REQUIRED_KEYS = ("name", "device", "memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
                  "reserve")
-OPTIONAL_KEYS = ("description",)
+# Per-op overhead and calibration facts: optional so older profile files still load.
+OPTIONAL_KEYS = ("description", "op_overhead_us", "op_overhead_source", "measured",
+                 "kernel_bandwidth_gb_s", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class HardwareProfile:
     reserve_bytes: int  # never planned for: CUDA context, cuBLAS workspace, fragmentation
     description: str = ""  # a human-readable line naming the card and its link
     source: str = ""  # the file the profile was read from
+    op_overhead_s: float = 0.0  # seconds per aten op of an eager decode step (launch, dispatch)
+    op_overhead_source: str = ""  # where op_overhead_s comes from: a measurement or an estimate
+    measured: tuple = ()  # the TOML keys `offload-engine calibrate` measured on this machine
+    kernel_bandwidth: float = 0.0  # bytes/s the fused kernel achieved (0: not measured)
+    calibrated: str = ""  # what calibrate ran on, and when
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -62,6 +69,9 @@ class HardwareProfile:
                              ("h2d_bandwidth_gb_s", self.h2d_bandwidth)):
             if not value > 0:
                 raise ConfigError(f"hardware profile {where}: {label} must be positive")
+        if self.op_overhead_s < 0 or self.kernel_bandwidth < 0:
+            raise ConfigError(f"hardware profile {where}: op_overhead_us and "
+                              "kernel_bandwidth_gb_s must be 0 or more")
         if not 0 <= self.reserve_bytes < self.memory_bytes:
             raise ConfigError(f"hardware profile {where}: reserve must be at least 0 and "
                               "smaller than memory")
@@ -104,12 +114,18 @@ def profile_from_dict(data: dict, where: str) -> HardwareProfile:
         memory, reserve = parse_bytes(data["memory"]), parse_bytes(data["reserve"])
         device_bw = float(data["device_bandwidth_gb_s"]) * GB
         h2d_bw = float(data["h2d_bandwidth_gb_s"]) * GB
+        extras = dict(op_overhead_s=float(data.get("op_overhead_us", 0.0)) * 1e-6,
+                      op_overhead_source=str(data.get("op_overhead_source", "")),
+                      measured=tuple(str(key) for key in data.get("measured", ())),
+                      kernel_bandwidth=float(data.get("kernel_bandwidth_gb_s", 0.0)) * GB,
+                      calibrated=str(data.get("calibrated", "")))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"hardware profile {where}: {exc}") from exc
     return HardwareProfile(name=str(data["name"]), device=str(data["device"]),
                            memory_bytes=memory, device_bandwidth=device_bw,
                            h2d_bandwidth=h2d_bw, reserve_bytes=reserve,
-                           description=str(data.get("description", "")), source=where)
+                           description=str(data.get("description", "")), source=where,
+                           **extras)
 
 
 def _profile_text(name_or_path: str):
