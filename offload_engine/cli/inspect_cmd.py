@@ -20,6 +20,7 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from ..checkpoint.format import verify_directory
+    from ..checkpoint.synth import synthetic_note
 
     manifest = verify_directory(args.directory)
     source = manifest.source
@@ -33,4 +34,6 @@ def run(args) -> int:
     for role, nbytes in sorted(manifest.bytes_by_role().items()):
         print(f"    {role:<10} {format_bytes(nbytes):>12}")
     print("  verified: every shard and tensor matches the manifest")
+    if synthetic_note(manifest):
+        print(f"  {synthetic_note(manifest)}")
     return 0

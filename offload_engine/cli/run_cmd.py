@@ -49,6 +49,8 @@ def run(args) -> int:
         sys.stdout.flush()
 
     with load(args.model, engine_config_from_args(args)) as engine:
+        if engine.synthetic_note:
+            print(f"note: {engine.synthetic_note}", file=sys.stderr)
         with trace_to(args.profile_trace):
             result = engine.generate(args.prompt, chat=args.chat, on_text=show,
                                      **generation_kwargs(args))

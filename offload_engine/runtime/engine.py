@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint.format import verify_directory
+from ..checkpoint.synth import synthetic_note
 from ..errors import FormatError
 from ..model import architecture
 from ..planning.policy import plan_cache
@@ -29,6 +30,8 @@ class Engine:
 
     Generation is added one stage up, by :class:`offload_engine.decode.api.Engine`.
     """
+
+    synthetic_note: Optional[str] = None  # set for a `synth` model: its weights are random
 
     def __init__(self, directory: Path, model, tokenizer, cache: DeviceCache, store: HostStore,
                  config: EngineConfig):
@@ -135,7 +138,9 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     except BaseException:
         cache.close()
         raise
-    return engine_class(directory, model, tokenizer, cache, store, config)
+    engine = engine_class(directory, model, tokenizer, cache, store, config)
+    engine.synthetic_note = synthetic_note(manifest)
+    return engine
 
 
 def _host_tensor_names(manifest, config: EngineConfig) -> frozenset:
