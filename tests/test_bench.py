@@ -56,3 +56,22 @@ def test_bench_sweeps_and_writes_measured_and_predicted(qwen2_q, tmp_path, capsy
 def test_bench_refuses_a_fixed_budget(qwen2_q, capsys):
     assert main(["bench", str(qwen2_q), "--gpu-budget", "1MiB", "--device", "cpu"]) == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+def test_card_budgets_are_what_plan_leaves_for_weights(tmp_path):
+    import json as _json
+
+    from offload_engine.decode.bench import card_budget
+    from offload_engine.planning.planner import PlanRequest, describe_model, make_plan
+    from offload_engine.planning.profiles import load_profile
+    from offload_engine.runtime.config import EngineConfig
+    from tests.test_planner import QWEN25_32B
+
+    config = tmp_path / "config.json"
+    config.write_text(_json.dumps(QWEN25_32B))
+    shape = describe_model(config)
+    engine = EngineConfig(device="cpu", cache_format="packed", dtype="bfloat16")
+    budget = card_budget(shape, "rtx4060-8gb", engine, "static", 2)
+    planned = make_plan(shape, PlanRequest(load_profile("rtx4060-8gb")))
+    assert budget == planned.settings["budget_bytes"]
+    assert 3e9 < budget < 4.5e9  # an 8 GB card leaves ~3.7 GB for weights at context 4096

@@ -8,7 +8,7 @@
 #
 # Settings (environment): OUT (report folder), DEVICE (cuda:0), MODEL (qwen2.5-32b),
 # SCHEME/GROUP_SIZE (int4-asym/128), SYNTH_DIR (where the ~17 GB synthetic model goes; kept
-# and reused), SYNTH_ARGS (e.g. "--layers 2"), BUDGETS (unbounded,16GiB,12GiB,8GiB),
+# and reused), SYNTH_ARGS (e.g. "--layers 2"), BUDGETS (unbounded and three card budgets),
 # TOKENS (16), CALIBRATE_ARGS, RUN_TESTS (1), KERNELS (1). The CPU test of this script
 # (tests/test_gpu_report.py) runs it with a tiny model and DEVICE=cpu.
 set -uo pipefail
@@ -21,7 +21,9 @@ MODEL="${MODEL:-qwen2.5-32b}"
 SCHEME="${SCHEME:-int4-asym}"
 GROUP_SIZE="${GROUP_SIZE:-128}"
 SYNTH_DIR="${SYNTH_DIR:-${TMPDIR:-/tmp}/offload-engine-synth-${MODEL//\//_}-${SCHEME}-g${GROUP_SIZE}}"
-BUDGETS="${BUDGETS:-unbounded,16GiB,12GiB,8GiB}"
+# The budgets the 16, 12 and 8 GB cards leave for weights (as `plan` derives them), since an
+# H100 holds everything: a 16GiB arena would hold all 15.6 GiB of int4-asym weights.
+BUDGETS="${BUDGETS:-unbounded,card:rtx4060ti-16gb,card:rtx3060-12gb,card:rtx4060-8gb}"
 TOKENS="${TOKENS:-16}"
 mkdir -p "$OUT"
 started=$(date +%s)

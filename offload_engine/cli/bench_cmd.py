@@ -37,7 +37,8 @@ def register(commands) -> None:
                              "SmolLM2, converted once)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, metavar="LIST",
                         help="comma list of weight budgets: min, N%% or 0.N of all cached "
-                             "weight bytes, a size (8GiB) or unbounded "
+                             "weight bytes, a size (8GiB), card:PROFILE (what `plan` leaves "
+                             "for weights on that card, e.g. card:rtx4060-8gb) or unbounded "
                              f"(default {DEFAULT_BUDGETS})")
     parser.add_argument("--policies", default="static,lru", metavar="LIST")
     parser.add_argument("--prefetch-depths", default="2", metavar="LIST")

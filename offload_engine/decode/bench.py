@@ -83,12 +83,28 @@ def sweep_points(shape, profile, base: EngineConfig, budgets: List[str], policie
         floor = make_plan(shape, _request(shape, profile, base, policy, depth, None, 1, 64))
         seen = set()
         for label in budgets:
-            value = resolve_budget(label, floor.cache.total_bytes, floor.minimum_budget)
+            if label.lower().startswith("card:"):
+                value = card_budget(shape, label[5:], base, policy, depth)
+            else:
+                value = resolve_budget(label, floor.cache.total_bytes, floor.minimum_budget)
             if value in seen:
                 continue
             seen.add(value)
             points += [BenchPoint(policy, label, value, depth, batch) for batch in batches]
     return points
+
+
+def card_budget(shape, profile_name: str, config: EngineConfig, policy: str,
+                depth: int) -> Optional[int]:
+    """The weight budget `plan` derives for a card (as `run --hw-profile` uses it): what a
+    16 GB card leaves for weights once KV cache, activations and reserve have their share."""
+    from ..planning.profiles import load_profile
+
+    card = load_profile(profile_name)
+    context = min(PlanRequest.context, shape.max_positions or PlanRequest.context)
+    request = _request(shape, card, config, policy, depth, None, 1, context)
+    request.gpu_budget = None  # derived from the card, not given
+    return make_plan(shape, request).settings["budget_bytes"]
 
 
 def _request(shape, profile, config: EngineConfig, policy: str, depth: int,
