@@ -11,6 +11,11 @@ its path. Example::
     device_bandwidth_gb_s = 936.0   # device memory read bandwidth, decimal GB/s
     h2d_bandwidth_gb_s = 24.0       # pinned host-to-device copies, decimal GB/s
     reserve = "1GiB"                # kept free: CUDA context, workspace, fragmentation
+    op_overhead_us = 8.0            # optional: seconds per eager op of a decode step
+    op_overhead_source = "ESTIMATE: ..."   # where that figure comes from
+
+`offload-engine calibrate` writes the same keys, plus ``kernel_bandwidth_gb_s``, a
+``measured`` list naming the keys it measured and a ``calibrated`` line.
 """
 
 from __future__ import annotations
