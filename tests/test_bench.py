@@ -75,3 +75,11 @@ def test_card_budgets_are_what_plan_leaves_for_weights(tmp_path):
     planned = make_plan(shape, PlanRequest(load_profile("rtx4060-8gb")))
     assert budget == planned.settings["budget_bytes"]
     assert 3e9 < budget < 4.5e9  # an 8 GB card leaves ~3.7 GB for weights at context 4096
+
+
+@pytest.mark.parametrize("command", ["bench", "calibrate", "synth"])
+def test_help_of_the_measurement_commands(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: offload-engine " + command in capsys.readouterr().out

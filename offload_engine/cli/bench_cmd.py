@@ -39,7 +39,7 @@ def register(commands) -> None:
                         help="comma list of weight budgets: min, N%% or 0.N of all cached "
                              "weight bytes, a size (8GiB), card:PROFILE (what `plan` leaves "
                              "for weights on that card, e.g. card:rtx4060-8gb) or unbounded "
-                             f"(default {DEFAULT_BUDGETS})")
+                             f"(default {DEFAULT_BUDGETS.replace('%', '%%')})")
     parser.add_argument("--policies", default="static,lru", metavar="LIST")
     parser.add_argument("--prefetch-depths", default="2", metavar="LIST")
     parser.add_argument("--batch-sizes", default="1", metavar="LIST",
