@@ -8,6 +8,7 @@ each measured point.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -54,7 +55,8 @@ def register(commands) -> None:
     parser.add_argument("--linear-overhead-calls", type=int, default=0, metavar="N",
                         help="also time OffloadedLinear against nn.Linear, N calls per timing")
     add_engine_args(parser)  # its --hw-profile picks the profile of the predictions
-    parser.set_defaults(handler=run)
+    # --policy/--prefetch-depth, when given, narrow the sweep to that one value
+    parser.set_defaults(handler=run, policy=None, prefetch_depth=None)
 
 
 def run(args) -> int:
@@ -72,7 +74,12 @@ def run(args) -> int:
         raise ConfigError("--tokens must be at least 2 (decode speed needs a second token)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = engine_config_from_args(args)
+    policies = [args.policy] if args.policy else bench.parse_list(args.policies)
+    depths = ([args.prefetch_depth] if args.prefetch_depth is not None
+              else bench.parse_list(args.prefetch_depths, int))
+    # each point sets its own policy and depth; these two only satisfy validation
+    config = engine_config_from_args(argparse.Namespace(
+        **{**vars(args), "policy": policies[0], "prefetch_depth": depths[0]}))
     config.progress, config.hw_profile = False, None
     model = resolve_model(args.model)
     device = config.torch_device()
@@ -81,8 +88,7 @@ def run(args) -> int:
     env = bench.environment(device)
     print_header(model, env, profile, device.type == "cpu")
     points = bench.sweep_points(
-        shape, profile, config, bench.parse_list(args.budgets),
-        bench.parse_list(args.policies), bench.parse_list(args.prefetch_depths, int),
+        shape, profile, config, bench.parse_list(args.budgets), policies, depths,
         bench.parse_list(args.batch_sizes, int))
     prompt = args.prompt or bench.DEFAULT_PROMPT
     rows = []
@@ -92,7 +98,7 @@ def run(args) -> int:
         rows.append({**vars(point), **measured,
                      **bench.predict(shape, profile, config, point, context)})
     print("\n".join(table(rows)))
-    return finish(args, model, env, profile, rows, device)
+    return finish(args, model, env, profile, rows, config)
 
 
 def resolve_model(path):
@@ -136,17 +142,17 @@ def table(rows: list) -> list:
     return lines
 
 
-def finish(args, model, env: dict, profile, rows: list, device) -> int:
+def finish(args, model, env: dict, profile, rows: list, config) -> int:
     """Write bench.csv/json (and the plot); exit 1 if greedy tokens differed at batch 1."""
     from ..runtime.linear_timing import linear_overhead
 
+    device = config.torch_device()
     outputs = {row["token_ids"] for row in rows if "token_ids" in row}
     identical = len(outputs) <= 1
     print(f"greedy tokens identical across every budget, policy and depth: {identical}")
     overhead = []
     if args.linear_overhead_calls > 0:
-        overhead = linear_overhead(args.linear_overhead_calls, device,
-                                   engine_config_from_args(args).torch_dtype())
+        overhead = linear_overhead(args.linear_overhead_calls, device, config.torch_dtype())
     for item in overhead:
         print(f"Linear {item['in_features']}x{item['out_features']}, 1 row: nn.Linear "
               f"{item['nn_linear_us']:.1f} us, OffloadedLinear (resident) "
