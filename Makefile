@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a local wheel on our machines); a GPU machine gets PyPI's CUDA build.
 CPU_TORCH := torch==2.13.0 triton==3.7.1
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean gpu-report
 
 setup: $(STAMP)
 
@@ -39,3 +39,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# On a CUDA machine: tests, kernels, calibration, a synthetic 32B benched across budgets,
+# one folder with summary.md (tools/gpu_report.sh; needs no .venv).
+gpu-report:
+	PYTHON=$(PYTHON) tools/gpu_report.sh

@@ -28,27 +28,28 @@ def trace_summary():
     return _tool("trace_summary")
 
 
-def test_bench_writes_csv_and_png_from_real_runs(qwen2_q, tmp_path):
+def test_bench_wrapper_writes_csv_json_and_png_from_real_runs(qwen2_q, tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, str(TOOLS / "bench.py"), str(qwen2_q), "--budgets", "min,unbounded",
-         "--tokens", "2", "--device", "cpu", "--overhead-calls", "50", "--out-dir", str(out)],
+         "--tokens", "2", "--device", "cpu", "--linear-overhead-calls", "50",
+         "--out-dir", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "CPU timings" in result.stdout and "device cpu: CPU" in result.stdout
-    assert "identical across every budget and policy: True" in result.stdout
+    assert "identical across every budget, policy and depth: True" in result.stdout
     rows = list(csv.DictReader((out / "bench.csv").open()))
     assert {(r["policy"], r["budget"]) for r in rows} == {
         ("static", "min"), ("static", "unbounded"), ("lru", "min"), ("lru", "unbounded")}
     for row in rows:
         assert int(row["new_tokens"]) == 2 and int(row["forward_passes"]) >= 2
         # every row's counters came from the engine, and match the planner where it is exact
-        assert float(row["measured_bytes_per_token"]) == pytest.approx(
+        assert float(row["h2d_bytes_per_token"]) == pytest.approx(
             float(row["predicted_bytes_per_token"]))
-        assert float(row["measured_tokens_per_s"]) > 0
+        assert float(row["decode_tokens_per_s"]) > 0
     static = {r["budget"]: r for r in rows if r["policy"] == "static"}
-    assert float(static["min"]["measured_bytes_per_token"]) > 0
-    assert float(static["unbounded"]["measured_hit_rate"]) == 1.0
+    assert float(static["min"]["h2d_bytes_per_token"]) > 0
+    assert float(static["unbounded"]["hit_rate"]) == 1.0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "bench.json").read_text())
     assert summary["cpu_run"] and len(summary["linear_overhead"]) == 3

@@ -10,33 +10,10 @@ VOCAB_SIZE = 512
 
 
 def train_tokenizer(directory: Path):
-    """A byte-level BPE with a 512-token vocabulary trained on CPython's pydoc topics."""
-    from pydoc_data.topics import topics
+    """A byte-level BPE with a 512-token vocabulary (the one synthetic models ship)."""
+    from offload_engine.checkpoint.synth_tokenizer import train_tokenizer as train
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(list(topics.values())[:200], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|im_start|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    fast.save_pretrained(directory)
-    return fast
+    return train(directory, VOCAB_SIZE)
 
 
 def tiny_config(arch: str = "qwen2"):

@@ -37,6 +37,12 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
     if dst.is_relative_to(src):
         raise ConversionError(
             f"{dst}: the output lies inside the source {src}; write it beside the source")
+    check_replaceable(dst, force)
+
+
+def check_replaceable(dst: Path, force: bool) -> None:
+    """Raise ConversionError unless DST is absent, empty, or (with force) our own output."""
+    dst = Path(dst).resolve()
     if not dst.exists() and not dst.is_symlink():
         return
     if dst.is_symlink() or not dst.is_dir():

@@ -24,6 +24,7 @@ def run(args) -> int:
 
     from ..checkpoint.checksums import verify_shards
     from ..checkpoint.format import verify_directory
+    from ..checkpoint.synth import synthetic_note
 
     manifest = verify_directory(args.directory)
     with tqdm(total=len(manifest.shards), desc="checksums", unit="shard",
@@ -44,4 +45,6 @@ def run(args) -> int:
     else:
         print("  verified: shapes and sizes only (this manifest has no checksums; "
               "re-convert the model to add them)")
+    if synthetic_note(manifest):
+        print(f"  {synthetic_note(manifest)}")
     return 0

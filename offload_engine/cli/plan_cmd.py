@@ -63,6 +63,7 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
+    from ..planning.overhead import figure_sources
     from ..planning.planner import PlanRequest, describe_model, make_plan
     from ..planning.profiles import load_profile
     from ..quant.layout import QuantSpec
@@ -83,6 +84,7 @@ def run(args) -> int:
     streamed = [n for n in plan.weight_names if n not in set(plan.cache.resident)]
     report["streamed_summary"] = summarise_weights(streamed, plan.weight_names)
     report["advice"] = advise(plan, shape, request)
+    report["figures"] = figure_sources(request.profile)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -138,12 +140,14 @@ def render(plan, report: dict) -> List[str]:
         f"(a {card(plan.minimum_memory)} card);",
         f"  every weight resident: a {card(plan.all_resident_memory)} card",
         "",
-        "PREDICTION (bandwidth model, not a measurement):",
+        "PREDICTION (bandwidth + op-overhead model, not a measurement):",
         f"  streamed per token: {size(pred.streamed_bytes_per_token)} host->device, "
         f"hit rate {pred.hit_rate:.1%}",
         f"  per step: resident reads {pred.resident_read_s * 1e3:.2f} ms + dense reads "
         f"{pred.dense_read_s * 1e3:.2f} ms + streaming {pred.stream_s * 1e3:.2f} ms + KV "
-        f"reads {pred.kv_read_s * 1e3:.2f} ms = {pred.step_s * 1e3:.2f} ms",
+        f"reads {pred.kv_read_s * 1e3:.2f} ms + op overhead {pred.overhead_s * 1e3:.2f} ms "
+        f"= {pred.step_s * 1e3:.2f} ms",
+        *overhead_lines(plan, report),
         f"  predicted decode: {pred.tokens_per_s:.3g} tokens/s"
         + (f" in all ({pred.tokens_per_s_per_sequence:.3g} per sequence)"
            if settings["batch"] > 1 else ""),
@@ -168,6 +172,15 @@ def _host_lines(plan) -> List[str]:
         + (f" at {speed / 1e9:.2f} GB/s = {pred.disk_read_s * 1e3:.2f} ms, overlapping the "
            "streaming (the slower of the two counts)" if speed else ""),
     ]
+def overhead_lines(plan, report: dict) -> List[str]:
+    """How the op overhead was reached, and which profile figures are measured."""
+    pred, hw = plan.prediction, plan.hardware
+    ops = ("not counted" if pred.ops_per_step is None
+           else f"{pred.ops_per_step} ops per step (counted on a tiny model of this architecture)")
+    figures = report["figures"]
+    return [f"  op overhead: {ops} x {hw['op_overhead_s'] * 1e6:.2f} us per op",
+            f"  measured on the card: {', '.join(figures['measured']) or 'none'}",
+            f"  estimated: {'; '.join(figures['estimated']) or 'none'}"]
 
 
 def _memory_rows(plan) -> List[Tuple[str, int, str]]:

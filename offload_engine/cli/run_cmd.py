@@ -76,6 +76,8 @@ def run(args) -> int:
 
     with load(args.model, engine_config_from_args(args)) as engine:
         check_prompt_fits(engine, prompt, args.chat, args.max_new_tokens, args.ctx_size)
+        if engine.synthetic_note:
+            print(f"note: {engine.synthetic_note}", file=sys.stderr)
         with trace_to(args.profile_trace):
             result = engine.generate(prompt, chat=args.chat, on_text=show,
                                      **generation_kwargs(args))

@@ -46,6 +46,7 @@ class ModelShape:
     tied_embeddings: bool  # lm_head shares the (dense) embedding
     other_dense_elements: int  # norms, biases... kept dense besides the embedding
     host_dense_bytes: int  # embedding + other dense tensors as stored on the host
+    decode_ops_per_step: Optional[int] = None  # aten ops of one eager decode step (counted)
 
     @property
     def embedding_elements(self) -> int:

@@ -15,6 +15,7 @@ from ..checkpoint.hfconfig import read_config_file
 from ..errors import ConfigError, SourceError
 from ..model.model_shape import ModelShape, shape_from_config
 from ..quant.layout import QuantSpec
+from .overhead import attach_decode_ops
 
 
 def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> ModelShape:
@@ -26,7 +27,8 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
     path = Path(path)
     hf_config, manifest = _read_config(path)
     if manifest is None:
-        return shape_from_config(hf_config, spec or QuantSpec(), str(path))
+        shape = shape_from_config(hf_config, spec or QuantSpec(), str(path))
+        return attach_decode_ops(shape, hf_config)
     if spec is not None and spec != manifest.spec:
         raise ConfigError(
             f"{path} is quantized as {manifest.scheme} g{manifest.group_size}; plan it "
@@ -34,8 +36,9 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
             f"{spec.scheme} g{spec.group_size}")
     roles = manifest.bytes_by_role()
     host_dense = sum(b for role, b in roles.items() if role not in ("linear", "lm_head"))
-    return shape_from_config(hf_config, manifest.spec, str(path), quantized=True,
-                             host_dense_bytes=host_dense)
+    shape = shape_from_config(hf_config, manifest.spec, str(path), quantized=True,
+                              host_dense_bytes=host_dense)
+    return attach_decode_ops(shape, hf_config)
 
 
 def _read_config(path: Path):

@@ -29,6 +29,7 @@ from ..quant.quantize import QuantizedWeight
 from ..units import parse_budget
 from .describe import describe_model
 from .disk_plan import add_disk_tier
+from .overhead import decode_overhead, weight_read_bandwidth
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
 from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
@@ -138,6 +139,8 @@ class Prediction:
     hit_rate: float  # cache hits per weight use
     disk_read_s: float = 0.0  # bytes read from disk / disk bandwidth (overlaps the stream)
     disk_bytes_per_step: int = 0  # weights read from the shards per step (--host-budget)
+    overhead_s: float = 0.0  # ops per step x the profile's seconds per op (planning/overhead.py)
+    ops_per_step: Optional[int] = None  # aten ops of one eager decode step; None: not counted
 
 
 @dataclass
@@ -301,20 +304,22 @@ def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest,
         everything_fits = cache.slot_count >= count
         streamed = 0 if everything_fits else cache.total_copy_bytes
         hit_rate = 1.0 if everything_fits else 0.0
-    resident_read = cache.resident_bytes / profile.device_bandwidth
+    read_bandwidth = weight_read_bandwidth(profile)
+    resident_read = cache.resident_bytes / read_bandwidth
     if request.policy == "lru" and streamed == 0:
-        resident_read = cache.total_bytes / profile.device_bandwidth
+        resident_read = cache.total_bytes / read_bandwidth
     dense = memory.other_dense + (memory.embeddings if shape.tied_embeddings else 0)
     dense_read = dense / profile.device_bandwidth
     stream = streamed / profile.h2d_bandwidth
     kv_read = (request.batch * request.context * memory.kv_cache_per_token
                / profile.device_bandwidth)
-    step = resident_read + dense_read + stream + kv_read
+    overhead = decode_overhead(shape, profile)
+    step = resident_read + dense_read + stream + kv_read + overhead.seconds
     return Prediction(
         resident_read_s=resident_read, dense_read_s=dense_read, stream_s=stream,
         kv_read_s=kv_read, step_s=step,
         tokens_per_s=request.batch / step if step else float("inf"),
         tokens_per_s_per_sequence=1 / step if step else float("inf"),
         streamed_bytes_per_step=streamed, streamed_bytes_per_token=streamed / request.batch,
-        hit_rate=hit_rate,
+        hit_rate=hit_rate, overhead_s=overhead.seconds, ops_per_step=overhead.ops_per_step,
     )

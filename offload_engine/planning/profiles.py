@@ -12,6 +12,11 @@ its path. Example::
     h2d_bandwidth_gb_s = 24.0       # pinned host-to-device copies, decimal GB/s
     reserve = "1GiB"                # kept free: CUDA context, workspace, fragmentation
     disk_read_gb_s = 3.0            # optional: reads from the model's disk (--host-budget)
+    op_overhead_us = 8.0            # optional: seconds per eager op of a decode step
+    op_overhead_source = "ESTIMATE: ..."   # where that figure comes from
+
+`offload-engine calibrate` writes the same keys, plus ``kernel_bandwidth_gb_s``, a
+``measured`` list naming the keys it measured and a ``calibrated`` line.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ GB = 1e9  # bandwidths are quoted in decimal GB/s, as vendors and benchmarks quo
 REQUIRED_KEYS = ("name", "device", "memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
                  "reserve")
 OPTIONAL_KEYS = ("description", "disk_read_gb_s")
+# Per-op overhead and calibration facts: optional so older profile files still load.
+OPTIONAL_KEYS = ("description", "op_overhead_us", "op_overhead_source", "measured",
+                 "kernel_bandwidth_gb_s", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,11 @@ class HardwareProfile:
     description: str = ""  # a human-readable line naming the card and its link
     source: str = ""  # the file the profile was read from
     disk_read_bandwidth: Optional[float] = None  # bytes/s read from the model's disk, if known
+    op_overhead_s: float = 0.0  # seconds per aten op of an eager decode step (launch, dispatch)
+    op_overhead_source: str = ""  # where op_overhead_s comes from: a measurement or an estimate
+    measured: tuple = ()  # the TOML keys `offload-engine calibrate` measured on this machine
+    kernel_bandwidth: float = 0.0  # bytes/s the fused kernel achieved (0: not measured)
+    calibrated: str = ""  # what calibrate ran on, and when
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -66,6 +79,9 @@ class HardwareProfile:
                 raise ConfigError(f"hardware profile {where}: {label} must be positive")
         if self.disk_read_bandwidth is not None and not self.disk_read_bandwidth > 0:
             raise ConfigError(f"hardware profile {where}: disk_read_gb_s must be positive")
+        if self.op_overhead_s < 0 or self.kernel_bandwidth < 0:
+            raise ConfigError(f"hardware profile {where}: op_overhead_us and "
+                              "kernel_bandwidth_gb_s must be 0 or more")
         if not 0 <= self.reserve_bytes < self.memory_bytes:
             raise ConfigError(f"hardware profile {where}: reserve must be at least 0 and "
                               "smaller than memory")
@@ -109,13 +125,18 @@ def profile_from_dict(data: dict, where: str) -> HardwareProfile:
         device_bw = float(data["device_bandwidth_gb_s"]) * GB
         h2d_bw = float(data["h2d_bandwidth_gb_s"]) * GB
         disk_bw = (float(data["disk_read_gb_s"]) * GB if "disk_read_gb_s" in data else None)
+        extras = dict(op_overhead_s=float(data.get("op_overhead_us", 0.0)) * 1e-6,
+                      op_overhead_source=str(data.get("op_overhead_source", "")),
+                      measured=tuple(str(key) for key in data.get("measured", ())),
+                      kernel_bandwidth=float(data.get("kernel_bandwidth_gb_s", 0.0)) * GB,
+                      calibrated=str(data.get("calibrated", "")))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"hardware profile {where}: {exc}") from exc
     return HardwareProfile(name=str(data["name"]), device=str(data["device"]),
                            memory_bytes=memory, device_bandwidth=device_bw,
                            h2d_bandwidth=h2d_bw, reserve_bytes=reserve,
                            description=str(data.get("description", "")), source=where,
-                           disk_read_bandwidth=disk_bw)
+                           disk_read_bandwidth=disk_bw, **extras)
 
 
 def _profile_text(name_or_path: str):

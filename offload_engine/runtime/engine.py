@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint.format import verify_directory
 from ..checkpoint.hfconfig import check_tokenizer_files, read_hf_config
+from ..checkpoint.synth import synthetic_note
 from ..errors import ConfigError, FormatError
 from ..model import architecture
 from ..planning.host_policy import host_summary, plan_host
@@ -32,6 +33,8 @@ class Engine:
 
     Generation is added one stage up, by :class:`offload_engine.decode.api.Engine`.
     """
+
+    synthetic_note: Optional[str] = None  # set for a `synth` model: its weights are random
 
     def __init__(self, directory: Path, model, tokenizer, cache: DeviceCache, store: HostStore,
                  config: EngineConfig):
@@ -169,6 +172,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
         raise
     engine = engine_class(directory, model, tokenizer, cache, store, config)
     engine.host_plan = host_plan
+    engine.synthetic_note = synthetic_note(manifest)
     return engine
 
 

@@ -1,0 +1,239 @@
+"""Measure what the planner needs on this machine, and write it as a hardware profile.
+
+Four figures, each timed after a device synchronize:
+
+- host->device GB/s: on CUDA a pinned copy of a large buffer; on CPU what a "copy" is
+  there, the reference dequantizer filling a float32 slot (packed INT4 bytes per second);
+- device memory GB/s: a large device-to-device copy, (read + write) bytes / time;
+- kernel GB/s: the weight-reading kernel on real shapes, weight bytes / time (the fused
+  INT4 GEMV on CUDA; F.linear on the float32 weights the CPU path holds);
+- seconds per op: one eager decode step of a deep model of near-zero width (its time is
+  all overhead) divided by its op count (model/op_count.py, the planner's counter).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, List
+
+import psutil
+import torch
+
+from ..checkpoint.synth import RandomPool, random_components
+from ..model.op_count import TINY_WIDTH, count_step_ops, tiny_config
+from ..quant.layout import QuantSpec
+from ..quant.quantize import QuantizedWeight, dequantize_weight
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+GB = 1e9
+SPEC = QuantSpec("int4-asym", 128)  # the default scheme
+# (out, in) of the 32B model's linears on CUDA. On CPU the rates depend strongly on whether a
+# weight fits the caches (the dequantizer ran at 0.017 GB/s on 2048x5632 and 0.081 GB/s on
+# 576x1536 on our 2-core VM), so CPU runs time the shapes a CPU user runs: SmolLM2-135M's.
+CUDA_SHAPES = ((5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648))
+CPU_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
+
+
+@dataclass
+class CalibrationSizes:
+    """How big each measurement is (``quick`` for tests: small and fast, less exact)."""
+
+    copy_bytes: int  # host->device and device copies
+    shapes: tuple  # (out, in) weights for the kernel and the CPU slot fill
+    layers: int  # depth of the near-zero-width model for the per-op overhead
+    steps: int  # decode steps timed for it
+    repeats: int  # medians over this many timings
+
+    @staticmethod
+    def for_device(device: torch.device, quick: bool) -> CalibrationSizes:
+        if quick:
+            return CalibrationSizes(8 << 20, ((256, 256), (512, 256)), 4, 4, 3)
+        if device.type == "cuda":
+            return CalibrationSizes(1 << 30, CUDA_SHAPES, 32, 16, 7)
+        return CalibrationSizes(256 << 20, CPU_SHAPES, 32, 16, 5)
+
+
+@dataclass
+class Calibration:
+    """What was measured (bytes/s and seconds) and on what."""
+
+    device: str
+    device_name: str
+    memory_bytes: int
+    h2d_bandwidth: float
+    device_bandwidth: float
+    kernel_bandwidth: float
+    op_overhead_s: float
+    ops_per_step: int
+    step_seconds: float  # of the near-zero-width model
+    layers: int
+    torch_version: str
+    when: str
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls: what the hardware can do. Other work on the
+    machine only ever slows a call down (on our shared 2-core VM medians of the same
+    measurement varied 6x between runs), so the minimum is the stable figure."""
+    fn()  # warm up: allocation, kernel compilation, caches
+    fn()
+    timings = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def h2d_bandwidth(device: torch.device, sizes: CalibrationSizes) -> float:
+    if device.type == "cuda":
+        host = torch.empty(sizes.copy_bytes, dtype=torch.uint8).pin_memory()
+        target = torch.empty(sizes.copy_bytes, dtype=torch.uint8, device=device)
+        seconds = best_seconds(lambda: target.copy_(host, non_blocking=True), device,
+                                 sizes.repeats)
+        return sizes.copy_bytes / seconds
+    # On CPU a slot fill is what the prefetch worker does: dequantize into the arena.
+    weights = _weights(sizes.shapes, torch.device("cpu"))
+    slots = [torch.empty(w.out_features, w.in_features) for w in weights]
+    packed = sum(w.nbytes for w in weights)
+    def fill() -> None:
+        for slot, weight in zip(slots, weights, strict=True):
+            slot.copy_(dequantize_weight(weight, torch.float32))
+
+    seconds = best_seconds(fill, device, sizes.repeats)
+    return packed / seconds
+
+
+def device_bandwidth(device: torch.device, sizes: CalibrationSizes) -> float:
+    source = torch.empty(sizes.copy_bytes, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    seconds = best_seconds(lambda: target.copy_(source), device, sizes.repeats)
+    return 2 * sizes.copy_bytes / seconds
+
+
+def kernel_bandwidth(device: torch.device, sizes: CalibrationSizes) -> float:
+    """Weight bytes read per second by the decode kernel, one row of input."""
+    weights = _weights(sizes.shapes, device)
+    if device.type == "cuda":
+        from ..kernels.gateway import quantized_linear
+
+        inputs = [torch.randn(1, w.in_features, device=device, dtype=torch.bfloat16)
+                  for w in weights]
+        nbytes = sum(w.nbytes for w in weights)
+        pairs, call = list(zip(inputs, weights, strict=True)), quantized_linear
+    else:  # the CPU cache holds float32 matrices and runs F.linear on them
+        dense = [dequantize_weight(w, torch.float32) for w in weights]
+        inputs = [torch.randn(1, d.shape[1]) for d in dense]
+        nbytes = sum(d.numel() * d.element_size() for d in dense)
+        pairs, call = list(zip(inputs, dense, strict=True)), torch.nn.functional.linear
+
+    def run() -> None:
+        for x, weight in pairs:
+            call(x, weight)
+
+    with torch.inference_mode():
+        return nbytes / best_seconds(run, device, sizes.repeats)
+
+
+def _weights(shapes, device: torch.device) -> List[QuantizedWeight]:
+    pool = RandomPool(seed=0, elements=1 << 20)
+    weights = []
+    for out_features, in_features in shapes:
+        parts = random_components(pool, SPEC, out_features, in_features)
+        parts = {name: value.to(device) for name, value in parts.items()}
+        weights.append(QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"),
+                                       SPEC, out_features, in_features))
+    return weights
+
+
+def op_overhead(device: torch.device, sizes: CalibrationSizes) -> tuple:
+    """(seconds per op, ops per step, seconds per step) of a deep near-zero-width model."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tiny = tiny_config(Qwen2Config(), sizes.layers)
+    ops = round(count_step_ops(tiny))
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_config(tiny).to(device=device, dtype=dtype).eval()
+    ids = torch.arange(1, 4, device=device).unsqueeze(0)  # (1, 3)
+
+    def generate(new_tokens: int) -> Callable[[], object]:
+        return lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=0,
+                                      eos_token_id=None)
+
+    with torch.inference_mode():
+        one = best_seconds(generate(1), device, sizes.repeats)
+        many = best_seconds(generate(1 + sizes.steps), device, sizes.repeats)
+    step = max(many - one, 0.0) / sizes.steps
+    logger.info("op overhead: %.3f ms per step of %d ops (width %d, %d layers)", step * 1e3,
+                ops, TINY_WIDTH["hidden_size"], sizes.layers)
+    return step / ops, ops, step
+
+
+def calibrate(device: torch.device, quick: bool = False, progress=None) -> Calibration:
+    """Run the four measurements on ``device``; ``progress(label)`` is called after each."""
+    sizes = CalibrationSizes.for_device(device, quick)
+    done = progress or (lambda label: None)
+    h2d = h2d_bandwidth(device, sizes)
+    done("host->device")
+    memory_bw = device_bandwidth(device, sizes)
+    done("device memory")
+    kernel_bw = kernel_bandwidth(device, sizes)
+    done("kernel")
+    per_op, ops, step = op_overhead(device, sizes)
+    done("per-op overhead")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        name, memory = "CPU", psutil.virtual_memory().total
+    return Calibration(str(device), name, int(memory), h2d, memory_bw, kernel_bw, per_op, ops,
+                       step, sizes.layers, torch.__version__,
+                       datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def profile_toml(result: Calibration, name: str, reserve: str) -> str:
+    """The profile file: every figure measured here, and says so."""
+    cpu = result.device.startswith("cpu")
+    h2d_note = ("INT4 -> float32 slot fills by the reference dequantizer (packed bytes/s)"
+                if cpu else "pinned host->device copies")
+    kernel_note = "F.linear on float32 weights" if cpu else "fused INT4 GEMV, one row"
+    source = (f"measured by offload-engine calibrate: {result.step_seconds * 1e3:.3f} ms per "
+              f"decode step / {result.ops_per_step} ops (Qwen2 of width "
+              f"{TINY_WIDTH['hidden_size']}, {result.layers} layers) on {result.device_name}")
+    lines = [
+        f"# Written by `offload-engine calibrate` ({result.when}) on {result.device_name}",
+        f"# ({result.device}), torch {result.torch_version}. Every figure below was measured",
+        "# here except the reserve; rerun calibrate after changing hardware or drivers.",
+        f'name = "{name}"',
+        f'description = "{result.device_name} (calibrated {result.when})"',
+        f'device = "{"cpu" if cpu else "cuda"}"',
+        f"memory = {result.memory_bytes}",
+        "# large device copy, (read + write) / time",
+        f"device_bandwidth_gb_s = {result.device_bandwidth / GB:.3f}",
+        f"# {h2d_note}",
+        f"h2d_bandwidth_gb_s = {result.h2d_bandwidth / GB:.3f}",
+        f"# {kernel_note}: weight bytes / time, on real shapes",
+        f"kernel_bandwidth_gb_s = {result.kernel_bandwidth / GB:.3f}",
+        f"op_overhead_us = {result.op_overhead_s * 1e6:.3f}",
+        f'op_overhead_source = "{source}"',
+        f'reserve = "{reserve}"',
+        'measured = ["memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s", '
+        '"kernel_bandwidth_gb_s", "op_overhead_us"]',
+        f'calibrated = "offload-engine {__version__} calibrate on {result.device_name}, '
+        f'torch {result.torch_version}, {result.when}"',
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+"""`offload-engine calibrate` on CPU: a measured profile that plan and run accept."""
+
+import pytest
+
+from offload_engine.cli import main
+from offload_engine.planning.overhead import figure_sources
+from offload_engine.planning.profiles import load_profile
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibrate") / "my-cpu.toml"
+    assert main(["calibrate", "--device", "cpu", "--quick", "-o", str(path),
+                 "--name", "my-cpu"]) == 0
+    return path
+
+
+def test_calibrate_writes_a_measured_cpu_profile(cpu_profile):
+    profile = load_profile(cpu_profile)
+    assert profile.name == "my-cpu" and profile.device == "cpu"
+    assert profile.h2d_bandwidth > 0 and profile.device_bandwidth > 0
+    assert profile.kernel_bandwidth > 0 and profile.op_overhead_s > 0
+    assert "measured by offload-engine calibrate" in profile.op_overhead_source
+    figures = figure_sources(profile)
+    assert len(figures["measured"]) == 4 and figures["estimated"] == []
+
+
+def test_plan_and_run_accept_the_calibrated_profile(cpu_profile, qwen2_q, capsys):
+    capsys.readouterr()
+    assert main(["plan", str(qwen2_q), "--hw-profile", str(cpu_profile)]) == 0
+    out = capsys.readouterr().out
+    assert "hardware: my-cpu" in out and "estimated: none" in out
+    assert "per-op overhead (op_overhead_us)" in out
+    assert main(["run", str(qwen2_q), "--prompt", "the", "--greedy", "--max-new-tokens", "2",
+                 "--device", "cpu", "--no-progress", "--hw-profile", str(cpu_profile)]) == 0
+
+
+def test_calibrate_refuses_to_overwrite(cpu_profile, capsys):
+    assert main(["calibrate", "--device", "cpu", "--quick", "-o", str(cpu_profile)]) == 2
+    assert "--force" in capsys.readouterr().err
