@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS
+from ..planning.speculation import check_speculation
 from ..units import parse_bytes
 
 
@@ -32,6 +33,10 @@ class EngineConfig:
     hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
     embeddings: str = "device"  # "host" keeps the token embedding table off the device
     progress: bool = True  # tqdm bars while loading
+    speculate: str = "off"  # "lookup" (n-gram prompt lookup) or "draft" (--draft-model)
+    speculate_tokens: int = 4  # K: proposals the target verifies per forward pass
+    lookup_ngram: int = 2  # longest n-gram --speculate lookup matches in the context
+    draft_model: Optional[str] = None  # quantized directory of the draft, kept resident
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -52,6 +57,8 @@ class EngineConfig:
         if self.gpu_budget is not None:
             _budget_kind(self.gpu_budget)  # fail early on unreadable text
         resolve_device(self.device)
+        check_speculation(self.speculate, self.speculate_tokens, self.lookup_ngram,
+                          self.draft_model)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
