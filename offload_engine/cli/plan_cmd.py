@@ -17,6 +17,7 @@ from ..planning.profiles import DEFAULT_PROFILE
 from ..planning.settings import DTYPES
 from ..planning.sizes import CACHE_FORMATS
 from ..quant.layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
+from . import plan_speculation
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
 
@@ -58,6 +59,7 @@ def register(commands) -> None:
     parser.add_argument("--embeddings", choices=("device", "host"), default="device",
                         help="host: plan for the token embedding table kept in host RAM")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_speculation.add_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -74,13 +76,16 @@ def run(args) -> int:
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
         cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings)
+    request.draft_bytes = plan_speculation.draft_bytes(args, request)
     shape = describe_model(args.model, spec)
     plan = make_plan(shape, request)
+    report_speculation = plan_speculation.predict(args, plan, request)
     report = plan.as_dict()
     report["resident_summary"] = summarise_weights(plan.cache.resident, plan.weight_names)
     streamed = [n for n in plan.weight_names if n not in set(plan.cache.resident)]
     report["streamed_summary"] = summarise_weights(streamed, plan.weight_names)
     report["advice"] = advise(plan, shape, request)
+    report["speculation"] = report_speculation
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -146,6 +151,7 @@ def render(plan, report: dict) -> List[str]:
         + (f" in all ({pred.tokens_per_s_per_sequence:.3g} per sequence)"
            if settings["batch"] > 1 else ""),
     ]
+    lines += plan_speculation.render(report.get("speculation"), size)
     lines += [f"note: {text}" for text in report["advice"]]
     return lines
 
@@ -167,6 +173,8 @@ def _memory_rows(plan) -> List[Tuple[str, int, str]]:
         ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
          else "OS, Python, torch"),
     ]
+    if mem.draft:
+        rows.append(("draft model", mem.draft, "--draft-model, every weight resident"))
     if mem.host_store:
         rows.append(("host store (INT4)", mem.host_store, "same RAM as the cpu 'device'"))
     return rows

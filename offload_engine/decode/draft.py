@@ -58,17 +58,21 @@ def device_bytes(engine) -> int:
 def check_same_vocabulary(target_dir: Path, draft_dir: Path, draft) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    target_vocab = AutoConfig.from_pretrained(target_dir).get_text_config().vocab_size
-    draft_vocab = draft.model.config.get_text_config().vocab_size
-    if target_vocab != draft_vocab:
-        raise ConfigError(
-            f"--draft-model {draft_dir}: its vocabulary has {draft_vocab} tokens, the target "
-            f"{target_dir} has {target_vocab}; use a draft from the same model family (the "
-            "same tokenizer), or --speculate lookup, which needs no draft")
     if AutoTokenizer.from_pretrained(target_dir).get_vocab() != draft.tokenizer.get_vocab():
         raise ConfigError(
             f"--draft-model {draft_dir}: its tokenizer maps tokens differently from the "
-            f"target {target_dir}'s; use a draft with the same tokenizer, or --speculate lookup")
+            f"target {target_dir}'s; use a draft with the same tokenizer (the same model "
+            "family), or --speculate lookup, which needs no draft")
+    target_rows = AutoConfig.from_pretrained(target_dir).get_text_config().vocab_size
+    draft_rows = draft.model.config.get_text_config().vocab_size
+    if target_rows != draft_rows:
+        # Same tokenizer, embeddings padded to different sizes (Qwen2.5-0.5B has 151936
+        # rows, Qwen2.5-32B 152064): transformers then needs its slower, approximate
+        # different-tokenizer path, whose greedy output is not guaranteed identical.
+        raise ConfigError(
+            f"--draft-model {draft_dir}: its vocabulary has {draft_rows} tokens, the target "
+            f"{target_dir} has {target_rows}; drafting needs equal vocabulary sizes: use a "
+            "draft whose config.json has the target's vocab_size, or --speculate lookup")
 
 
 def target_config_after_draft(config: EngineConfig, directory: Path,

@@ -80,3 +80,17 @@ def predict_speculation(step_s: float, streamed_bytes_per_step: float, tokens: i
         pass_s=pass_s, tokens_per_s=speed, speedup=speed / base if step_s else 1.0,
         streamed_bytes_per_token=streamed_bytes_per_step / per_pass,
     )
+
+
+def draft_device_bytes(path, cache_format: str, dtype) -> int:
+    """Device bytes of a draft model kept whole: every weight resident, plus its dense tensors.
+
+    The same sizes the runtime's arena uses (decode/draft.py measures the loaded draft).
+    """
+    from .describe import describe_model
+    from .planner import cache_entries
+    from .policy import plan_cache
+
+    shape = describe_model(path)
+    weights = plan_cache(cache_entries(shape, cache_format, dtype), None).total_bytes
+    return weights + (shape.embedding_elements + shape.other_dense_elements) * dtype.itemsize
