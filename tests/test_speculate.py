@@ -176,3 +176,44 @@ def test_run_command_shows_speculation_stats(qwen2_q, tmp_path, capsys):
     for key in ("forward_passes", "tokens_per_pass", "acceptance_rate", "proposed_tokens",
                 "accepted_tokens", "h2d_bytes_per_generated_token"):
         assert key in stats, key
+
+
+def _serve_alone(engine, prompts, limit=12):
+    """Decode ``prompts`` through the server's scheduler; {prompt index: token ids}."""
+    from offload_engine.server.batcher import Scheduler, Sequence
+    from offload_engine.server.sampling import SamplingParams
+
+    scheduler = Scheduler(engine, max_batch=4)
+    sequences = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(limit, temperature=0),
+                          lambda event: None) for p in prompts]
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    while scheduler._waiting or scheduler._active:
+        scheduler.step()
+    return [s.token_ids for s in sequences], scheduler.metrics.snapshot()
+
+
+def test_server_speculates_for_a_lone_sequence_only(qwen2_q):
+    with load(qwen2_q, progress=False, cache_entries=4) as engine:
+        plain, _ = _serve_alone(engine, [PROMPT])
+        batched_plain, _ = _serve_alone(engine, [PROMPT, "the quick brown fox"])
+    with load(qwen2_q, progress=False, cache_entries=4, speculate="lookup",
+              speculate_tokens=4) as engine:
+        before = engine.cache.stats.passes
+        alone, metrics = _serve_alone(engine, [PROMPT])
+        passes = engine.cache.stats.passes - before
+        batched, _ = _serve_alone(engine, [PROMPT, "the quick brown fox"])
+    assert alone == plain and batched == batched_plain
+    assert metrics["speculative_proposed"] > 0
+    # one prefill, then one pass per verify step, each keeping 1 + accepted tokens
+    accepted = metrics["speculative_accepted"]
+    assert passes == 1 + metrics["batches_run"]
+    assert len(alone[0]) == 1 + metrics["batches_run"] + accepted
+
+
+def test_server_refuses_a_draft_model(qwen2_q, qwen2_draft):
+    from offload_engine.server.batcher import Scheduler
+
+    with load(qwen2_q, progress=False, speculate="draft", draft_model=str(qwen2_draft)) as engine:
+        with pytest.raises(ConfigError, match="--speculate lookup only"):
+            Scheduler(engine)
