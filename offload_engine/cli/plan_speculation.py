@@ -16,8 +16,8 @@ def add_args(parser) -> None:
     group.add_argument("--speculate-tokens", type=int, default=None, metavar="K",
                        help="predict decode when every pass verifies K proposed tokens")
     group.add_argument("--acceptance", type=float, default=None, metavar="A",
-                       help="share of proposals accepted, in [0, 1] (the stats line of a run "
-                            "with --speculate reports it)")
+                       help="share of the K proposal slots accepted, in [0, 1]: from a run "
+                            "with --speculate, (tokens per pass - 1) / K")
     group.add_argument("--draft-model", default=None, metavar="DIR",
                        help="a draft model (quantized directory or config.json) kept whole "
                             "on the device: its memory joins the plan, its steps the time")
@@ -40,8 +40,9 @@ def predict(args, plan, request) -> Optional[dict]:
             raise ConfigError("--acceptance and --draft-model need --speculate-tokens K")
         return None
     if args.acceptance is None:
-        raise ConfigError("--speculate-tokens needs --acceptance A: the share of proposals "
-                          "the target accepts (a run with --speculate prints it)")
+        raise ConfigError("--speculate-tokens needs --acceptance A: the share of the K "
+                          "proposal slots the target accepts, (tokens per pass - 1) / K of a "
+                          "run with --speculate")
     if request.batch != 1:
         raise ConfigError("--speculate-tokens predicts one sequence: drop --batch")
     from dataclasses import asdict

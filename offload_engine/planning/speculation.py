@@ -7,8 +7,11 @@ resident on the device) and the target verifies them all in one pass.
 
 The settings are checked here so that the engine config, the planner and the CLI share one
 definition. The prediction is arithmetic on a :class:`~.planner.Prediction`, not a
-measurement: with an acceptance rate A (accepted proposals / proposed, as the stats line
-reports it) and K proposals per pass, a pass yields ``1 + A * K`` tokens.
+measurement: with K proposal slots per pass of which a share A is accepted, a pass yields
+``1 + A * K`` tokens. From a run's stats, A = (tokens per pass - 1) / K. For a draft model,
+which fills every slot, that is about the stats line's acceptance (accepted / proposed);
+prompt lookup proposes nothing when the context has no match, so its A is lower than its
+acceptance (docs/performance.md shows both).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class SpeculationPrediction:
     """PREDICTION of decode with speculation (bandwidth model, not a measurement)."""
 
     speculate_tokens: int  # K: proposals verified per target pass
-    acceptance: float  # accepted / proposed, as the stats line reports it
+    acceptance: float  # share of the K proposal slots accepted: (tokens/pass - 1) / K
     tokens_per_pass: float  # 1 + acceptance x K
     target_pass_s: float  # one target step (the plan's step_s)
     draft_bytes: int  # draft model kept on the device (0 for lookup)
