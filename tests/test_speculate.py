@@ -217,3 +217,27 @@ def test_server_refuses_a_draft_model(qwen2_q, qwen2_draft):
     with load(qwen2_q, progress=False, speculate="draft", draft_model=str(qwen2_draft)) as engine:
         with pytest.raises(ConfigError, match="--speculate lookup only"):
             Scheduler(engine)
+
+
+def test_sampled_verify_keeps_only_what_the_target_samples(qwen2_q):
+    """At temperature 1e-4 sampling is the target's argmax (the logits' gaps are far wider):
+    the sampled verify path (generate's and the server's) must then reproduce greedy
+    decoding exactly. (Not top_p: prompt lookup drops proposals that top_p would filter
+    from uniform logits, so a tiny top_p would leave nothing to verify.)"""
+    from offload_engine.server.batcher import Scheduler, Sequence
+    from offload_engine.server.sampling import SamplingParams
+
+    with load(qwen2_q, progress=False, speculate="lookup", speculate_tokens=4) as engine:
+        greedy = engine.generate(PROMPT, max_new_tokens=STEPS, greedy=True, speculate="off")
+        sampled = engine.generate(PROMPT, max_new_tokens=STEPS, temperature=1e-4, top_p=1.0,
+                                  seed=0)
+        assert sampled.token_ids == greedy.token_ids and sampled.stats.proposed_tokens > 0
+        sequence = Sequence(engine.tokenizer(PROMPT)["input_ids"],
+                            SamplingParams(STEPS, temperature=1e-4, top_p=1.0, seed=0),
+                            lambda event: None)
+        scheduler = Scheduler(engine)
+        scheduler.submit(sequence)
+        while scheduler._waiting or scheduler._active:
+            scheduler.step()
+        assert sequence.token_ids == greedy.token_ids
+        assert scheduler.metrics.snapshot()["speculative_proposed"] > 0
