@@ -8,7 +8,7 @@ from offload_engine.cli import main
 from offload_engine.planning.speculation import predict_speculation
 from tests.test_planner import QWEN25_32B
 
-# Qwen2.5-0.5B-Instruct as published, a draft for the 32B (its vocab is padded differently).
+# Qwen2.5-0.5B-Instruct as published, a draft for the 32B (same tokenizer, fewer padded rows).
 QWEN25_05B = {**QWEN25_32B, "hidden_size": 896, "intermediate_size": 4864,
               "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
               "vocab_size": 151936, "tie_word_embeddings": True}

@@ -28,23 +28,33 @@ def qwen2_draft(tmp_path_factory, qwen2_src):
     return dst
 
 
-@pytest.fixture(scope="module")
-def other_vocab_draft(tmp_path_factory, tokenizer_dir):
-    """A draft whose embedding has 384 rows where the target has 512."""
+def _model_with_vocabulary(root, tokenizer_dir, rows: int):
+    """A tiny random Qwen2 whose embedding has ``rows`` rows, with the 512-token tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from offload_engine.checkpoint.convert import convert
     from offload_engine.quant.layout import QuantSpec
 
-    root = tmp_path_factory.mktemp("othervocab")
     torch.manual_seed(1)
     config = tiny.tiny_config("qwen2")
-    config.vocab_size = 384
+    config.vocab_size = rows
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(root / "src")
     for path in tokenizer_dir.iterdir():
         (root / "src" / path.name).write_bytes(path.read_bytes())
     convert(root / "src", root / "q", QuantSpec("int4", 64), progress=False)
     return root / "q"
+
+
+@pytest.fixture(scope="module")
+def other_vocab_draft(tmp_path_factory, tokenizer_dir):
+    """A draft whose embedding has 384 rows: fewer than the tokenizer's 512 tokens."""
+    return _model_with_vocabulary(tmp_path_factory.mktemp("othervocab"), tokenizer_dir, 384)
+
+
+@pytest.fixture(scope="module")
+def padded_target(tmp_path_factory, tokenizer_dir):
+    """A target padded to 640 rows, as Qwen2.5-32B pads past Qwen2.5-0.5B's 151936."""
+    return _model_with_vocabulary(tmp_path_factory.mktemp("padded"), tokenizer_dir, 640)
 
 
 def _budgets(quantized):
@@ -241,3 +251,18 @@ def test_sampled_verify_keeps_only_what_the_target_samples(qwen2_q):
             scheduler.step()
         assert sequence.token_ids == greedy.token_ids
         assert scheduler.metrics.snapshot()["speculative_proposed"] > 0
+
+
+def test_draft_with_a_smaller_padded_vocabulary_drafts(padded_target, qwen2_q):
+    """Same tokenizer, 512 draft rows for a 640-row target: its logits are padded with -inf.
+    This random target also picks tokens past 512, which the draft sees as token 0."""
+    with load(padded_target, progress=False) as engine:
+        reference = _greedy(engine).token_ids
+    with load(padded_target, progress=False, cache_entries=None, speculate="draft",
+              draft_model=str(qwen2_q)) as engine:
+        result = _greedy(engine)
+        assert result.token_ids == reference and result.stats.proposed_tokens > 0
+        assert engine.draft.model.config.vocab_size == 640
+        _check_counters(result, engine)
+        sampled = engine.generate(PROMPT, max_new_tokens=8, temperature=1.0, seed=0)
+        assert len(sampled.token_ids) >= 1  # speculative sampling over 640 columns runs

@@ -4,9 +4,10 @@ The draft proposes tokens every pass, so streaming it would cost the very copies
 speculation saves: it is loaded with an unbounded budget (every weight resident), and the
 device bytes it takes are subtracted from the target's weight budget, so that
 ``--gpu-budget`` still bounds every weight byte on the device. A draft with another
-vocabulary is refused: transformers could translate between tokenizers (universal
+tokenizer is refused: transformers could translate between tokenizers (universal
 assisted decoding), but that re-tokenizes text every pass and its greedy output is not
-guaranteed identical, which this engine promises.
+guaranteed identical, which this engine promises. A draft with the same tokenizer and a
+smaller padded vocabulary has its logits padded to the target's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ..errors import ConfigError
 from ..runtime import engine as runtime_engine
@@ -56,23 +59,58 @@ def device_bytes(engine) -> int:
 
 
 def check_same_vocabulary(target_dir: Path, draft_dir: Path, draft) -> None:
+    """Refuse a draft with another tokenizer; pad a same-tokenizer draft's smaller vocabulary."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if AutoTokenizer.from_pretrained(target_dir).get_vocab() != draft.tokenizer.get_vocab():
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    if tokenizer.get_vocab() != draft.tokenizer.get_vocab():
         raise ConfigError(
             f"--draft-model {draft_dir}: its tokenizer maps tokens differently from the "
             f"target {target_dir}'s; use a draft with the same tokenizer (the same model "
             "family), or --speculate lookup, which needs no draft")
     target_rows = AutoConfig.from_pretrained(target_dir).get_text_config().vocab_size
     draft_rows = draft.model.config.get_text_config().vocab_size
-    if target_rows != draft_rows:
-        # Same tokenizer, embeddings padded to different sizes (Qwen2.5-0.5B has 151936
-        # rows, Qwen2.5-32B 152064): transformers then needs its slower, approximate
-        # different-tokenizer path, whose greedy output is not guaranteed identical.
+    if draft_rows == target_rows:
+        return
+    if not len(tokenizer) <= draft_rows < target_rows:
         raise ConfigError(
             f"--draft-model {draft_dir}: its vocabulary has {draft_rows} tokens, the target "
-            f"{target_dir} has {target_rows}; drafting needs equal vocabulary sizes: use a "
-            "draft whose config.json has the target's vocab_size, or --speculate lookup")
+            f"{target_dir} has {target_rows} and the tokenizer {len(tokenizer)}; a draft "
+            "needs at least the tokenizer's and at most the target's: use a draft of the same "
+            "model family, or --speculate lookup")
+    pad_logits(draft.model, target_rows)
+
+
+def pad_logits(model, rows: int) -> None:
+    """Make a draft's logits as wide as the target's, the extra rows never chosen.
+
+    Models of one family share a tokenizer but pad their embeddings differently
+    (Qwen2.5-0.5B: 151936 rows, Qwen2.5-32B: 152064). transformers compares the
+    configs' vocab_size to tell a same-tokenizer draft from a different-tokenizer one, and
+    speculative sampling compares the two distributions position by position, so the
+    draft's logits get -inf columns up to the target's size (probability 0: never proposed)
+    and its config states that size.
+    """
+    embedded = model.config.get_text_config().vocab_size
+
+    def clamp(_module, args, kwargs):
+        # A token the draft cannot embed (a padding row the target should never pick) is
+        # shown to it as token 0: its next proposals are then likely rejected, never wrong.
+        ids = kwargs.get("input_ids")
+        if ids is not None and bool((ids >= embedded).any()):
+            kwargs["input_ids"] = ids.masked_fill(ids >= embedded, 0)
+        return args, kwargs
+
+    def pad(_module, _args, output):
+        extra = rows - output.logits.shape[-1]
+        if extra > 0:
+            output.logits = torch.nn.functional.pad(output.logits, (0, extra),
+                                                    value=float("-inf"))
+        return output
+
+    model.register_forward_pre_hook(clamp, with_kwargs=True)
+    model.register_forward_hook(pad)
+    model.config.get_text_config().vocab_size = rows
 
 
 def target_config_after_draft(config: EngineConfig, directory: Path,
