@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..planning.speculation import SPECULATE_MODES
 from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
 
 
@@ -46,6 +47,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "from the shard files every token. Default: what fits in "
                             "available RAM with a margin")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_speculation_args(parser)
+
+
+def add_speculation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding (more tokens per weight pass)")
+    group.add_argument("--speculate", choices=SPECULATE_MODES, default="off",
+                       help="lookup: propose tokens from n-grams already in the context; "
+                            "draft: from --draft-model; the target verifies them in one pass "
+                            "(greedy output unchanged; default off)")
+    group.add_argument("--speculate-tokens", type=int, default=4, metavar="K",
+                       help="proposals verified per forward pass (default 4)")
+    group.add_argument("--lookup-ngram", type=int, default=2, metavar="N",
+                       help="longest n-gram --speculate lookup matches (default 2)")
+    group.add_argument("--draft-model", default=None, metavar="DIR",
+                       help="a quantized small model with the same tokenizer, kept whole on "
+                            "the device; its bytes count in --gpu-budget")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -65,4 +82,8 @@ def engine_config_from_args(args: argparse.Namespace):
         embeddings=args.embeddings,
         progress=not args.no_progress,
         host_budget=args.host_budget,
+        speculate=args.speculate,
+        speculate_tokens=args.speculate_tokens,
+        lookup_ngram=args.lookup_ngram,
+        draft_model=args.draft_model,
     )

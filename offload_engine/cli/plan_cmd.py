@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 from ..planning.profiles import DEFAULT_PROFILE
 from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
+from . import plan_speculation
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
 
@@ -59,6 +60,7 @@ def register(commands) -> None:
                         help="host RAM for weights (16GiB); the rest is read from disk every "
                              "token. Default: unbounded (every weight in RAM)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_speculation.add_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -77,14 +79,17 @@ def run(args) -> int:
         policy=args.policy, prefetch_depth=args.prefetch_depth,
         cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
         host_budget=args.host_budget)
+    request.draft_bytes = plan_speculation.draft_bytes(args, request)
     shape = describe_model(args.model, spec)
     plan = make_plan(shape, request)
+    report_speculation = plan_speculation.predict(args, plan, request)
     report = plan.as_dict()
     report["resident_summary"] = summarise_weights(plan.cache.resident, plan.weight_names)
     streamed = [n for n in plan.weight_names if n not in set(plan.cache.resident)]
     report["streamed_summary"] = summarise_weights(streamed, plan.weight_names)
     report["advice"] = advise(plan, shape, request)
     report["figures"] = figure_sources(request.profile)
+    report["speculation"] = report_speculation
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -153,6 +158,7 @@ def render(plan, report: dict) -> List[str]:
            if settings["batch"] > 1 else ""),
     ]
     lines[-1:-1] = _host_lines(plan)
+    lines += plan_speculation.render(report.get("speculation"), size)
     lines += [f"note: {text}" for text in report["advice"] + plan.host.get("notes", [])]
     return lines
 
@@ -200,6 +206,8 @@ def _memory_rows(plan) -> List[Tuple[str, int, str]]:
         ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
          else "OS, Python, torch"),
     ]
+    if mem.draft:
+        rows.append(("draft model", mem.draft, "--draft-model, every weight resident"))
     if mem.host_store:
         rows.append(("host store (INT4)", mem.host_store, "same RAM as the cpu 'device'"))
     return rows

@@ -12,6 +12,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..errors import ConfigError, ContextLengthError
 from ..units import format_bytes
+from . import speculate as spec
 
 
 @dataclass
@@ -25,7 +26,8 @@ class GenerationStats:
     decode_tokens_per_s: float  # tokens after the first / time after the first
     forward_passes: int
     h2d_bytes: int  # weight bytes copied host->device during the call
-    h2d_bytes_per_token: float  # per forward pass: every pass reads every weight once
+    h2d_bytes_per_token: float  # per forward pass (each reads every weight once); per
+    # generated token: h2d_bytes_per_generated_token below
     hit_rate: float
     stall_seconds: float
     peak_device_bytes: Optional[int]  # CUDA only
@@ -39,13 +41,25 @@ class GenerationStats:
     disk_bytes_per_token: float = 0.0  # per forward pass, as h2d_bytes_per_token
     disk_read_bytes_per_s: float = 0.0  # the disk reader's achieved speed during the call
     disk_stall_seconds: float = 0.0  # the prefetch worker waiting for the disk reader
+    # Speculative decoding (decode/speculate.py); tokens_per_pass is 1.0 without it.
+    speculate: str = "off"  # "off", "lookup K=4 n=2", "draft K=4"
+    tokens_per_pass: float = 0.0  # new tokens / target forward passes
+    proposed_tokens: int = 0  # proposals the target verified
+    accepted_tokens: int = 0  # proposals it kept
+    acceptance_rate: float = 0.0  # accepted / proposed
+    h2d_bytes_per_generated_token: float = 0.0  # h2d_bytes / new tokens
+    draft_forward_passes: int = 0  # of the draft model (--speculate draft)
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
                 else format_bytes(self.peak_device_bytes))
+        speculation = (f", {self.speculate}: acceptance {self.acceptance_rate:.0%}"
+                       if self.speculate != "off" else "")
         return (f"[{self.new_tokens} tokens, {self.decode_tokens_per_s:.2f} tok/s, "
                 f"first token {self.time_to_first_token_s:.2f} s, "
-                f"{format_bytes(self.h2d_bytes_per_token)}/token host->device, "
+                f"{self.forward_passes} passes ({self.tokens_per_pass:.2f} tokens/pass"
+                f"{speculation}), "
+                f"{format_bytes(self.h2d_bytes_per_generated_token)}/token host->device, "
                 f"hit rate {self.hit_rate:.1%}, peak device memory {peak}, "
                 f"{self.device_name} ({self.device}), policy {self.policy}"
                 + (f", {format_bytes(self.disk_bytes_per_token)}/token from disk at "
@@ -130,29 +144,40 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
              chat: bool = False, max_new_tokens: int = 128, temperature: float = 0.7,
              top_p: float = 0.9, greedy: bool = False, seed: Optional[int] = None,
              on_text: Optional[Callable[[str], None]] = None,
-             stop_event: Optional[threading.Event] = None) -> GenerationResult:
-    """Generate a reply; ``on_text`` receives text as it is produced."""
+             stop_event: Optional[threading.Event] = None, speculate: Optional[str] = None,
+             speculate_tokens: Optional[int] = None) -> GenerationResult:
+    """Generate a reply; ``on_text`` receives text as it is produced.
+
+    ``speculate`` ("off", "lookup", "draft") and ``speculate_tokens`` override the engine
+    config's --speculate and --speculate-tokens for this call.
+    """
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
     check_context(engine, input_ids.shape[1], max_new_tokens)
+    speculation = spec.resolve(engine, speculate, speculate_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text)
     stopping = StoppingCriteriaList([_StopOnEvent(stop_event)] if stop_event else [])
     before = engine.counters()
+    draft_before = _draft_passes(engine)
     _reset_peak(engine.device)
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), spec.count_passes(engine.model, input_ids.shape[1]) as count:
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
-            pad_token_id=_pad_id(engine), **sampling_args(temperature, top_p, greedy))
+            pad_token_id=_pad_id(engine), **sampling_args(temperature, top_p, greedy),
+            **spec.generate_kwargs(engine, speculation))
     _synchronize(engine.device)
     finished = time.perf_counter()
     new_ids = output[0, input_ids.shape[1]:].tolist()
     stats = _stats(engine, before, input_ids.shape[1], len(new_ids), started, finished,
                    streamer.first_token_at or finished)
+    for name, value in spec.speculation_fields(speculation, count, len(new_ids), stats.h2d_bytes,
+                                               _draft_passes(engine) - draft_before).items():
+        setattr(stats, name, value)
     text = engine.tokenizer.decode(new_ids, skip_special_tokens=True)
     return GenerationResult(text, new_ids, stats)
 
@@ -162,6 +187,11 @@ def _pad_id(engine):
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     return engine.model.generation_config.eos_token_id
+
+
+def _draft_passes(engine) -> int:
+    draft = getattr(engine, "draft", None)
+    return draft.cache.stats.passes if draft is not None else 0
 
 
 def _reset_peak(device: torch.device) -> None:

@@ -56,6 +56,7 @@ class PlanRequest:
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
     embeddings: str = "device"  # "host": the token embedding table stays in host RAM
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
+    draft_bytes: int = 0  # a --draft-model kept whole on the device (planning/speculation.py)
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.batch < 1:
@@ -111,6 +112,7 @@ class Memory:
     activations: int  # estimate: prefill of a whole --context, logits, kernel scratch
     reserve: int  # the profile's CUDA context / workspace allowance
     host_store: int  # INT4 weights in host RAM: counted here only when the device is cpu
+    draft: int = 0  # a speculative-decoding draft model, every weight resident
 
     @property
     def total(self) -> int:
@@ -120,7 +122,7 @@ class Memory:
     def fixed(self) -> int:
         """Everything that is not the weight arena and not the reserve."""
         return (self.embeddings + self.other_dense + self.kv_cache + self.activations
-                + self.host_store)
+                + self.host_store + self.draft)
 
 
 @dataclass
@@ -236,6 +238,7 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
         kv_cache=per_token * request.context * request.batch, kv_cache_per_token=per_token,
         activations=activation_bytes(shape, request, itemsize),
         reserve=request.profile.reserve_bytes, host_store=host_store,
+        draft=request.draft_bytes,
     )
 
 

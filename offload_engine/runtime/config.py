@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS
+from ..planning.speculation import check_speculation
 from ..units import parse_budget, parse_bytes
 
 
@@ -35,6 +36,10 @@ class EngineConfig:
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: what fits
     # in available RAM with a margin; "unbounded": every weight in RAM. The rest is read
     # from the shard files every pass (planning/host_policy.py decides which).
+    speculate: str = "off"  # "lookup" (n-gram prompt lookup) or "draft" (--draft-model)
+    speculate_tokens: int = 4  # K: proposals the target verifies per forward pass
+    lookup_ngram: int = 2  # longest n-gram --speculate lookup matches in the context
+    draft_model: Optional[str] = None  # quantized directory of the draft, kept resident
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -57,6 +62,8 @@ class EngineConfig:
         if self.host_budget is not None:
             self.host_bytes(lambda: 0)  # fail early on unreadable text
         resolve_device(self.device)
+        check_speculation(self.speculate, self.speculate_tokens, self.lookup_ngram,
+                          self.draft_model)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

@@ -146,7 +146,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     layouts = quantized_layouts(manifest)
     plan = plan_cache([(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes)
                        for n in order],
-                      _budget(config, directory), config.policy, config.prefetch_depth,
+                      weight_budget(config, directory), config.policy, config.prefetch_depth,
                       config.cache_entries)
     logger.info("cache plan: %s", asdict(plan))
     host_plan = plan_host([(n, layouts[n].nbytes) for n in order], plan.resident,
@@ -190,7 +190,7 @@ def _host_tensor_names(manifest, config: EngineConfig) -> frozenset:
     return frozenset(name for name, entry in manifest.tensors.items() if entry.role == "embedding")
 
 
-def _budget(config: EngineConfig, directory: Path) -> Optional[int]:
+def weight_budget(config: EngineConfig, directory: Path) -> Optional[int]:
     """The arena budget: the flag's, or the one `plan` derives for --hw-profile."""
     if config.hw_profile is None or config.gpu_budget is not None or config.cache_entries:
         return config.budget_bytes()

@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Set
 import torch
 
 from ..errors import OffloadError
+from . import speculative_step
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
 from .sampling import SamplingParams, TextTracker, make_generator, sample_token
@@ -71,6 +72,7 @@ class Scheduler:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
                  tokenizer_lock: Optional[threading.Lock] = None):
         check_batchable(engine.model.config)
+        speculative_step.check_server_speculation(engine.config)
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -204,6 +206,9 @@ class Scheduler:
             _safe_emit(sequence, ErrorEvent(f"prefill failed: {type(exc).__name__}: {exc}"))
 
     def _decode(self) -> None:
+        if speculative_step.applies(self):  # a lone sequence under --speculate lookup
+            speculative_step.lookup_step(self)
+            return
         inputs = self._batch.decode_inputs([s.token_ids[-1] for s in self._active])
         try:
             output = self.engine.model(**inputs, logits_to_keep=1)

@@ -70,6 +70,9 @@ class Metrics:
                 "h2d_bytes_per_token": h2d / tokens if tokens else 0.0,
                 "uptime_seconds": time.monotonic() - self._started,
                 "prefills": self._counts["prefills"],
+                # --speculate lookup, lone sequences only (server/speculative_step.py)
+                "speculative_proposed": self._counts["speculative_proposed"],
+                "speculative_accepted": self._counts["speculative_accepted"],
                 "batches_run": self._batches,
                 "max_batch_size_seen": self._max_batch_seen,
                 "mean_batch_size": self._batch_rows / self._batches if self._batches else 0.0,
