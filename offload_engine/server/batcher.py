@@ -104,6 +104,21 @@ class Scheduler:
             sequence.cancelled = True
             self._wake.notify()
 
+    def abort(self, reason: str) -> None:
+        """Take no more work and fail every queued or running request now, with a 503.
+
+        For shutdown: the requests get their answer at once, from the caller's thread,
+        whatever step the scheduler thread is in; it drops them and exits after that step.
+        """
+        with self._wake:
+            self._stopping = True
+            doomed = list(self._waiting) + list(self._active)
+            for sequence in doomed:
+                sequence.cancelled = True
+            self._wake.notify()
+        for sequence in doomed:
+            _safe_emit(sequence, ErrorEvent(reason, status=503))
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -127,7 +142,8 @@ class Scheduler:
             self._waiting.clear()
         self._active = []
         for sequence in leftover:
-            _safe_emit(sequence, ErrorEvent("the server is shutting down", status=503))
+            if not sequence.cancelled:  # abort() or its client already ended it
+                _safe_emit(sequence, ErrorEvent("the server is shutting down", status=503))
 
     # ----- the scheduler thread ------------------------------------------------------------
     def _loop(self) -> None:
