@@ -109,7 +109,7 @@ async def _collect(service: ModelService, sequence: Sequence, events: asyncio.Qu
     Nothing is sent before the reply is whole, so the route would never notice a
     disconnect by itself: a watcher task listens for it and ends the wait.
     """
-    parts, done = [], False
+    parts, logprobs, done = [], [], False
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         while True:
@@ -121,10 +121,11 @@ async def _collect(service: ModelService, sequence: Sequence, events: asyncio.Qu
             event = getter.result()
             if isinstance(event, TextEvent):
                 parts.append(event.text)
+                logprobs += event.logprobs
             elif isinstance(event, DoneEvent):
                 done = True
                 return reply.whole("".join(parts), event.finish_reason, event.prompt_tokens,
-                                   event.completion_tokens)
+                                   event.completion_tokens, logprobs + event.logprobs)
             elif isinstance(event, ErrorEvent):
                 done = True
                 raise ApiError(event.status, event.message, type="server_error")
@@ -148,10 +149,11 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
         while not done:
             event = await events.get()
             if isinstance(event, TextEvent):
-                yield sse(reply.chunk(event.text))
+                yield sse(reply.chunk(event.text, logprobs=event.logprobs))
             elif isinstance(event, DoneEvent):
                 done = True
-                yield sse(reply.chunk(None, finish_reason=event.finish_reason))
+                yield sse(reply.chunk(None, finish_reason=event.finish_reason,
+                                      logprobs=event.logprobs))
                 if include_usage:
                     yield sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
             elif isinstance(event, ErrorEvent):
@@ -165,7 +167,7 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
 
 async def _complete(service: ModelService, body, prompt_ids: List[int], chat: bool,
                     request: Request):
-    reply = Reply(service.model_id, chat=chat)
+    reply = Reply(service.model_id, chat=chat, logprobs=body.logprobs_wanted() is not None)
     sequence, events = service.submit(prompt_ids, body)
     if body.stream:
         return StreamingResponse(

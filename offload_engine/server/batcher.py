@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Set
 
 import torch
@@ -21,7 +21,15 @@ import torch
 from ..errors import OffloadError
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
-from .sampling import SamplingParams, TextTracker, make_generator, sample_token
+from .sampling import (
+    SamplingParams,
+    TextTracker,
+    describe_logprobs,
+    make_generator,
+    penalize,
+    sample_token,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ class QueueFullError(OffloadError):
 @dataclass
 class TextEvent:
     text: str  # new final text of the reply
+    logprobs: list = field(default_factory=list)  # per token since the last event, if asked
 
 
 @dataclass
@@ -40,6 +49,7 @@ class DoneEvent:
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list = field(default_factory=list)  # tokens not yet reported by a TextEvent
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Sequence:
         self.cancelled = False  # set by the HTTP side when the client went away
         self.generator: Optional[torch.Generator] = None
         self.tracker: Optional[TextTracker] = None
+        self.logprobs: list = []  # (token, logprob, alternatives) not yet handed out
 
 
 class Scheduler:
@@ -237,7 +248,10 @@ class Scheduler:
     def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
         """Sample one token for ``sequence``, hand out its text; True when it is finished."""
         params = sequence.params
-        token = sample_token(logits, params, sequence.generator)
+        token = sample_token(penalize(logits, sequence.token_ids, params), params,
+                             sequence.generator)
+        if params.logprobs is not None:
+            sequence.logprobs.append((token, *token_logprobs(logits, token, params.logprobs)))
         sequence.token_ids.append(token)
         self.metrics.count("tokens_generated")
         reason = None
@@ -247,15 +261,19 @@ class Scheduler:
             reason = "length"
         with self.tokenizer_lock:
             text, stopped = sequence.tracker.update(sequence.token_ids, final=reason is not None)
+            reported = describe_logprobs(self.engine.tokenizer, sequence.logprobs) \
+                if text or stopped or reason else []
         if stopped:
             reason = "stop"
-        if text and not _safe_emit(sequence, TextEvent(text)):
+        if reported:
+            sequence.logprobs = []
+        if text and not _safe_emit(sequence, TextEvent(text, reported)):
             sequence.cancelled = True
         if reason is None:
             return False
         self.metrics.count("requests_served")
         _safe_emit(sequence, DoneEvent(reason, len(sequence.prompt_ids),
-                                       len(sequence.token_ids)))
+                                       len(sequence.token_ids), [] if text else reported))
         return True
 
 
