@@ -57,7 +57,7 @@ class LiveServer:
         assert not self.service.scheduler.alive, "scheduler thread outlived the server"
 
     def metrics(self) -> dict:
-        return httpx.get(f"{self.url}/metrics", timeout=TIMEOUT).json()
+        return httpx.get(f"{self.url}/metrics/json", timeout=TIMEOUT).json()
 
     def wait_metrics(self, condition) -> dict:
         deadline = time.monotonic() + TIMEOUT

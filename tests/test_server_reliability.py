@@ -139,7 +139,7 @@ def test_two_ctrl_c_with_work_in_flight_exit_cleanly(qwen2_q):
         waiter.start()
         deadline = time.monotonic() + TIMEOUT
         base = url.removesuffix("/v1")
-        while httpx.get(f"{base}/metrics", timeout=TIMEOUT).json()["active_sequences"] == 0:
+        while httpx.get(f"{base}/metrics/json", timeout=TIMEOUT).json()["active_sequences"] == 0:
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.05)
         started = time.monotonic()

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decode.generate import check_context, encode_prompt
 from ..errors import ConfigError, ContextLengthError
+from . import prometheus
 from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
 from .config import ServerConfig
 from .guard import RequestGuard
@@ -229,6 +230,11 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
 
     @app.get("/metrics")
     async def metrics():
+        text = prometheus.render(service.model_id, service.scheduler.metrics.snapshot())
+        return Response(text, media_type=prometheus.CONTENT_TYPE)
+
+    @app.get("/metrics/json")
+    async def metrics_json():
         return {"model": service.model_id, **service.scheduler.metrics.snapshot()}
 
 
