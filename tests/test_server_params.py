@@ -32,8 +32,7 @@ def _post(live, path: str, **body) -> httpx.Response:
 
 
 @pytest.mark.parametrize("path, extra, named", [
-    ("chat/completions", {"tools": [], "response_format": {"type": "json_object"}},
-     ["tools", "response_format"]),
+    ("chat/completions", {"tools": [], "tool_choice": "auto"}, ["tools", "tool_choice"]),
     ("chat/completions", {"logit_bias": {"1": 5}}, ["logit_bias"]),
     ("completions", {"best_of": 2}, ["best_of"]),
     ("completions", {"suffix": "x"}, ["suffix"]),
@@ -134,3 +133,53 @@ def test_completion_logprobs_use_the_legacy_lists(live):
 def test_top_logprobs_needs_logprobs(live):
     response = _post(live, "chat/completions", messages=MESSAGES, max_tokens=2, top_logprobs=2)
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
+
+
+YES_NO = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+    "required": ["answer"]}}}
+
+
+def test_json_schema_is_enforced_while_decoding(live):
+    pytest.importorskip("xgrammar")
+    import json
+
+    for seed in range(3):
+        body = dict(messages=MESSAGES, max_tokens=60, seed=seed)
+        free = _post(live, "chat/completions", **body).json()["choices"][0]["message"]
+        with pytest.raises(ValueError):  # a random model does not write JSON by itself
+            json.loads(free["content"])
+        reply = _post(live, "chat/completions", response_format=YES_NO, **body).json()
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
+
+
+def test_json_object_replies_parse(live):
+    pytest.importorskip("xgrammar")
+    import json
+
+    finished = 0
+    for seed in range(6):
+        reply = _post(live, "completions", prompt="A list", max_tokens=120, seed=seed,
+                      response_format={"type": "json_object"}).json()
+        choice = reply["choices"][0]
+        assert choice["text"].startswith("{")
+        if choice["finish_reason"] == "stop":  # else max_tokens ended a long string value
+            assert isinstance(json.loads(choice["text"]), dict)
+            finished += 1
+    assert finished
+
+
+def test_bad_response_formats_get_400(live):
+    for response_format, param in (
+            ({"type": "json_schema"}, "response_format.json_schema"),
+            ({"type": "yaml"}, "response_format.type"),
+            ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+             "response_format.json_schema.schema")):
+        if param.endswith("schema") and "json_schema" in response_format:
+            pytest.importorskip("xgrammar")
+        response = _post(live, "chat/completions", messages=MESSAGES, max_tokens=2,
+                         response_format=response_format)
+        assert response.status_code == 400, (response_format, response.text)
+        assert response.json()["error"]["param"] == param

@@ -24,6 +24,7 @@ from ..errors import ConfigError, ContextLengthError
 from . import prometheus
 from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
 from .config import ServerConfig
+from .constrain import Grammars
 from .guard import RequestGuard
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
@@ -50,6 +51,8 @@ class ModelService:
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue,
                                    self.tokenizer_lock)
         self.context = getattr(engine.model.config, "max_position_embeddings", None)
+        self.grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size,
+                                 self.scheduler.eos_ids)
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -82,12 +85,13 @@ class ModelService:
                            param=param, code="context_length_exceeded") from None
         return wanted
 
-    def submit(self, prompt_ids: List[int], request) -> tuple:
+    def submit(self, prompt_ids: List[int], request, constraint=None) -> tuple:
         """Queue a request; returns (sequence, asyncio queue of its events)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         params = request.sampling_params(request.max_tokens)
         sequence = Sequence(prompt_ids, params,
-                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                            constraint)
         try:
             self.scheduler.submit(sequence)
         except QueueFullError as exc:
@@ -166,10 +170,10 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
             service.scheduler.cancel(sequence)
 
 
-async def _complete(service: ModelService, body, prompt_ids: List[int], chat: bool,
-                    request: Request):
+async def _complete(service: ModelService, prepared: tuple, chat: bool, request: Request):
+    body, prompt_ids, constraint = prepared
     reply = Reply(service.model_id, chat=chat, logprobs=body.logprobs_wanted() is not None)
-    sequence, events = service.submit(prompt_ids, body)
+    sequence, events = service.submit(prompt_ids, body, constraint)
     if body.stream:
         return StreamingResponse(
             _stream(service, sequence, events, reply, body.include_usage),
@@ -185,7 +189,7 @@ def _prepare_chat(service: ModelService, raw: bytes):
     requested = body.requested_max_tokens()
     prompt_ids = service.encode(None, [m.as_template_message() for m in body.messages])
     body.max_tokens = service.max_tokens(prompt_ids, requested, True, "messages")
-    return body, prompt_ids
+    return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 
 def _prepare_completion(service: ModelService, raw: bytes):
@@ -194,7 +198,7 @@ def _prepare_completion(service: ModelService, raw: bytes):
     requested = body.requested_max_tokens()
     prompt_ids = service.encode(body.prompt_text(), None)
     body.max_tokens = service.max_tokens(prompt_ids, requested, False, "prompt")
-    return body, prompt_ids
+    return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 
 def _add_routes(app: FastAPI, service: ModelService) -> None:
@@ -213,14 +217,13 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body, prompt_ids = await run_in_threadpool(_prepare_chat, service, await request.body())
-        return await _complete(service, body, prompt_ids, True, request)
+        prepared = await run_in_threadpool(_prepare_chat, service, await request.body())
+        return await _complete(service, prepared, True, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body, prompt_ids = await run_in_threadpool(_prepare_completion, service,
-                                                   await request.body())
-        return await _complete(service, body, prompt_ids, False, request)
+        prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
+        return await _complete(service, prepared, False, request)
 
     @app.get("/health")
     async def health():

@@ -64,7 +64,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt_ids: List[int], params: SamplingParams,
-                 emit: Callable[[object], None]):
+                 emit: Callable[[object], None], constraint=None):
         self.id = next(self._ids)
         self.prompt_ids = prompt_ids
         self.params = params
@@ -74,6 +74,7 @@ class Sequence:
         self.generator: Optional[torch.Generator] = None
         self.tracker: Optional[TextTracker] = None
         self.logprobs: list = []  # (token, logprob, alternatives) not yet handed out
+        self.constraint = constraint  # constrain.Constraint for response_format, or None
 
 
 class Scheduler:
@@ -129,6 +130,11 @@ class Scheduler:
             self._wake.notify()
         for sequence in doomed:
             _safe_emit(sequence, ErrorEvent(reason, status=503))
+
+    @property
+    def eos_ids(self) -> Set[int]:
+        """Tokens that end a reply (the model's and the tokenizer's end-of-sequence)."""
+        return set(self._eos_ids)
 
     @property
     def alive(self) -> bool:
@@ -248,14 +254,18 @@ class Scheduler:
     def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
         """Sample one token for ``sequence``, hand out its text; True when it is finished."""
         params = sequence.params
-        token = sample_token(penalize(logits, sequence.token_ids, params), params,
-                             sequence.generator)
+        scores = penalize(logits, sequence.token_ids, params)
+        if sequence.constraint is not None:
+            scores = sequence.constraint.mask(scores)
+        token = sample_token(scores, params, sequence.generator)
         if params.logprobs is not None:
             sequence.logprobs.append((token, *token_logprobs(logits, token, params.logprobs)))
         sequence.token_ids.append(token)
         self.metrics.count("tokens_generated")
         reason = None
-        if token in self._eos_ids:
+        if sequence.constraint is not None:
+            sequence.constraint.accept(token)
+        if token in self._eos_ids or (sequence.constraint and sequence.constraint.finished):
             reason = "stop"
         elif len(sequence.token_ids) >= params.max_tokens:
             reason = "length"

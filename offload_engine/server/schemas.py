@@ -55,6 +55,24 @@ class StreamOptions(_Strict):
     include_usage: bool = False  # send a last chunk with the usage counts
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {} allows any JSON value
+    description: Optional[str] = None
+    strict: Optional[bool] = None  # enforced either way: the grammar allows nothing else
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    def check(self) -> None:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ApiError(400, "response_format of type json_schema needs a json_schema "
+                                "object ({\"name\": ..., \"schema\": {...}})",
+                           param="response_format.json_schema")
+
+
 class _Sampling(_Strict):
     model: str
     max_tokens: Optional[int] = None
@@ -69,6 +87,7 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None  # an end-user id for the caller's own records; unused here
+    response_format: Optional[ResponseFormat] = None  # JSON enforced while decoding
 
     def stop_list(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -78,6 +97,8 @@ class _Sampling(_Strict):
         return stops
 
     def requested_max_tokens(self) -> Optional[int]:
+        if self.response_format is not None:
+            self.response_format.check()
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ApiError(400, f"max_tokens must be at least 1, got {self.max_tokens}",
                            param="max_tokens")
