@@ -32,7 +32,8 @@ def _post(live, path: str, **body) -> httpx.Response:
 
 
 @pytest.mark.parametrize("path, extra, named", [
-    ("chat/completions", {"tools": [], "tool_choice": "auto"}, ["tools", "tool_choice"]),
+    ("chat/completions", {"logit_bias": {"1": 5}, "echo": True}, ["logit_bias", "echo"]),
+    ("completions", {"tools": []}, ["tools"]),
     ("chat/completions", {"logit_bias": {"1": 5}}, ["logit_bias"]),
     ("completions", {"best_of": 2}, ["best_of"]),
     ("completions", {"suffix": "x"}, ["suffix"]),
@@ -48,10 +49,10 @@ def test_unsupported_parameters_get_400_naming_them(live, path, extra, named):
 
 
 def test_unsupported_message_field_is_named(live):
-    messages = [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]
+    messages = [{"role": "assistant", "content": "x", "refusal": "no"}]
     response = _post(live, "chat/completions", messages=MESSAGES + messages, max_tokens=2)
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "messages.1.tool_calls"
+    assert response.json()["error"]["param"] == "messages.1.refusal"
 
 
 def test_user_field_is_accepted(live):

@@ -28,6 +28,13 @@ from .constrain import Grammars
 from .guard import RequestGuard
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
+from .tools import (
+    ToolStream,
+    check_template,
+    forced_call_schema,
+    parse_tool_calls,
+    template_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,13 @@ class ModelService:
             raise ApiError(400, f"{exc}; use /v1/completions",
                            param="messages") from None
         return ids[0].tolist()
+
+    def encode_with_tools(self, messages: list, tools: list) -> List[int]:
+        """The chat template rendered with the tools' schemas (Qwen2.5, Llama 3.x...)."""
+        with self.tokenizer_lock:
+            return list(self.engine.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, return_dict=True,
+            )["input_ids"])
 
     def max_tokens(self, prompt_ids: List[int], requested: Optional[int], chat: bool,
                    param: str) -> int:
@@ -147,18 +161,29 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
     When the client disconnects, Starlette cancels this generator; the finally clause
     tells the scheduler, which drops the sequence at its next step.
     """
-    done = False
+    done, held = False, ToolStream() if reply.tools else None
     try:
         if reply.chat:
             yield sse(reply.chunk(None, first=True))
         while not done:
             event = await events.get()
             if isinstance(event, TextEvent):
-                yield sse(reply.chunk(event.text, logprobs=event.logprobs))
+                text, logprobs = held.feed(event.text, event.logprobs) if held else \
+                    (event.text, event.logprobs)
+                if text or logprobs:
+                    yield sse(reply.chunk(text, logprobs=logprobs))
             elif isinstance(event, DoneEvent):
                 done = True
-                yield sse(reply.chunk(None, finish_reason=event.finish_reason,
-                                      logprobs=event.logprobs))
+                finish, text, logprobs = event.finish_reason, "", event.logprobs
+                if held:
+                    text, held_logprobs = held.flush()
+                    logprobs = held_logprobs + logprobs
+                    content, calls = parse_tool_calls(text)
+                    if calls:
+                        text, finish = content, "tool_calls"
+                        yield sse(reply.chunk(text, logprobs=logprobs, tool_calls=calls))
+                        text, logprobs = "", []
+                yield sse(reply.chunk(text, finish_reason=finish, logprobs=logprobs))
                 if include_usage:
                     yield sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
             elif isinstance(event, ErrorEvent):
@@ -172,7 +197,8 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
 
 async def _complete(service: ModelService, prepared: tuple, chat: bool, request: Request):
     body, prompt_ids, constraint = prepared
-    reply = Reply(service.model_id, chat=chat, logprobs=body.logprobs_wanted() is not None)
+    reply = Reply(service.model_id, chat=chat, logprobs=body.logprobs_wanted() is not None,
+                  tools=chat and body.active_tools() is not None)
     sequence, events = service.submit(prompt_ids, body, constraint)
     if body.stream:
         return StreamingResponse(
@@ -187,8 +213,21 @@ def _prepare_chat(service: ModelService, raw: bytes):
     body = parse_body(raw, ChatRequest)
     service.check_model(body.model)
     requested = body.requested_max_tokens()
-    prompt_ids = service.encode(None, [m.as_template_message() for m in body.messages])
+    messages = [template_message(m.as_template_message(), m.tool_calls) for m in body.messages]
+    tools = body.active_tools()
+    if tools is None:
+        prompt_ids = service.encode(None, messages)
+    else:
+        style = check_template(service.engine.tokenizer)
+        prompt_ids = service.encode_with_tools(
+            messages, [tool.model_dump(exclude_none=True) for tool in tools])
     body.max_tokens = service.max_tokens(prompt_ids, requested, True, "messages")
+    if body.forced_call():
+        if body.response_format is not None and body.response_format.type != "text":
+            raise ApiError(400, "response_format cannot be combined with a forced tool call "
+                                "(tool_choice required or named)", param="response_format")
+        schema = forced_call_schema(tools, body.tool_choice, style)
+        return body, prompt_ids, service.grammars.forced_tool_call(schema, style == "hermes")
     return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 

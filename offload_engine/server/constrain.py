@@ -81,6 +81,24 @@ class Grammars:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises plain errors for bad schemas
             raise ApiError(400, f"response_format.json_schema.schema cannot be used: {exc}",
                            param="response_format.json_schema.schema") from None
+        return self._constraint(compiled, xgr)
+
+    def forced_tool_call(self, schema: dict, hermes: bool) -> Constraint:
+        """A reply that must be one call matching ``schema``: wrapped in <tool_call> tags for
+        Hermes-style templates, bare JSON for Llama 3.x."""
+        compiler, xgr = self._compiler_for()
+        try:
+            grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as exc:  # noqa: BLE001 - xgrammar raises plain errors for bad schemas
+            raise ApiError(400, f"a tool's parameters schema cannot be used: {exc}",
+                           param="tools") from None
+        if hermes:
+            grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"'),
+                                         grammar,
+                                         xgr.Grammar.from_ebnf('root ::= "\\n</tool_call>"'))
+        return self._constraint(compiler.compile_grammar(grammar), xgr)
+
+    def _constraint(self, compiled, xgr) -> Constraint:
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids or None,
                                      terminate_without_stop_token=not self.stop_ids)
         return Constraint(matcher, self.vocab_size, xgr)

@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .tools import parse_tool_calls
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -29,6 +31,7 @@ class Reply:
     id: str = ""
     created: int = 0
     logprobs: bool = False  # the request asked for logprobs: report them, else null
+    tools: bool = False  # tools were offered: parse the reply for tool calls
     _text_offset: int = 0  # completions' text_offset of the next token reported
 
     def __post_init__(self) -> None:
@@ -60,7 +63,14 @@ class Reply:
         """A non-streamed response."""
         logprobs = self._logprobs(logprobs or [])
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            message = {"role": "assistant", "content": text}
+            calls = []
+            if self.tools:
+                message["content"], calls = parse_tool_calls(text)
+            if calls:
+                message["tool_calls"] = calls
+                finish_reason = "tool_calls"
+            choice = {"index": 0, "message": message,
                       "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._envelope("chat.completion", [choice])
         else:
@@ -71,13 +81,16 @@ class Reply:
         return body
 
     def chunk(self, text: Optional[str], finish_reason: Optional[str] = None,
-              first: bool = False, logprobs: Optional[List[dict]] = None) -> dict:
+              first: bool = False, logprobs: Optional[List[dict]] = None,
+              tool_calls: Optional[List[dict]] = None) -> dict:
         """A stream chunk; for chat the first one carries the role."""
         logprobs = self._logprobs(logprobs) if logprobs else None
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
             choice = {"index": 0, "delta": delta, "logprobs": logprobs,
                       "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])

@@ -39,16 +39,55 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, List[TextPart], None] = None
+    tool_calls: Optional[List[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+    name: Optional[str] = None  # a tool message: the function's name
 
     def as_template_message(self) -> dict:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message = {"role": role, "content": content or ""}
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema
+    strict: Optional[bool] = None  # calls forced by tool_choice always match the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -127,6 +166,20 @@ class ChatRequest(_Sampling):
     messages: List[ChatMessage]
     max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
     logprobs: bool = False  # report each generated token's log probability
+    tools: Optional[List[Tool]] = None  # functions the model may call
+    # auto: the model decides; none: tools are not shown; required / a named function:
+    # the reply is forced (constrained decoding) to be one such call
+    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted: every call in a reply is parsed
+
+    def active_tools(self) -> Optional[list]:
+        """The tools to render, or None (no tools, or tool_choice none)."""
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        return self.tools if self.tools and self.tool_choice != "none" else None
+
+    def forced_call(self) -> bool:
+        return self.active_tools() is not None and self.tool_choice not in (None, "auto")
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and its rivals
 
     def logprobs_wanted(self) -> Optional[int]:
