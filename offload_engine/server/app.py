@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -263,6 +264,12 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
     async def completions(request: Request):
         prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
         return await _complete(service, prepared, False, request)
+
+    page = (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():  # static: it talks to the API above from the browser
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
