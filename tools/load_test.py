@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import List
 
 import httpx
-import uvicorn
 
 from offload_engine.cli.options import add_engine_args, engine_config_from_args
 from offload_engine.decode.api import load
 from offload_engine.server.app import ServerConfig, create_app
-from offload_engine.server.runner import EngineServer, bind_socket
+from offload_engine.server.runner import BackgroundServer
 
 QUESTIONS = ["What is 2 + 2?", "Name a planet.", "What color is the sky?",
              "Who wrote Hamlet?", "Give me one tip for clean code.", "What is a list?"]
@@ -115,22 +113,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply")
     add_engine_args(parser)
     args = parser.parse_args(argv)
-    sock = bind_socket("127.0.0.1", 0)  # loopback only
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with load(args.model, engine_config_from_args(args)) as engine:
         app = create_app(engine, ServerConfig(max_batch=max(args.concurrency),
                                               max_queue=max(args.requests, 64)))
-        server = EngineServer(uvicorn.Config(app, log_level="warning"),
-                              app.state.service.scheduler)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
         model = app.state.service.model_id
-        runs = [asyncio.run(load_at(url, model, n, args.requests, args.max_tokens))
-                for n in args.concurrency]
-        server.should_exit = True
-        thread.join(60)
+        with BackgroundServer(app) as server:  # loopback only
+            runs = [asyncio.run(load_at(server.url, model, n, args.requests, args.max_tokens))
+                    for n in args.concurrency]
     device = engine.stats.get("device_name", "?")
     print(f"model {model}, device {device}, greedy, {args.max_tokens} tokens per reply")
     print(table(runs, args.requests, args.max_tokens))

@@ -13,6 +13,8 @@ import ipaddress
 import logging
 import signal
 import socket
+import threading
+import time
 from typing import Callable, Optional
 
 import uvicorn
@@ -82,6 +84,34 @@ class EngineServer(uvicorn.Server):
             logger.warning("already stopping; waiting for the current decode step to end")
             return
         super().handle_exit(sig, frame)
+
+
+class BackgroundServer:
+    """The app served on a free loopback port from a thread, for tools: ``with`` it, use
+    ``.url``, and it stops (in-flight requests fail with 503) when the block ends."""
+
+    def __init__(self, app, timeout_s: float = 60.0):
+        self.app, self.timeout_s = app, timeout_s
+        self.socket = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = EngineServer(uvicorn.Config(app, log_level="warning"),
+                                   app.state.service.scheduler)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(self.timeout_s)
+        self.socket.close()
 
 
 def run_app(app, sock: socket.socket, grace_s: float) -> None:
