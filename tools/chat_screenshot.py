@@ -6,7 +6,7 @@ selenium (dev extra). The one in docs/serving.md:
 
     OMP_WAIT_POLICY=PASSIVE python tools/chat_screenshot.py \
         ~/.cache/offload-engine/smollm2-135m-instruct-int4-asym-g64 docs/chat_page.png \
-        --device cpu --prompt "Name three primary colors."
+        --device cpu --gpu-budget 100MiB --prompt "Name three primary colors."
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from offload_engine.server.runner import BackgroundServer
 def browser() -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--window-size=1100,620"):
+    for flag in ("--headless=new", "--no-sandbox", "--window-size=1100,760"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
