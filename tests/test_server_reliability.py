@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from offload_engine.decode.api import load  # noqa: E402
-from offload_engine.server import app as app_module  # noqa: E402
-from offload_engine.server.app import ServerConfig  # noqa: E402
-from tests.test_server import TIMEOUT, LiveServer, held, httpx, openai  # noqa: F401 - skips
+from offload_engine.decode.api import load
+from offload_engine.server import app as app_module
+from offload_engine.server.app import ServerConfig
+from tests.test_server import TIMEOUT, LiveServer, httpx, openai  # also skips without the extra
 
 KEY = "test-key-123"
 
