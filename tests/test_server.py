@@ -18,13 +18,14 @@ httpx = pytest.importorskip("httpx")
 from offload_engine.decode.api import load  # noqa: E402
 from offload_engine.server.app import ServerConfig, create_app  # noqa: E402
 from offload_engine.server.batcher import Scheduler, Sequence, TextEvent  # noqa: E402
+from offload_engine.server.runner import EngineServer  # noqa: E402
 from offload_engine.server.sampling import SamplingParams  # noqa: E402
 
 TIMEOUT = 30  # seconds for any one wait; nothing should come close
 
 
 class LiveServer:
-    """uvicorn serving create_app(engine) on a free loopback port, in a background thread."""
+    """The server `serve` runs, for create_app(engine) on a free loopback port, in a thread."""
 
     def __init__(self, engine, config: ServerConfig):
         import uvicorn
@@ -34,7 +35,9 @@ class LiveServer:
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.server = EngineServer(uvicorn.Config(self.app, log_level="warning",
+                                                  timeout_graceful_shutdown=2),
+                                   self.service.scheduler)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -54,7 +57,7 @@ class LiveServer:
         assert not self.service.scheduler.alive, "scheduler thread outlived the server"
 
     def metrics(self) -> dict:
-        return httpx.get(f"{self.url}/metrics", timeout=TIMEOUT).json()
+        return httpx.get(f"{self.url}/metrics/json", timeout=TIMEOUT).json()
 
     def wait_metrics(self, condition) -> dict:
         deadline = time.monotonic() + TIMEOUT
@@ -63,8 +66,8 @@ class LiveServer:
             time.sleep(0.02)
         return metrics
 
-    def client(self):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=TIMEOUT,
+    def client(self, api_key: str = "unused"):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, timeout=TIMEOUT,
                              max_retries=0)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..units import parse_bytes
 from .options import add_engine_args, engine_config_from_args
 
 
@@ -18,6 +20,7 @@ def register(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    add_server_args(parser)
     add_engine_args(parser)
     group = parser.add_argument_group("batching")
     group.add_argument("--max-batch", type=int, default=8, metavar="N",
@@ -26,6 +29,19 @@ def register(commands) -> None:
                        help="requests waiting for a batch slot before new ones get 429 "
                             "(default 64)")
     parser.set_defaults(handler=run)
+
+
+def add_server_args(parser) -> None:
+    group = parser.add_argument_group("requests")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1/ routes (401 without "
+                            "it); default: $OFFLOAD_ENGINE_API_KEY, else no key")
+    group.add_argument("--max-body-size", type=parse_bytes, default="8MiB", metavar="B",
+                       help="larger request bodies get 413 before they are parsed "
+                            "(default 8MiB)")
+    group.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
+                       help="tokens a chat request without max_tokens may generate at most "
+                            "(default 1024; the context's end comes first if sooner)")
 
 
 def require_server_extras() -> None:
@@ -38,15 +54,36 @@ def require_server_extras() -> None:
 
 def run(args) -> int:
     require_server_extras()
-    from ..server.app import ServerConfig, serve
+    from ..server.config import ServerConfig
+    from ..server.runner import serve
 
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch,
-                          max_queue=args.max_queue)
+                          max_queue=args.max_queue,
+                          api_key=ServerConfig.key_from_env(args.api_key),
+                          max_body_bytes=args.max_body_size,
+                          default_max_tokens=args.default_max_tokens)
 
-    def announce(model_id: str) -> None:
-        print(f"serving model {model_id!r} at http://{config.host}:{config.port}/v1 "
-              f"(max batch {config.max_batch}, max queue {config.max_queue}); Ctrl-C stops",
-              flush=True)
+    served = []
 
-    serve(args.model, engine_config_from_args(args), config, on_loaded=announce)
+    def announce(model_id: str, url: str) -> None:
+        served.append(model_id)
+        key = "; API key required" if config.api_key else ""
+        print(f"serving model {model_id!r} at {url} (max batch {config.max_batch}, "
+              f"max queue {config.max_queue}{key}); Ctrl-C stops", flush=True)
+
+    try:
+        serve(args.model, engine_config_from_args(args), config, on_loaded=announce)
+    finally:
+        if served:
+            _ignore_ctrl_c()
     return 0
+
+
+def _ignore_ctrl_c() -> None:
+    """Called once the server has stopped and the engine is closed.
+
+    What is left is the interpreter's cleanup (seconds with torch loaded), during which
+    Python resets Ctrl-C to the OS default. Ignored instead, a second Ctrl-C can neither
+    kill that cleanup nor interrupt it with a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -11,43 +11,40 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decode.generate import check_context, encode_prompt
 from ..errors import ConfigError, ContextLengthError
+from . import prometheus
 from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
+from .config import ServerConfig
+from .constrain import Grammars
+from .guard import RequestGuard
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
+from .tools import (
+    ToolStream,
+    check_template,
+    forced_call_schema,
+    parse_tool_calls,
+    template_message,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI does
 FALLBACK_CONTEXT = 2048  # models whose config states no context length
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+SHUTDOWN_MESSAGE = "the server is shutting down; retry later"
 
-
-@dataclass
-class ServerConfig:
-    """How the server listens and batches. Every field has a `serve` flag of the same name."""
-
-    host: str = "127.0.0.1"  # loopback by default: nothing outside this machine can connect
-    port: int = 8000  # TCP port; 0 picks a free one
-    max_batch: int = 8  # sequences decoded together in one forward
-    max_queue: int = 64  # requests waiting for a batch slot before new ones get 429
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if self.max_queue < 1:
-            raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+__all__ = ["ServerConfig", "create_app"]
 
 
 class ModelService:
@@ -55,12 +52,15 @@ class ModelService:
 
     def __init__(self, engine, config: ServerConfig):
         self.engine = engine
+        self.config = config
         self.model_id = Path(engine.directory).name
         self.created = int(time.time())
         self.tokenizer_lock = threading.Lock()  # shared with the scheduler's decoding
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue,
                                    self.tokenizer_lock)
         self.context = getattr(engine.model.config, "max_position_embeddings", None)
+        self.grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size,
+                                 self.scheduler.eos_ids)
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -76,13 +76,21 @@ class ModelService:
                            param="messages") from None
         return ids[0].tolist()
 
+    def encode_with_tools(self, messages: list, tools: list) -> List[int]:
+        """The chat template rendered with the tools' schemas (Qwen2.5, Llama 3.x...)."""
+        with self.tokenizer_lock:
+            return list(self.engine.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, return_dict=True,
+            )["input_ids"])
+
     def max_tokens(self, prompt_ids: List[int], requested: Optional[int], chat: bool,
                    param: str) -> int:
-        """The tokens to generate: as requested, else what the context leaves (capped)."""
+        """The tokens to generate: as requested, else the default capped by the context."""
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param=param)
         room = (self.context or FALLBACK_CONTEXT) - len(prompt_ids)
-        wanted = requested or (room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
+        default = self.config.default_max_tokens if chat else DEFAULT_COMPLETION_TOKENS
+        wanted = requested or min(default, room)
         try:
             check_context(self.engine, len(prompt_ids), max(wanted, 1))
         except ContextLengthError:
@@ -92,12 +100,13 @@ class ModelService:
                            param=param, code="context_length_exceeded") from None
         return wanted
 
-    def submit(self, prompt_ids: List[int], request) -> tuple:
+    def submit(self, prompt_ids: List[int], request, constraint=None) -> tuple:
         """Queue a request; returns (sequence, asyncio queue of its events)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         params = request.sampling_params(request.max_tokens)
         sequence = Sequence(prompt_ids, params,
-                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                            constraint)
         try:
             self.scheduler.submit(sequence)
         except QueueFullError as exc:
@@ -106,23 +115,42 @@ class ModelService:
         return sequence, events
 
 
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client hangs up. The body was read already, so the next ASGI
+    message this request gets is http.disconnect (uvicorn sends it when the socket closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _collect(service: ModelService, sequence: Sequence, events: asyncio.Queue,
-                   reply: Reply) -> dict:
-    """Wait for a whole reply; cancel the sequence if this request goes away first."""
-    parts, done = [], False
+                   reply: Reply, request: Request) -> dict:
+    """Wait for a whole reply; cancel the sequence if its client hangs up first.
+
+    Nothing is sent before the reply is whole, so the route would never notice a
+    disconnect by itself: a watcher task listens for it and ends the wait.
+    """
+    parts, logprobs, done = [], [], False
+    watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         while True:
-            event = await events.get()
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                raise ApiError(499, "the client closed the connection", code="client_closed")
+            event = getter.result()
             if isinstance(event, TextEvent):
                 parts.append(event.text)
+                logprobs += event.logprobs
             elif isinstance(event, DoneEvent):
                 done = True
                 return reply.whole("".join(parts), event.finish_reason, event.prompt_tokens,
-                                   event.completion_tokens)
+                                   event.completion_tokens, logprobs + event.logprobs)
             elif isinstance(event, ErrorEvent):
                 done = True
                 raise ApiError(event.status, event.message, type="server_error")
     finally:
+        watcher.cancel()
         if not done:
             service.scheduler.cancel(sequence)
 
@@ -134,17 +162,29 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
     When the client disconnects, Starlette cancels this generator; the finally clause
     tells the scheduler, which drops the sequence at its next step.
     """
-    done = False
+    done, held = False, ToolStream() if reply.tools else None
     try:
         if reply.chat:
             yield sse(reply.chunk(None, first=True))
         while not done:
             event = await events.get()
             if isinstance(event, TextEvent):
-                yield sse(reply.chunk(event.text))
+                text, logprobs = held.feed(event.text, event.logprobs) if held else \
+                    (event.text, event.logprobs)
+                if text or logprobs:
+                    yield sse(reply.chunk(text, logprobs=logprobs))
             elif isinstance(event, DoneEvent):
                 done = True
-                yield sse(reply.chunk(None, finish_reason=event.finish_reason))
+                finish, text, logprobs = event.finish_reason, "", event.logprobs
+                if held:
+                    text, held_logprobs = held.flush()
+                    logprobs = held_logprobs + logprobs
+                    content, calls = parse_tool_calls(text)
+                    if calls:
+                        text, finish = content, "tool_calls"
+                        yield sse(reply.chunk(text, logprobs=logprobs, tool_calls=calls))
+                        text, logprobs = "", []
+                yield sse(reply.chunk(text, finish_reason=finish, logprobs=logprobs))
                 if include_usage:
                     yield sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
             elif isinstance(event, ErrorEvent):
@@ -156,14 +196,49 @@ async def _stream(service: ModelService, sequence: Sequence, events: asyncio.Que
             service.scheduler.cancel(sequence)
 
 
-async def _complete(service: ModelService, request, prompt_ids: List[int], chat: bool):
-    reply = Reply(service.model_id, chat=chat)
-    sequence, events = service.submit(prompt_ids, request)
-    if request.stream:
+async def _complete(service: ModelService, prepared: tuple, chat: bool, request: Request):
+    body, prompt_ids, constraint = prepared
+    reply = Reply(service.model_id, chat=chat, logprobs=body.logprobs_wanted() is not None,
+                  tools=chat and body.active_tools() is not None)
+    sequence, events = service.submit(prompt_ids, body, constraint)
+    if body.stream:
         return StreamingResponse(
-            _stream(service, sequence, events, reply, request.include_usage),
+            _stream(service, sequence, events, reply, body.include_usage),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await _collect(service, sequence, events, reply))
+    return JSONResponse(await _collect(service, sequence, events, reply, request))
+
+
+def _prepare_chat(service: ModelService, raw: bytes):
+    """Parse and tokenize a chat request: seconds of CPU for a huge prompt, so the routes
+    run this in a worker thread and the event loop keeps answering (/health, streams)."""
+    body = parse_body(raw, ChatRequest)
+    service.check_model(body.model)
+    requested = body.requested_max_tokens()
+    messages = [template_message(m.as_template_message(), m.tool_calls) for m in body.messages]
+    tools = body.active_tools()
+    if tools is None:
+        prompt_ids = service.encode(None, messages)
+    else:
+        style = check_template(service.engine.tokenizer)
+        prompt_ids = service.encode_with_tools(
+            messages, [tool.model_dump(exclude_none=True) for tool in tools])
+    body.max_tokens = service.max_tokens(prompt_ids, requested, True, "messages")
+    if body.forced_call():
+        if body.response_format is not None and body.response_format.type != "text":
+            raise ApiError(400, "response_format cannot be combined with a forced tool call "
+                                "(tool_choice required or named)", param="response_format")
+        schema = forced_call_schema(tools, body.tool_choice, style)
+        return body, prompt_ids, service.grammars.forced_tool_call(schema, style == "hermes")
+    return body, prompt_ids, service.grammars.constraint(body.response_format)
+
+
+def _prepare_completion(service: ModelService, raw: bytes):
+    body = parse_body(raw, CompletionRequest)
+    service.check_model(body.model)
+    requested = body.requested_max_tokens()
+    prompt_ids = service.encode(body.prompt_text(), None)
+    body.max_tokens = service.max_tokens(prompt_ids, requested, False, "prompt")
+    return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 
 def _add_routes(app: FastAPI, service: ModelService) -> None:
@@ -182,21 +257,19 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_body(await request.body(), ChatRequest)
-        service.check_model(body.model)
-        requested = body.requested_max_tokens()
-        prompt_ids = service.encode(None, [m.as_template_message() for m in body.messages])
-        body.max_tokens = service.max_tokens(prompt_ids, requested, True, "messages")
-        return await _complete(service, body, prompt_ids, chat=True)
+        prepared = await run_in_threadpool(_prepare_chat, service, await request.body())
+        return await _complete(service, prepared, True, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse_body(await request.body(), CompletionRequest)
-        service.check_model(body.model)
-        requested = body.requested_max_tokens()
-        prompt_ids = service.encode(body.prompt_text(), None)
-        body.max_tokens = service.max_tokens(prompt_ids, requested, False, "prompt")
-        return await _complete(service, body, prompt_ids, chat=False)
+        prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
+        return await _complete(service, prepared, False, request)
+
+    page = (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():  # static: it talks to the API above from the browser
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
@@ -206,6 +279,11 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
 
     @app.get("/metrics")
     async def metrics():
+        text = prometheus.render(service.model_id, service.scheduler.metrics.snapshot())
+        return Response(text, media_type=prometheus.CONTENT_TYPE)
+
+    @app.get("/metrics/json")
+    async def metrics_json():
         return {"model": service.model_id, **service.scheduler.metrics.snapshot()}
 
 
@@ -229,7 +307,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def create_app(engine, config: Optional[ServerConfig] = None) -> FastAPI:
     """The API around a loaded engine; the scheduler runs while the app is being served."""
-    service = ModelService(engine, config or ServerConfig())
+    config = config or ServerConfig()
+    service = ModelService(engine, config)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -237,27 +316,14 @@ def create_app(engine, config: Optional[ServerConfig] = None) -> FastAPI:
         try:
             yield
         finally:
-            service.scheduler.stop()
+            service.scheduler.abort(SHUTDOWN_MESSAGE)
+            await asyncio.to_thread(service.scheduler.stop)  # the loop stays free meanwhile
 
     app = FastAPI(title="offload-engine", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=config.api_key,
+                       max_body_bytes=config.max_body_bytes)
     app.state.service = service
     _add_routes(app, service)
     _add_error_handlers(app)
     return app
 
-
-def serve(model, engine_config, config: ServerConfig,
-          on_loaded: Optional[Callable[[str], None]] = None) -> None:
-    """Load ``model``, serve it until interrupted, then stop the scheduler and the engine.
-
-    ``on_loaded`` receives the served model id once the engine is loaded.
-    """
-    import uvicorn
-
-    from ..decode.api import load
-
-    with load(model, engine_config) as engine:
-        app = create_app(engine, config)
-        if on_loaded is not None:
-            on_loaded(app.state.service.model_id)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="info")

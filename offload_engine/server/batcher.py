@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Set
 
 import torch
@@ -22,7 +22,15 @@ from ..errors import OffloadError
 from . import speculative_step
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
-from .sampling import SamplingParams, TextTracker, make_generator, sample_token
+from .sampling import (
+    SamplingParams,
+    TextTracker,
+    describe_logprobs,
+    make_generator,
+    penalize,
+    sample_token,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ class QueueFullError(OffloadError):
 @dataclass
 class TextEvent:
     text: str  # new final text of the reply
+    logprobs: list = field(default_factory=list)  # per token since the last event, if asked
 
 
 @dataclass
@@ -41,6 +50,7 @@ class DoneEvent:
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list = field(default_factory=list)  # tokens not yet reported by a TextEvent
 
 
 @dataclass
@@ -55,7 +65,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt_ids: List[int], params: SamplingParams,
-                 emit: Callable[[object], None]):
+                 emit: Callable[[object], None], constraint=None):
         self.id = next(self._ids)
         self.prompt_ids = prompt_ids
         self.params = params
@@ -64,6 +74,8 @@ class Sequence:
         self.cancelled = False  # set by the HTTP side when the client went away
         self.generator: Optional[torch.Generator] = None
         self.tracker: Optional[TextTracker] = None
+        self.logprobs: list = []  # (token, logprob, alternatives) not yet handed out
+        self.constraint = constraint  # constrain.Constraint for response_format, or None
 
 
 class Scheduler:
@@ -106,6 +118,26 @@ class Scheduler:
             sequence.cancelled = True
             self._wake.notify()
 
+    def abort(self, reason: str) -> None:
+        """Take no more work and fail every queued or running request now, with a 503.
+
+        For shutdown: the requests get their answer at once, from the caller's thread,
+        whatever step the scheduler thread is in; it drops them and exits after that step.
+        """
+        with self._wake:
+            self._stopping = True
+            doomed = list(self._waiting) + list(self._active)
+            for sequence in doomed:
+                sequence.cancelled = True
+            self._wake.notify()
+        for sequence in doomed:
+            _safe_emit(sequence, ErrorEvent(reason, status=503))
+
+    @property
+    def eos_ids(self) -> Set[int]:
+        """Tokens that end a reply (the model's and the tokenizer's end-of-sequence)."""
+        return set(self._eos_ids)
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -129,7 +161,8 @@ class Scheduler:
             self._waiting.clear()
         self._active = []
         for sequence in leftover:
-            _safe_emit(sequence, ErrorEvent("the server is shutting down", status=503))
+            if not sequence.cancelled:  # abort() or its client already ended it
+                _safe_emit(sequence, ErrorEvent("the server is shutting down", status=503))
 
     # ----- the scheduler thread ------------------------------------------------------------
     def _loop(self) -> None:
@@ -226,25 +259,36 @@ class Scheduler:
     def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
         """Sample one token for ``sequence``, hand out its text; True when it is finished."""
         params = sequence.params
-        token = sample_token(logits, params, sequence.generator)
+        scores = penalize(logits, sequence.token_ids, params)
+        if sequence.constraint is not None:
+            scores = sequence.constraint.mask(scores)
+        token = sample_token(scores, params, sequence.generator)
+        if params.logprobs is not None:
+            sequence.logprobs.append((token, *token_logprobs(logits, token, params.logprobs)))
         sequence.token_ids.append(token)
         self.metrics.count("tokens_generated")
         reason = None
-        if token in self._eos_ids:
+        if sequence.constraint is not None:
+            sequence.constraint.accept(token)
+        if token in self._eos_ids or (sequence.constraint and sequence.constraint.finished):
             reason = "stop"
         elif len(sequence.token_ids) >= params.max_tokens:
             reason = "length"
         with self.tokenizer_lock:
             text, stopped = sequence.tracker.update(sequence.token_ids, final=reason is not None)
+            reported = describe_logprobs(self.engine.tokenizer, sequence.logprobs) \
+                if text or stopped or reason else []
         if stopped:
             reason = "stop"
-        if text and not _safe_emit(sequence, TextEvent(text)):
+        if reported:
+            sequence.logprobs = []
+        if text and not _safe_emit(sequence, TextEvent(text, reported)):
             sequence.cancelled = True
         if reason is None:
             return False
         self.metrics.count("requests_served")
         _safe_emit(sequence, DoneEvent(reason, len(sequence.prompt_ids),
-                                       len(sequence.token_ids)))
+                                       len(sequence.token_ids), [] if text else reported))
         return True
 
 

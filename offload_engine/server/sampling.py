@@ -17,6 +17,9 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: sample from the smallest set holding this much probability
     seed: Optional[int] = None  # seeds this request's own generator; None draws a fresh seed
     stop: List[str] = field(default_factory=list)  # finish when the text contains one
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    logprobs: Optional[int] = None  # alternatives to report per token; None: no logprobs
 
     @property
     def greedy(self) -> bool:
@@ -33,6 +36,42 @@ def make_generator(params: SamplingParams, device: torch.device) -> Optional[tor
     else:
         generator.manual_seed(params.seed)
     return generator
+
+
+def penalize(logits: torch.Tensor, generated: List[int],
+             params: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens this request generated
+    (as vLLM does; the prompt is not counted). One row of logits (V,) in, a new one out."""
+    if not generated or not (params.presence_penalty or params.frequency_penalty):
+        return logits
+    ids = torch.tensor(generated, device=logits.device)
+    counts = torch.bincount(ids, minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, alternatives: int) -> Tuple[float, list]:
+    """The chosen token's log probability under the model (the raw logits: before
+    temperature, top-p and penalties, as vLLM reports them) and the ``alternatives``
+    likeliest tokens as (id, logprob) pairs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if alternatives:
+        values, ids = torch.topk(logprobs, alternatives)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logprobs[token]), top
+
+
+def describe_logprobs(tokenizer, entries: list) -> List[dict]:
+    """(token, logprob, alternatives) entries as OpenAI's chat logprobs content items.
+
+    A token's text is its own decoding; a token that is part of a multi-byte character
+    decodes to U+FFFD, and its ``bytes`` are those of that text, not the raw piece."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [{**item(token, logprob), "top_logprobs": [item(i, lp) for i, lp in top]}
+            for token, logprob, top in entries]
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams,

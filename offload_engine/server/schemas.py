@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API allows
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs limit in the OpenAI API (completions: 5)
 
 
 class ApiError(Exception):
@@ -27,9 +28,10 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    # strict: "5" is not an int and true is not a number; unknown fields are ignored, as
-    # clients send options this server does not implement (presence_penalty, user...)
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "5" is not an int and true is not a number. Unknown fields are refused with a
+    # 400 naming them: a client that sends tools or response_format must not get a reply
+    # that silently ignored them
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class TextPart(_Strict):
@@ -37,20 +39,77 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, List[TextPart], None] = None
+    tool_calls: Optional[List[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+    name: Optional[str] = None  # a tool message: the function's name
 
     def as_template_message(self) -> dict:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message = {"role": role, "content": content or ""}
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema
+    strict: Optional[bool] = None  # calls forced by tool_choice always match the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False  # send a last chunk with the usage counts
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {} allows any JSON value
+    description: Optional[str] = None
+    strict: Optional[bool] = None  # enforced either way: the grammar allows nothing else
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    def check(self) -> None:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ApiError(400, "response_format of type json_schema needs a json_schema "
+                                "object ({\"name\": ..., \"schema\": {...}})",
+                           param="response_format.json_schema")
 
 
 class _Sampling(_Strict):
@@ -63,6 +122,11 @@ class _Sampling(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # subtracted from the logits of tokens already generated: once, and per occurrence
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: Optional[str] = None  # an end-user id for the caller's own records; unused here
+    response_format: Optional[ResponseFormat] = None  # JSON enforced while decoding
 
     def stop_list(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -72,6 +136,8 @@ class _Sampling(_Strict):
         return stops
 
     def requested_max_tokens(self) -> Optional[int]:
+        if self.response_format is not None:
+            self.response_format.check()
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ApiError(400, f"max_tokens must be at least 1, got {self.max_tokens}",
                            param="max_tokens")
@@ -82,7 +148,14 @@ class _Sampling(_Strict):
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop_list())
+                              top_p=self.top_p, seed=self.seed, stop=self.stop_list(),
+                              presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty,
+                              logprobs=self.logprobs_wanted())
+
+    def logprobs_wanted(self) -> Optional[int]:
+        """How many alternatives to report per token; None: no logprobs at all."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -92,6 +165,27 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: List[ChatMessage]
     max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+    logprobs: bool = False  # report each generated token's log probability
+    tools: Optional[List[Tool]] = None  # functions the model may call
+    # auto: the model decides; none: tools are not shown; required / a named function:
+    # the reply is forced (constrained decoding) to be one such call
+    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted: every call in a reply is parsed
+
+    def active_tools(self) -> Optional[list]:
+        """The tools to render, or None (no tools, or tool_choice none)."""
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        return self.tools if self.tools and self.tool_choice != "none" else None
+
+    def forced_call(self) -> bool:
+        return self.active_tools() is not None and self.tool_choice not in (None, "auto")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and its rivals
+
+    def logprobs_wanted(self) -> Optional[int]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> Optional[int]:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -103,6 +197,10 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy API: alternatives per token
+
+    def logprobs_wanted(self) -> Optional[int]:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -118,6 +216,7 @@ def parse_body(raw: bytes, model_class):
     try:
         return model_class.model_validate_json(raw or b"")
     except ValidationError as exc:
+        _refuse_unsupported(exc.errors())
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             reason = first["msg"].removeprefix("Invalid JSON: ")
@@ -126,6 +225,19 @@ def parse_body(raw: bytes, model_class):
         where = ".".join(str(part) for part in _field_path(exc.errors()))
         message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
         raise ApiError(400, message, param=where or None) from None
+
+
+def _refuse_unsupported(errors: list) -> None:
+    """Fields this server does not implement get one 400 naming all of them."""
+    extra = [".".join(str(part) for part in error["loc"]) for error in errors
+             if error["type"] == "extra_forbidden"]
+    if extra:
+        raise ApiError(400, f"unsupported parameter{'s' if len(extra) > 1 else ''}: "
+                            f"{', '.join(extra)}; this server does not implement "
+                            f"{'them' if len(extra) > 1 else 'it'}, remove "
+                            f"{'them' if len(extra) > 1 else 'it'} from the request "
+                            "(docs/serving.md lists what is supported)",
+                       param=extra[0], code="unsupported_parameter")
 
 
 def _field_path(errors: list) -> tuple:

@@ -1,0 +1,130 @@
+"""A bounded load test of the server: N concurrent streaming clients, a fixed request count.
+
+Loads MODEL, serves it on a free loopback port (nothing leaves this machine), and for each
+concurrency sends ``--requests`` chat requests through that many concurrent clients, each
+streaming, then stops. Prints a markdown table: requests/s, generated tokens/s, p50/p99
+latency and time to first token, errors. Example (the demo model on CPU):
+
+    OMP_WAIT_POLICY=PASSIVE python tools/load_test.py \
+        ~/.cache/offload-engine/smollm2-135m-instruct-int4-asym-g64 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import httpx
+
+from offload_engine.cli.options import add_engine_args, engine_config_from_args
+from offload_engine.decode.api import load
+from offload_engine.server.app import ServerConfig, create_app
+from offload_engine.server.runner import BackgroundServer
+
+QUESTIONS = ["What is 2 + 2?", "Name a planet.", "What color is the sky?",
+             "Who wrote Hamlet?", "Give me one tip for clean code.", "What is a list?"]
+
+
+@dataclass
+class Run:
+    concurrency: int
+    wall_s: float = 0.0
+    latencies: List[float] = field(default_factory=list)
+    first_tokens: List[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+
+
+def percentile(values: List[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else 0.0
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, index: int,
+                      max_tokens: int, run: Run) -> None:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}]}
+    started, first, usage = time.perf_counter(), None, None
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+            if reply.status_code != 200:
+                run.errors += 1
+                return
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    run.errors += 1
+                    return
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif first is None and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - started
+    except httpx.HTTPError:
+        run.errors += 1
+        return
+    run.latencies.append(time.perf_counter() - started)
+    run.first_tokens.append(first if first is not None else run.latencies[-1])
+    run.tokens += usage["completion_tokens"] if usage else 0
+
+
+async def load_at(url: str, model: str, concurrency: int, requests: int,
+                  max_tokens: int) -> Run:
+    run, queue = Run(concurrency), asyncio.Queue()
+    for index in range(requests):
+        queue.put_nowait(index)
+
+    async def client_loop(client):
+        while not queue.empty():
+            await one_request(client, url, model, queue.get_nowait(), max_tokens, run)
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        run.wall_s = time.perf_counter() - started
+    return run
+
+
+def table(runs: List[Run], requests: int, max_tokens: int) -> str:
+    lines = ["| concurrency | requests | requests/s | tokens/s | latency p50 / p99 (s) | "
+             "first token p50 / p99 (s) | errors |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        lines.append(
+            f"| {run.concurrency} | {requests} x {max_tokens} tokens | "
+            f"{len(run.latencies) / run.wall_s:.2f} | {run.tokens / run.wall_s:.1f} | "
+            f"{percentile(run.latencies, .5):.2f} / {percentile(run.latencies, .99):.2f} | "
+            f"{percentile(run.first_tokens, .5):.2f} / {percentile(run.first_tokens, .99):.2f} | "
+            f"{run.errors} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a directory written by `offload-engine quantize`")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    with load(args.model, engine_config_from_args(args)) as engine:
+        app = create_app(engine, ServerConfig(max_batch=max(args.concurrency),
+                                              max_queue=max(args.requests, 64)))
+        model = app.state.service.model_id
+        with BackgroundServer(app) as server:  # loopback only
+            runs = [asyncio.run(load_at(server.url, model, n, args.requests, args.max_tokens))
+                    for n in args.concurrency]
+    device = engine.stats.get("device_name", "?")
+    print(f"model {model}, device {device}, greedy, {args.max_tokens} tokens per reply")
+    print(table(runs, args.requests, args.max_tokens))
+    return 1 if any(run.errors for run in runs) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
