@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES
 from ..planning.sizes import CACHE_FORMATS
@@ -44,7 +45,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="without --gpu-budget, use the weight budget `offload-engine plan` "
                             "derives for this card (e.g. rtx4060-8gb to try an 8 GB setup on a "
                             "bigger GPU)")
+    add_kv_cache_arg(group)
+    group.add_argument("--kv-budget", default=None, metavar="B",
+                       help="device bytes the KV cache may take (e.g. 2GiB); a longer context "
+                            "is refused with the numbers (default: no cap)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_kv_cache_arg(group) -> None:
+    """--kv-cache, shared with `plan` (which does not take the other engine flags)."""
+    group.add_argument("--kv-cache", choices=KV_CACHE_MODES, default="bf16",
+                       help="KV cache storage: bf16 = the compute dtype, unquantized (float32 "
+                            "on CPU); int8 / int4 = per token and head, float16 scale and "
+                            "minimum per 32 elements of the head dim (docs/quality.md)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -60,4 +73,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         hw_profile=args.hw_profile,
         embeddings=args.embeddings,
         progress=not args.no_progress,
+        kv_cache=args.kv_cache,
+        kv_budget=args.kv_budget,
     )

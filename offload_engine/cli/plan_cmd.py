@@ -17,6 +17,7 @@ from ..planning.profiles import DEFAULT_PROFILE
 from ..planning.settings import DTYPES
 from ..planning.sizes import CACHE_FORMATS
 from ..quant.layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
+from .options import add_kv_cache_arg
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
 
@@ -57,6 +58,7 @@ def register(commands) -> None:
                         help="compute dtype; auto: bfloat16 on a cuda profile, float32 on cpu")
     parser.add_argument("--embeddings", choices=("device", "host"), default="device",
                         help="host: plan for the token embedding table kept in host RAM")
+    add_kv_cache_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=run)
 
@@ -73,7 +75,8 @@ def run(args) -> int:
         profile=load_profile(args.hw_profile), gpu_budget=args.gpu_budget,
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
-        cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings)
+        cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
+        kv_cache=args.kv_cache)
     shape = describe_model(args.model, spec)
     plan = make_plan(shape, request)
     report = plan.as_dict()
@@ -161,8 +164,9 @@ def _memory_rows(plan) -> List[Tuple[str, int, str]]:
         ("embeddings", mem.embeddings, "on the device (--embeddings host frees it)"
          if mem.embeddings else "in host RAM (--embeddings host)"),
         ("norms, biases", mem.other_dense, ""),
-        ("KV cache", mem.kv_cache, f"{mem.kv_cache_per_token / 1024:.1f} KiB per token x "
-         f"{settings['context']} x {settings['batch']}"),
+        ("KV cache", mem.kv_cache, f"{settings['kv_cache']}: {mem.kv_cache_per_token / 1024:.1f}"
+         f" KiB per token x {settings['context']} x {settings['batch']}"
+         + (" + one layer dequantized" if settings["kv_cache"] != "bf16" else "")),
         ("activations (estimate)", mem.activations, "prefill of the whole context"),
         ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
          else "OS, Python, torch"),

@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..errors import ConfigError, ContextLengthError
+from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 
 
@@ -35,6 +36,9 @@ class GenerationStats:
     arena_bytes: int
     resident_bytes: int
     streamed_bytes: int
+    kv_cache: str = "bf16"  # --kv-cache mode
+    kv_cache_bytes: int = 0  # KV cache bytes held at the end (int8/int4: allocated + scratch)
+    kv_read_bytes_per_pass: Optional[float] = None  # quantized KV bytes read per pass (int8/4)
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -43,7 +47,8 @@ class GenerationStats:
                 f"first token {self.time_to_first_token_s:.2f} s, "
                 f"{format_bytes(self.h2d_bytes_per_token)}/token host->device, "
                 f"hit rate {self.hit_rate:.1%}, peak device memory {peak}, "
-                f"{self.device_name} ({self.device}), policy {self.policy}]")
+                f"{self.device_name} ({self.device}), policy {self.policy}, "
+                f"KV cache {self.kv_cache} {format_bytes(self.kv_cache_bytes)}]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +134,10 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
     check_context(engine, input_ids.shape[1], max_new_tokens)
+    check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
+                    engine.config.kv_budget_bytes())
+    past = engine.new_kv_cache()  # None: transformers' default (dense) cache
+    cache_kwargs = {} if past is None else {"past_key_values": past}
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text)
@@ -140,12 +149,14 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
-            pad_token_id=_pad_id(engine), **sampling_args(temperature, top_p, greedy))
+            pad_token_id=_pad_id(engine), **cache_kwargs,
+            **sampling_args(temperature, top_p, greedy))
     _synchronize(engine.device)
     finished = time.perf_counter()
     new_ids = output[0, input_ids.shape[1]:].tolist()
     stats = _stats(engine, before, input_ids.shape[1], len(new_ids), started, finished,
                    streamer.first_token_at or finished)
+    _add_kv_stats(stats, engine, past, output.shape[1] - 1)
     text = engine.tokenizer.decode(new_ids, skip_special_tokens=True)
     return GenerationResult(text, new_ids, stats)
 
@@ -189,3 +200,14 @@ def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: f
         arena_bytes=summary["arena_bytes"], resident_bytes=summary["resident_bytes"],
         streamed_bytes=summary["streamed_bytes"],
     )
+
+
+def _add_kv_stats(stats: GenerationStats, engine, past, cached_tokens: int) -> None:
+    """KV cache bytes: counted by the quantized cache; the dense one holds every token."""
+    stats.kv_cache = engine.kv_layout.mode
+    if past is None:  # the last token generated is never fed back, so never cached
+        stats.kv_cache_bytes = engine.kv_layout.token_bytes() * cached_tokens
+        return
+    stats.kv_cache_bytes = past.nbytes
+    passes = max(1, past.counters.updates // engine.kv_layout.num_layers)
+    stats.kv_read_bytes_per_pass = past.counters.read_bytes / passes

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from ..errors import ConfigError
+from ..planning.kv_sizes import check_kv_mode
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS
@@ -32,6 +33,8 @@ class EngineConfig:
     hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
     embeddings: str = "device"  # "host" keeps the token embedding table off the device
     progress: bool = True  # tqdm bars while loading
+    kv_cache: str = "bf16"  # bf16 (the compute dtype, unquantized), int8, int4
+    kv_budget: Optional[Union[str, int]] = None  # device bytes for the KV cache; None: no cap
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -51,6 +54,8 @@ class EngineConfig:
             raise ConfigError(f"unknown --embeddings {self.embeddings!r}: use device or host")
         if self.gpu_budget is not None:
             _budget_kind(self.gpu_budget)  # fail early on unreadable text
+        check_kv_mode(self.kv_cache)
+        self.kv_budget_bytes()  # fail early on unreadable text
         resolve_device(self.device)
 
     def torch_device(self) -> torch.device:
@@ -76,6 +81,16 @@ class EngineConfig:
         if kind == "bytes":
             return int(value)
         return int(value * free_device_bytes(self.torch_device()))
+
+
+    def kv_budget_bytes(self) -> Optional[int]:
+        """The KV cache budget in bytes (--kv-budget); None when not capped."""
+        if self.kv_budget is None or str(self.kv_budget).strip().lower() in UNBOUNDED:
+            return None
+        try:
+            return parse_bytes(self.kv_budget)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"--kv-budget: {exc}") from exc
 
 
 def _budget_kind(budget):
