@@ -161,3 +161,32 @@ def test_plan_cli_shows_the_kv_mode(qwen2_q, capsys):
     assert report["settings"]["kv_cache"] == "int4"
     layout = KVLayout("int4", 2, 2, 16, 4)
     assert report["memory"]["kv_cache_per_token"] == layout.token_bytes()
+
+
+def test_eval_kv_cache_needs_no_reference(qwen2_q, capsys):
+    from offload_engine.cli import main
+
+    assert main(["eval", str(qwen2_q), "--kv-cache", "int8", "--tokens", "120", "--window",
+                 "60", "--greedy-tokens", "8", "--device", "cpu", "--no-progress",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kv_cache"] == "int8" and report["window"] == 60
+    assert report["predictions"] == 118 and 0 < report["mean_kl"] < INT8_MAX_KL
+    assert report["dense_dtype"] == "float32"  # on CPU "bf16" means the compute dtype
+    assert main(["eval", str(qwen2_q), "--no-progress"]) == 2  # neither --reference nor int8
+    assert "--reference" in capsys.readouterr().err
+
+
+def test_kv_quality_tool_runs_every_variant(qwen2_q, tmp_path):
+    from tests.test_tools import _tool
+
+    tool = _tool("kv_quality_table")
+    out = tmp_path / "kv.json"
+    assert tool.main([str(qwen2_q), "--variants", "int8,int4:8,k8v4", "--tokens", "80",
+                      "--window", "40", "--greedy-tokens", "4", "--steps", "2", "--device",
+                      "cpu", "--no-progress", "--json-out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    names = [r["kv_cache"] for r in data["quality"]]
+    assert names == ["int8", "int4", "K int8 / V int4"]
+    assert [r["group_size"] for r in data["quality"]] == [16, 8, 16]
+    assert [r["kv_cache"] for r in data["speed"]] == ["bf16", "int8", "int4"]

@@ -15,6 +15,7 @@ dtype) is counted too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..errors import ConfigError
 
@@ -35,15 +36,22 @@ def check_kv_mode(mode: str) -> str:
 class KVLayout:
     """How one model's KV cache is stored in one mode; every size the cache needs."""
 
-    mode: str  # bf16 (the compute dtype, unquantized), int8, int4
+    mode: str  # bf16 (the compute dtype, unquantized), int8, int4; V's mode if key_mode is set
     num_layers: int  # attention layers, each with a K and a V cache
     kv_heads: int
     head_dim: int
     dense_itemsize: int  # bytes of one element in the compute dtype
+    group: int = KV_GROUP_SIZE  # preferred group size (see group_size); tools/ sweep it
+    key_mode: Optional[str] = None  # K's own int8/int4, to measure K against V (tools/)
 
     def __post_init__(self) -> None:
         check_kv_mode(self.mode)
-        if self.mode == "int4" and self.head_dim % 2:
+        if self.group < 2 or self.group % 2:
+            raise ConfigError(f"KV group size must be even and at least 2, got {self.group}")
+        if self.key_mode is not None and not (self.key_mode in KV_BITS and self.quantized):
+            raise ConfigError(f"separate K and V modes must both be int8 or int4, got K "
+                              f"{self.key_mode} and V {self.mode}")
+        if "int4" in (self.mode, self.key_mode) and self.head_dim % 2:
             raise ConfigError(f"--kv-cache int4 packs two codes per byte: head_dim "
                               f"{self.head_dim} is odd; use --kv-cache int8")
 
@@ -52,32 +60,38 @@ class KVLayout:
         return self.mode in KV_BITS
 
     @property
-    def bits(self) -> int:
-        return KV_BITS[self.mode]
+    def name(self) -> str:
+        if self.key_mode is None or self.key_mode == self.mode:
+            return self.mode
+        return f"K {self.key_mode} / V {self.mode}"
+
+    def bits_of(self, side: str) -> int:
+        """Bits per code of ``side`` ("keys" or "values")."""
+        return KV_BITS[self.key_mode or self.mode if side == "keys" else self.mode]
 
     @property
     def group_size(self) -> int:
-        """KV_GROUP_SIZE when it divides the head dim, else the whole head dim (one group)."""
-        return KV_GROUP_SIZE if self.head_dim % KV_GROUP_SIZE == 0 else self.head_dim
+        """``group`` when it divides the head dim, else the whole head dim (one group)."""
+        return self.group if self.head_dim % self.group == 0 else self.head_dim
 
     @property
     def groups(self) -> int:
         return self.head_dim // self.group_size
 
-    @property
-    def code_bytes(self) -> int:
-        """Bytes of codes for one token of one head."""
-        return self.head_dim * self.bits // 8
+    def code_bytes_of(self, side: str) -> int:
+        """Bytes of codes for one token of one head on ``side``."""
+        return self.head_dim * self.bits_of(side) // 8
 
     def head_token_bytes(self) -> int:
-        """K (or V) of one token of one head, scales and minimums included."""
+        """K and V of one token of one head, scales and minimums included."""
         if not self.quantized:
-            return self.head_dim * self.dense_itemsize
-        return self.code_bytes + 2 * SCALE_BYTES * self.groups
+            return 2 * self.head_dim * self.dense_itemsize
+        metadata = 2 * SCALE_BYTES * self.groups  # scale and minimum per group
+        return sum(self.code_bytes_of(side) + metadata for side in ("keys", "values"))
 
     def layer_token_bytes(self) -> int:
         """K and V of one token in one layer, all KV heads."""
-        return 2 * self.kv_heads * self.head_token_bytes()
+        return self.kv_heads * self.head_token_bytes()
 
     def token_bytes(self) -> int:
         """K and V of one token of one sequence, all layers: the per-token figure."""

@@ -92,7 +92,7 @@ class QuantizedKVLayer(DynamicLayer):
         start, end = self.length, self.length + key_states.shape[-2]
         self._reserve(end)
         for side, states in zip(SIDES, (key_states, value_states), strict=True):
-            new = quantize_kv(states, self.layout.bits, self.layout.group_size)
+            new = quantize_kv(states, self.layout.bits_of(side), self.layout.group_size)
             for stored, part in zip(self.parts[side], new, strict=True):
                 stored[:, :, start:end] = part
         self.length = end
@@ -108,7 +108,8 @@ class QuantizedKVLayer(DynamicLayer):
         out = self.scratch.view(side, like, self.batch, codes.shape[1], self.length,
                                 self.capacity, layout.head_dim)
         return dequantize_kv(codes[:, :, :self.length], scale[:, :, :self.length],
-                             minimum[:, :, :self.length], layout.bits, layout.group_size, out)
+                             minimum[:, :, :self.length], layout.bits_of(side),
+                             layout.group_size, out)
 
     def _reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` per sequence: grow by whole chunks, never past the budget."""
@@ -120,12 +121,12 @@ class QuantizedKVLayer(DynamicLayer):
         capacity = -(-tokens // KV_CHUNK_TOKENS) * KV_CHUNK_TOKENS
         if self.max_tokens is not None:
             capacity = min(capacity, self.max_tokens)
-        self.parts = {side: self._grown(self.parts.get(side), capacity) for side in SIDES}
+        self.parts = {side: self._grown(side, capacity) for side in SIDES}
         self.capacity = capacity
 
-    def _grown(self, old, capacity: int):
-        layout, heads = self.layout, self.layout.kv_heads
-        shapes = ((layout.code_bytes, torch.uint8), (layout.groups, torch.float16),
+    def _grown(self, side: str, capacity: int):
+        layout, heads, old = self.layout, self.layout.kv_heads, self.parts.get(side)
+        shapes = ((layout.code_bytes_of(side), torch.uint8), (layout.groups, torch.float16),
                   (layout.groups, torch.float16))
         grown = tuple(torch.empty((self.batch, heads, capacity, width), dtype=dtype,
                                   device=self.device) for width, dtype in shapes)

@@ -1,0 +1,148 @@
+"""What an int8/int4 KV cache costs on the embedded SmolLM2: quality and decode step time.
+
+    python tools/kv_quality_table.py [MODEL] [--variants int8:32,int4:32,k8v4:32]
+                                     [--tokens 4096] [--window 2048] [--steps 32]
+
+MODEL is a directory written by `quantize`; default: the demo conversion of the shipped
+SmolLM2-135M-Instruct GGUF (converted once under embedded.cache_root()). The same engine
+scores every variant against its own dense cache (the compute dtype: float32 on CPU) on
+the same windows (see quality/kv_eval.py), then times decode steps at a context of
+--window tokens for bf16, int8 and int4. A variant is MODE[:GROUP]: int8, int4, k8v4
+(keys int8, values int4) or k4v8, with GROUP elements of the head dim per scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_VARIANTS = "int8:32,int8:64,int4:32,int4:64,k8v4:32,k4v8:32"
+SPLITS = {"k8v4": ("int8", "int4"), "k4v8": ("int4", "int8")}  # (keys, values)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from offload_engine.cli.options import add_engine_args
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, nargs="?", default=None,
+                        help="a quantized directory (default: the demo model)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated MODE[:GROUP] (default {DEFAULT_VARIANTS})")
+    parser.add_argument("--tokens", type=int, default=4096, metavar="N")
+    parser.add_argument("--window", type=int, default=2048, metavar="N",
+                        help="tokens per window, and the context of the timed decode steps")
+    parser.add_argument("--greedy-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--steps", type=int, default=32, metavar="N",
+                        help="decode steps timed per mode (0: skip the timing)")
+    parser.add_argument("--json-out", type=Path, default=None, metavar="FILE")
+    add_engine_args(parser)
+    return parser.parse_args(argv)
+
+
+def layouts_for(engine, variants: str) -> list:
+    import dataclasses
+
+    from offload_engine.errors import ConfigError
+    from offload_engine.planning.kv_sizes import KV_GROUP_SIZE
+
+    layouts = []
+    for item in variants.split(","):
+        mode, _, group = item.strip().partition(":")
+        if group and not group.isdigit():
+            raise ConfigError(f"--variants {item!r}: write MODE[:GROUP], e.g. int4:32")
+        key_mode, value_mode = SPLITS.get(mode, (None, mode))
+        layouts.append(dataclasses.replace(engine.kv_layout, mode=value_mode, key_mode=key_mode,
+                                           group=int(group or KV_GROUP_SIZE)))
+    return layouts
+
+
+def quality_table(reports) -> str:
+    lines = ["| KV cache | group | bytes/token | of dense | perplexity | dense perplexity "
+             "| perplexity increase | mean KL (nats) | top-1 agreement | greedy before "
+             "divergence |", "|" + "---|" * 10]
+    for r in reports:
+        lines.append(
+            f"| {r.kv_cache} | {r.group_size} | {r.bytes_per_token} "
+            f"| {r.bytes_per_token / r.dense_bytes_per_token:.1%} | {r.perplexity:.4f} "
+            f"| {r.dense_perplexity:.4f} | {r.perplexity_increase:+.2%} | {r.mean_kl:.5f} "
+            f"| {r.top1_agreement:.2%} | {r.greedy_matching} of {r.greedy_tokens} |")
+    return "\n".join(lines)
+
+
+def time_decode(engine, mode: str, context: int, steps: int) -> dict:
+    """Median seconds of one decode step after a prefill of ``context`` tokens."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from offload_engine.runtime.kv_cache import new_kv_cache
+
+    layout = dataclasses.replace(engine.kv_layout, mode=mode)
+    ids = torch.randint(0, engine.model.config.vocab_size, (1, context),
+                        generator=torch.Generator().manual_seed(0)).to(engine.device)
+    cache = new_kv_cache(layout)
+    times = []
+    with torch.inference_mode():
+        out = engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            started = time.perf_counter()
+            out = engine.model(input_ids=token, past_key_values=past, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - started)
+    held = past.nbytes if cache is not None else layout.token_bytes() * (context + steps)
+    return dict(kv_cache=mode, context=context, step_ms=statistics.median(times) * 1e3,
+                kv_bytes_held=held, kv_bytes_per_token=layout.token_bytes())
+
+
+def speed_table(rows) -> str:
+    lines = ["| KV cache | context | decode step (median, ms) | KV bytes/token | KV bytes held |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['kv_cache']} | {r['context']} | {r['step_ms']:.1f} "
+              f"| {r['kv_bytes_per_token']} | {r['kv_bytes_held']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from offload_engine.checkpoint.embedded import ensure_demo_model
+    from offload_engine.cli.options import engine_config_from_args
+    from offload_engine.decode.api import load
+    from offload_engine.errors import OffloadError
+    from offload_engine.quality.evaluate import EvalSettings
+    from offload_engine.quality.kv_eval import evaluate_kv_layouts
+
+    args = parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+        settings = EvalSettings(tokens=args.tokens, window=args.window,
+                                greedy_tokens=args.greedy_tokens)
+        directory = args.model or ensure_demo_model(progress=config.progress)[0]
+        with load(directory, config) as engine:
+            reports = evaluate_kv_layouts(engine, layouts_for(engine, args.variants), None,
+                                          settings, config.progress)
+            speeds = [time_decode(engine, mode, args.window, args.steps)
+                      for mode in ("bf16", "int8", "int4")] if args.steps else []
+    except OffloadError as exc:
+        print(f"kv_quality_table: error: {exc}", file=sys.stderr)
+        return 2
+    first = reports[0]
+    print(f"{directory.name}: {first.tokens} tokens of pydoc_data.topics in {first.windows} "
+          f"window(s) of {first.window}, dense cache {first.dense_dtype}, {first.device}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    print(quality_table(reports))
+    if speeds:
+        print(f"\ndecode steps on {first.device} (CPU timings when the device is cpu)\n")
+        print(speed_table(speeds))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"quality": [r.as_dict() for r in reports],
+                                             "speed": speeds}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
