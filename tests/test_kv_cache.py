@@ -77,7 +77,7 @@ def test_int8_and_int4_logits_stay_close_to_the_dense_cache(qwen2_q):
     assert kls["int8"] < kls["int4"]  # fewer bits, more loss: the cache is really used
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "k8v4", "int4"])
 def test_bytes_per_token_equal_the_planners_figure(qwen2_q, mode):
     request = PlanRequest(load_profile("cpu"), context=300, kv_cache=mode)
     plan = make_plan(describe_model(qwen2_q), request)
@@ -187,9 +187,9 @@ def test_kv_quality_tool_runs_every_variant(qwen2_q, tmp_path):
                       "cpu", "--no-progress", "--json-out", str(out)]) == 0
     data = json.loads(out.read_text())
     names = [r["kv_cache"] for r in data["quality"]]
-    assert names == ["int8", "int4", "K int8 / V int4"]
+    assert names == ["int8", "int4", "k8v4"]
     assert [r["group_size"] for r in data["quality"]] == [16, 8, 16]
-    assert [r["kv_cache"] for r in data["speed"]] == ["bf16", "int8", "int4"]
+    assert [r["kv_cache"] for r in data["speed"]] == ["bf16", "int8", "k8v4", "int4"]
 
 
 def test_server_refuses_a_quantized_kv_cache_clearly(qwen2_q):

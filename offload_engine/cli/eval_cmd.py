@@ -1,6 +1,6 @@
 """``offload-engine eval MODEL --reference SRC``: what quantization costs, measured.
 
-With ``--kv-cache int8|int4`` it also measures what the quantized KV cache costs against
+With ``--kv-cache int8|k8v4|int4`` it also measures what the quantized KV cache costs against
 the same engine's dense cache (no reference model needed for that part).
 """
 
@@ -24,12 +24,12 @@ def register(commands) -> None:
         description="Score the quantized model (through the engine) and the reference (with "
                     "transformers, float32 on CPU) on the same tokens: perplexity of both, "
                     "mean KL divergence, top-1 agreement and greedy tokens before divergence. "
-                    "With --kv-cache int8|int4, score the quantized KV cache against the "
+                    "With --kv-cache int8|k8v4|int4, score the quantized KV cache against the "
                     "engine's dense cache (--reference is then optional).")
     parser.add_argument("model", type=Path, help="a directory written by `quantize`")
     parser.add_argument("--reference", type=Path, default=None, metavar="SRC",
                         help="the unquantized model: a Hugging Face safetensors directory or "
-                             "a .gguf file (required unless --kv-cache is int8 or int4)")
+                             "a .gguf file (required unless --kv-cache is int8, k8v4 or int4)")
     parser.add_argument("--text", type=Path, default=None, metavar="FILE",
                         help="UTF-8 text to score (default: a fixed slice of CPython's "
                              "pydoc_data.topics)")
@@ -61,7 +61,7 @@ def run(args) -> int:
     kv_mode = args.kv_cache if args.kv_cache != "bf16" else None
     if args.reference is None and kv_mode is None:
         raise ConfigError("eval needs --reference SRC (the unquantized model), or --kv-cache "
-                          "int8|int4 to measure the KV cache against the dense one")
+                          "int8|k8v4|int4 to measure the KV cache against the dense one")
     # Settings first: a bad --tokens or --window fails before any slow loading.
     weight_settings = EvalSettings(tokens=args.tokens or DEFAULT_TOKENS,
                                    window=args.window or DEFAULT_WINDOW,

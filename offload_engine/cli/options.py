@@ -56,8 +56,9 @@ def add_kv_cache_arg(group) -> None:
     """--kv-cache, shared with `plan` (which does not take the other engine flags)."""
     group.add_argument("--kv-cache", choices=KV_CACHE_MODES, default="bf16",
                        help="KV cache storage: bf16 = the compute dtype, unquantized (float32 "
-                            "on CPU); int8 / int4 = per token and head, float16 scale and "
-                            "minimum per 32 elements of the head dim (docs/quality.md)")
+                            "on CPU; default); int8, int4, or k8v4 (keys int8, values int4) = "
+                            "per token and head, float16 scale and minimum per 32 elements "
+                            "of the head dim (docs/quality.md)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

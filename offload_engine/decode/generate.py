@@ -47,8 +47,9 @@ class GenerationStats:
                 f"first token {self.time_to_first_token_s:.2f} s, "
                 f"{format_bytes(self.h2d_bytes_per_token)}/token host->device, "
                 f"hit rate {self.hit_rate:.1%}, peak device memory {peak}, "
-                f"{self.device_name} ({self.device}), policy {self.policy}, "
-                f"KV cache {self.kv_cache} {format_bytes(self.kv_cache_bytes)}]")
+                f"{self.device_name} ({self.device}), policy {self.policy}"
+                + ("" if self.kv_cache == "bf16" else f", KV cache {self.kv_cache} "
+                   f"{format_bytes(self.kv_cache_bytes)}") + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -4,7 +4,8 @@ The planner and the runtime cache (runtime/kv_cache.py) both size the cache with
 :class:`KVLayout`, so the planner's figure and the bytes the runtime allocates agree.
 
 ``bf16`` is the unquantized cache in the model's compute dtype (bfloat16 on CUDA; on CPU
-the compute dtype is float32, so "bf16" there means float32). ``int8`` and ``int4`` store,
+the compute dtype is float32, so "bf16" there means float32). ``int8``, ``int4`` and
+``k8v4`` (keys int8, values int4) store,
 for every token and KV head, one unsigned code per element of the head dimension (int4:
 two per byte) plus a float16 scale and a float16 minimum per group of ``group_size``
 elements of the head dimension. Attention reads one layer at a time, dequantized into a
@@ -15,12 +16,14 @@ dtype) is counted too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..errors import ConfigError
 
-KV_CACHE_MODES = ("bf16", "int8", "int4")
-KV_BITS = {"int8": 8, "int4": 4}
+# --kv-cache choices. k8v4: keys int8, values int4, because keys are the sensitive half
+# (docs/quality.md: K int8 / V int4 costs a tenth of the KL of V int8 / K int4).
+KV_CACHE_MODES = ("bf16", "int8", "k8v4", "int4")
+KV_BITS = {"int8": (8, 8), "k8v4": (8, 4), "int4": (4, 4),
+           "k4v8": (4, 8)}  # (key bits, value bits); k4v8 only to measure the other split
 KV_GROUP_SIZE = 32  # elements of the head dim per scale/minimum pair (docs/quality.md)
 SCALE_BYTES = 2  # float16 scale, and float16 minimum, per group
 KV_CHUNK_TOKENS = 256  # the quantized cache grows by this many tokens at a time
@@ -36,38 +39,30 @@ def check_kv_mode(mode: str) -> str:
 class KVLayout:
     """How one model's KV cache is stored in one mode; every size the cache needs."""
 
-    mode: str  # bf16 (the compute dtype, unquantized), int8, int4; V's mode if key_mode is set
+    mode: str  # bf16 (the compute dtype, unquantized), or a key of KV_BITS
     num_layers: int  # attention layers, each with a K and a V cache
     kv_heads: int
     head_dim: int
     dense_itemsize: int  # bytes of one element in the compute dtype
     group: int = KV_GROUP_SIZE  # preferred group size (see group_size); tools/ sweep it
-    key_mode: Optional[str] = None  # K's own int8/int4, to measure K against V (tools/)
 
     def __post_init__(self) -> None:
-        check_kv_mode(self.mode)
+        if self.mode != "bf16" and self.mode not in KV_BITS:
+            check_kv_mode(self.mode)  # raises, naming the flag's choices
         if self.group < 2 or self.group % 2:
             raise ConfigError(f"KV group size must be even and at least 2, got {self.group}")
-        if self.key_mode is not None and not (self.key_mode in KV_BITS and self.quantized):
-            raise ConfigError(f"separate K and V modes must both be int8 or int4, got K "
-                              f"{self.key_mode} and V {self.mode}")
-        if "int4" in (self.mode, self.key_mode) and self.head_dim % 2:
-            raise ConfigError(f"--kv-cache int4 packs two codes per byte: head_dim "
-                              f"{self.head_dim} is odd; use --kv-cache int8")
+        if self.quantized and 4 in KV_BITS[self.mode] and self.head_dim % 2:
+            raise ConfigError(f"--kv-cache {self.mode} packs two 4-bit codes per byte: "
+                              f"head_dim {self.head_dim} is odd; use --kv-cache int8")
 
     @property
     def quantized(self) -> bool:
         return self.mode in KV_BITS
 
-    @property
-    def name(self) -> str:
-        if self.key_mode is None or self.key_mode == self.mode:
-            return self.mode
-        return f"K {self.key_mode} / V {self.mode}"
-
     def bits_of(self, side: str) -> int:
         """Bits per code of ``side`` ("keys" or "values")."""
-        return KV_BITS[self.key_mode or self.mode if side == "keys" else self.mode]
+        key_bits, value_bits = KV_BITS[self.mode]
+        return key_bits if side == "keys" else value_bits
 
     @property
     def group_size(self) -> int:

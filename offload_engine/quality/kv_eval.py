@@ -36,7 +36,7 @@ class KVEvalReport:
     """The numbers of one KV cache evaluation."""
 
     model: str  # the quantized directory
-    kv_cache: str  # int8, int4
+    kv_cache: str  # int8, k8v4, int4 (or k4v8, measured by tools/)
     group_size: int  # elements of the head dim per scale/minimum
     bytes_per_token: int  # the quantized cache, all layers, K and V
     dense_bytes_per_token: int  # the dense cache in the compute dtype
@@ -82,7 +82,7 @@ class KVEvalReport:
 def kv_layout_for_eval(engine, mode: str, group: int = KV_GROUP_SIZE) -> KVLayout:
     layout = dataclasses.replace(engine.kv_layout, mode=mode, group=group)
     if not layout.quantized:
-        raise ConfigError("eval measures --kv-cache int8 or int4 against the dense cache; "
+        raise ConfigError("eval measures --kv-cache int8, k8v4 or int4 against the dense cache; "
                           f"--kv-cache {mode} is the dense cache itself")
     return layout
 
@@ -150,9 +150,9 @@ def evaluate_kv_layouts(engine, layouts: List[KVLayout], text: Optional[str] = N
     for layout, totals in zip(layouts, all_totals, strict=True):
         perplexity = math.exp(totals.nll / totals.count)
         dense_perplexity = math.exp(totals.reference_nll / totals.count)
-        dense = dataclasses.replace(layout, mode="bf16", key_mode=None)
+        dense = dataclasses.replace(layout, mode="bf16")
         reports.append(KVEvalReport(
-            model=str(engine.directory), kv_cache=layout.name, group_size=layout.group_size,
+            model=str(engine.directory), kv_cache=layout.mode, group_size=layout.group_size,
             bytes_per_token=layout.token_bytes(), dense_bytes_per_token=dense.token_bytes(),
             dense_dtype=str(engine.config.torch_dtype()).replace("torch.", ""),
             tokens=ids.shape[1], predictions=totals.count,

@@ -189,7 +189,8 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, layout: KVLayout, budget: Optional[int] = None, batch: int = 1):
         if not layout.quantized:
-            raise ConfigError(f"QuantizedKVCache needs --kv-cache int8 or int4, not {layout.mode}")
+            raise ConfigError(f"QuantizedKVCache needs --kv-cache int8, k8v4 or int4, not "
+                              f"{layout.mode}")
         self.layout, self.budget = layout, budget
         self.counters, self.scratch = KVCounters(), KVScratch()
         max_tokens = None if budget is None else layout.max_tokens(budget, batch)
