@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", type=Path, nargs="?", default=None,
                         help="a quantized directory (default: the demo model)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help=f"comma-separated MODE[:GROUP] (default {DEFAULT_VARIANTS})")
+                        help=f"comma-separated MODE[:GROUP] (default {DEFAULT_VARIANTS}); "
+                             "empty: timings only")
     parser.add_argument("--tokens", type=int, default=4096, metavar="N")
     parser.add_argument("--window", type=int, default=2048, metavar="N",
                         help="tokens per window, and the context of the timed decode steps")
@@ -49,7 +50,7 @@ def layouts_for(engine, variants: str) -> list:
     from offload_engine.planning.kv_sizes import KV_GROUP_SIZE
 
     layouts = []
-    for item in variants.split(","):
+    for item in filter(None, variants.split(",")):  # --variants "": timings only
         mode, _, group = item.strip().partition(":")
         if group and not group.isdigit():
             raise ConfigError(f"--variants {item!r}: write MODE[:GROUP], e.g. int4:32")
@@ -103,15 +104,45 @@ def time_decode(engine, mode: str, context: int, steps: int) -> dict:
         held = layout.token_bytes() * (context + steps)
         read = layout.token_bytes() * (context + (steps + 1) / 2)
     return dict(kv_cache=mode, context=context, step_ms_fastest=min(times) * 1e3,
+                cache_update_ms=time_cache_updates(layout, context),
                 step_ms_median=statistics.median(times) * 1e3, kv_bytes_held=held,
                 kv_bytes_per_token=layout.token_bytes(), kv_bytes_read_per_step=read)
 
 
+def time_cache_updates(layout, context: int, repeats: int = 20) -> float:
+    """Fastest milliseconds to append one token to every layer at ``context`` and get back
+    each layer's keys and values: the cache's own work per decode step, without the model.
+    """
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from offload_engine.runtime.kv_cache import new_kv_cache
+
+    dtype = {4: torch.float32, 2: torch.bfloat16}[layout.dense_itemsize]
+    generator = torch.Generator().manual_seed(0)
+    prefill = torch.randn((1, layout.kv_heads, context, layout.head_dim), generator=generator,
+                          dtype=torch.float32).to(dtype)
+    token = prefill[:, :, -1:].clone()
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = new_kv_cache(layout) or DynamicCache()
+            for index in range(layout.num_layers):
+                cache.update(prefill, prefill, index)
+            started = time.perf_counter()
+            for index in range(layout.num_layers):
+                cache.update(token, token, index)
+            best = min(best, time.perf_counter() - started)
+    return best * 1e3
+
+
 def speed_table(rows) -> str:
-    lines = ["| KV cache | context | decode step, fastest (ms) | median (ms) | KV bytes/token "
-             "| KV bytes held | KV bytes read per step |", "|" + "---|" * 7]
+    lines = ["| KV cache | context | decode step, fastest (ms) | median (ms) | cache update, all "
+             "layers (ms) | KV bytes/token | KV bytes held | KV bytes read per step |",
+             "|" + "---|" * 8]
     lines += [f"| {r['kv_cache']} | {r['context']} | {r['step_ms_fastest']:.1f} "
-              f"| {r['step_ms_median']:.1f} | {r['kv_bytes_per_token']} | {r['kv_bytes_held']} "
+              f"| {r['step_ms_median']:.1f} | {r['cache_update_ms']:.2f} "
+              f"| {r['kv_bytes_per_token']} | {r['kv_bytes_held']} "
               f"| {r['kv_bytes_read_per_step']:.0f} |" for r in rows]
     return "\n".join(lines)
 
@@ -131,20 +162,23 @@ def main(argv=None) -> int:
                                 greedy_tokens=args.greedy_tokens)
         directory = args.model or ensure_demo_model(progress=config.progress)[0]
         with load(directory, config) as engine:
-            reports = evaluate_kv_layouts(engine, layouts_for(engine, args.variants), None,
-                                          settings, config.progress)
+            layouts = layouts_for(engine, args.variants)
+            reports = evaluate_kv_layouts(engine, layouts, None, settings,
+                                          config.progress) if layouts else []
             speeds = [time_decode(engine, mode, args.window, args.steps)
                       for mode in ("bf16", "int8", "k8v4", "int4")] if args.steps else []
     except OffloadError as exc:
         print(f"kv_quality_table: error: {exc}", file=sys.stderr)
         return 2
-    first = reports[0]
-    print(f"{directory.name}: {first.tokens} tokens of pydoc_data.topics in {first.windows} "
-          f"window(s) of {first.window}, dense cache {first.dense_dtype}, {first.device}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print(quality_table(reports))
+    if reports:
+        first = reports[0]
+        print(f"{directory.name}: {first.tokens} tokens of pydoc_data.topics in "
+              f"{first.windows} window(s) of {first.window}, dense cache {first.dense_dtype}, "
+              f"{first.device}, {time.strftime('%Y-%m-%d')}\n")
+        print(quality_table(reports))
     if speeds:
-        print(f"\ndecode steps on {first.device} (CPU timings when the device is cpu)\n")
+        print(f"\n{directory.name}: decode steps on {config.torch_device()} (CPU timings "
+              "when the device is cpu)\n")
         print(speed_table(speeds))
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"quality": [r.as_dict() for r in reports],
