@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.speculation import SPECULATE_MODES
 from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
 
@@ -46,6 +47,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="host RAM for weights (4GiB, or 'unbounded'); the rest is read "
                             "from the shard files every token. Default: what fits in "
                             "available RAM with a margin")
+    add_kv_cache_arg(group)
+    group.add_argument("--kv-budget", default=None, metavar="B",
+                       help="device bytes the KV cache may take (e.g. 2GiB); a longer context "
+                            "is refused with the numbers (default: no cap)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speculation_args(parser)
 
@@ -63,6 +68,15 @@ def add_speculation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-model", default=None, metavar="DIR",
                        help="a quantized small model with the same tokenizer, kept whole on "
                             "the device; its bytes count in --gpu-budget")
+
+
+def add_kv_cache_arg(group) -> None:
+    """--kv-cache, shared with `plan` (which does not take the other engine flags)."""
+    group.add_argument("--kv-cache", choices=KV_CACHE_MODES, default="bf16",
+                       help="KV cache storage: bf16 = the compute dtype, unquantized (float32 "
+                            "on CPU; default); int8, int4, or k8v4 (keys int8, values int4) = "
+                            "per token and head, float16 scale and minimum per 32 elements "
+                            "of the head dim (docs/quality.md)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -86,4 +100,6 @@ def engine_config_from_args(args: argparse.Namespace):
         speculate_tokens=args.speculate_tokens,
         lookup_ngram=args.lookup_ngram,
         draft_model=args.draft_model,
+        kv_cache=args.kv_cache,
+        kv_budget=args.kv_budget,
     )

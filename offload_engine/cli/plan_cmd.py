@@ -16,6 +16,7 @@ from ..planning.profiles import DEFAULT_PROFILE
 from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from . import plan_speculation
+from .options import add_kv_cache_arg
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
 
@@ -59,6 +60,7 @@ def register(commands) -> None:
     parser.add_argument("--host-budget", default=None, metavar="B",
                         help="host RAM for weights (16GiB); the rest is read from disk every "
                              "token. Default: unbounded (every weight in RAM)")
+    add_kv_cache_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_speculation.add_args(parser)
     parser.set_defaults(handler=run)
@@ -78,7 +80,7 @@ def run(args) -> int:
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
         cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
-        host_budget=args.host_budget)
+        host_budget=args.host_budget, kv_cache=args.kv_cache)
     request.draft_bytes = plan_speculation.draft_bytes(args, request)
     shape = describe_model(args.model, spec)
     plan = make_plan(shape, request)
@@ -200,8 +202,9 @@ def _memory_rows(plan) -> List[Tuple[str, int, str]]:
         ("embeddings", mem.embeddings, "on the device (--embeddings host frees it)"
          if mem.embeddings else "in host RAM (--embeddings host)"),
         ("norms, biases", mem.other_dense, ""),
-        ("KV cache", mem.kv_cache, f"{mem.kv_cache_per_token / 1024:.1f} KiB per token x "
-         f"{settings['context']} x {settings['batch']}"),
+        ("KV cache", mem.kv_cache, f"{settings['kv_cache']}: {mem.kv_cache_per_token / 1024:.1f}"
+         f" KiB per token x {settings['context']} x {settings['batch']}"
+         + (" + one layer dequantized" if settings["kv_cache"] != "bf16" else "")),
         ("activations (estimate)", mem.activations, "prefill of the whole context"),
         ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
          else "OS, Python, torch"),

@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..errors import ConfigError, ContextLengthError
+from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
 
@@ -49,6 +50,9 @@ class GenerationStats:
     acceptance_rate: float = 0.0  # accepted / proposed
     h2d_bytes_per_generated_token: float = 0.0  # h2d_bytes / new tokens
     draft_forward_passes: int = 0  # of the draft model (--speculate draft)
+    kv_cache: str = "bf16"  # --kv-cache mode
+    kv_cache_bytes: int = 0  # KV cache bytes held at the end (int8/int4: allocated + scratch)
+    kv_read_bytes_per_pass: Optional[float] = None  # quantized KV bytes read per pass (int8/4)
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -64,7 +68,9 @@ class GenerationStats:
                 f"{self.device_name} ({self.device}), policy {self.policy}"
                 + (f", {format_bytes(self.disk_bytes_per_token)}/token from disk at "
                    f"{self.disk_read_bytes_per_s / 1e9:.2f} GB/s, stall {self.stall_seconds:.2f} "
-                   f"s (disk {self.disk_stall_seconds:.2f} s)" if self.disk_bytes else "") + "]")
+                   f"s (disk {self.disk_stall_seconds:.2f} s)" if self.disk_bytes else "")
+                + ("" if self.kv_cache == "bf16" else f", KV cache {self.kv_cache} "
+                   f"{format_bytes(self.kv_cache_bytes)}") + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +162,10 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
     check_context(engine, input_ids.shape[1], max_new_tokens)
     speculation = spec.resolve(engine, speculate, speculate_tokens)
+    check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
+                    engine.config.kv_budget_bytes())
+    past = engine.new_kv_cache()  # None: transformers' default (dense) cache
+    cache_kwargs = {} if past is None else {"past_key_values": past}
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text)
@@ -168,7 +178,8 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
-            pad_token_id=_pad_id(engine), **sampling_args(temperature, top_p, greedy),
+            pad_token_id=_pad_id(engine), **cache_kwargs,
+            **sampling_args(temperature, top_p, greedy),
             **spec.generate_kwargs(engine, speculation))
     _synchronize(engine.device)
     finished = time.perf_counter()
@@ -178,6 +189,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     for name, value in spec.speculation_fields(speculation, count, len(new_ids), stats.h2d_bytes,
                                                _draft_passes(engine) - draft_before).items():
         setattr(stats, name, value)
+    _add_kv_stats(stats, engine, past, output.shape[1] - 1)
     text = engine.tokenizer.decode(new_ids, skip_special_tokens=True)
     return GenerationResult(text, new_ids, stats)
 
@@ -237,3 +249,12 @@ def _disk_stats(before: dict, after: dict, passes: int) -> dict:
     return dict(disk_bytes=disk, disk_bytes_per_token=disk / passes if passes else 0.0,
                 disk_read_bytes_per_s=read / seconds if seconds > 0 else 0.0,
                 disk_stall_seconds=after["disk_stall_seconds"] - before["disk_stall_seconds"])
+def _add_kv_stats(stats: GenerationStats, engine, past, cached_tokens: int) -> None:
+    """KV cache bytes: counted by the quantized cache; the dense one holds every token."""
+    stats.kv_cache = engine.kv_layout.mode
+    if past is None:  # the last token generated is never fed back, so never cached
+        stats.kv_cache_bytes = engine.kv_layout.token_bytes() * cached_tokens
+        return
+    stats.kv_cache_bytes = past.nbytes
+    passes = max(1, past.counters.updates // engine.kv_layout.num_layers)
+    stats.kv_read_bytes_per_pass = past.counters.read_bytes / passes

@@ -29,6 +29,7 @@ from ..quant.quantize import QuantizedWeight
 from ..units import parse_budget
 from .describe import describe_model
 from .disk_plan import add_disk_tier
+from .kv_sizes import check_kv_mode, kv_layout_for
 from .overhead import decode_overhead, weight_read_bandwidth
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
@@ -57,8 +58,10 @@ class PlanRequest:
     embeddings: str = "device"  # "host": the token embedding table stays in host RAM
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
     draft_bytes: int = 0  # a --draft-model kept whole on the device (planning/speculation.py)
+    kv_cache: str = "bf16"  # KV cache storage: bf16 (the compute dtype), int8, int4
 
     def __post_init__(self) -> None:
+        check_kv_mode(self.kv_cache)
         if self.context < 1 or self.batch < 1:
             raise ConfigError(f"--context and --batch must be at least 1, got {self.context} "
                               f"and {self.batch}")
@@ -107,8 +110,8 @@ class Memory:
     staging_ring: int  # slots that streamed weights pass through
     embeddings: int  # the token embedding on the device (0 with --embeddings host)
     other_dense: int  # norms, biases
-    kv_cache: int  # at --context x --batch
-    kv_cache_per_token: int  # one token of one sequence, all layers, K and V
+    kv_cache: int  # at --context x --batch (int8/int4: plus one layer dequantized)
+    kv_cache_per_token: int  # one token of one sequence, all layers, K and V, as stored
     activations: int  # estimate: prefill of a whole --context, logits, kernel scratch
     reserve: int  # the profile's CUDA context / workspace allowance
     host_store: int  # INT4 weights in host RAM: counted here only when the device is cpu
@@ -222,7 +225,7 @@ def activation_bytes(shape: ModelShape, request: PlanRequest, itemsize: int) -> 
 def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
     """Every device byte except the weight arena (filled in by :func:`make_plan`)."""
     itemsize = request.torch_dtype().itemsize
-    per_token = kv_bytes_per_token(shape, itemsize)
+    kv = kv_layout_for(shape, request.kv_cache, itemsize)
     host_store = 0
     if request.profile.device == "cpu":  # the INT4 store shares the same RAM
         host_store = sum(shape.spec.nbytes(lin.out_features, lin.in_features)
@@ -235,7 +238,8 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
         resident_weights=0, staging_ring=0,
         embeddings=shape.embedding_elements * itemsize if on_device else 0,
         other_dense=shape.other_dense_elements * itemsize,
-        kv_cache=per_token * request.context * request.batch, kv_cache_per_token=per_token,
+        kv_cache=kv.cache_bytes(request.context, request.batch),
+        kv_cache_per_token=kv.token_bytes(),
         activations=activation_bytes(shape, request, itemsize),
         reserve=request.profile.reserve_bytes, host_store=host_store,
         draft=request.draft_bytes,
@@ -275,6 +279,7 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         settings=dict(policy=request.policy, prefetch_depth=request.prefetch_depth,
                       cache_format=fmt, dtype=str(dtype).replace("torch.", ""),
                       context=request.context, batch=request.batch,
+                      kv_cache=request.kv_cache,
                       budget_bytes=budget, budget_source=source),
         weights=dict(linear_layers=floor.total_copy_bytes - lm_head, lm_head=lm_head,
                      total_copy=floor.total_copy_bytes, total_held=floor.total_bytes),
@@ -314,8 +319,8 @@ def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest,
     dense = memory.other_dense + (memory.embeddings if shape.tied_embeddings else 0)
     dense_read = dense / profile.device_bandwidth
     stream = streamed / profile.h2d_bandwidth
-    kv_read = (request.batch * request.context * memory.kv_cache_per_token
-               / profile.device_bandwidth)
+    kv = kv_layout_for(shape, request.kv_cache, request.torch_dtype().itemsize)
+    kv_read = kv.step_traffic_bytes(request.context, request.batch) / profile.device_bandwidth
     overhead = decode_overhead(shape, profile)
     step = resident_read + dense_read + stream + kv_read + overhead.seconds
     return Prediction(

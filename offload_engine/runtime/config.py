@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from ..errors import ConfigError
+from ..planning.kv_sizes import check_kv_mode
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS
@@ -40,6 +41,8 @@ class EngineConfig:
     speculate_tokens: int = 4  # K: proposals the target verifies per forward pass
     lookup_ngram: int = 2  # longest n-gram --speculate lookup matches in the context
     draft_model: Optional[str] = None  # quantized directory of the draft, kept resident
+    kv_cache: str = "bf16"  # bf16 (the compute dtype, unquantized), int8, int4
+    kv_budget: Optional[Union[str, int]] = None  # device bytes for the KV cache; None: no cap
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -61,6 +64,8 @@ class EngineConfig:
             _budget_kind(self.gpu_budget)  # fail early on unreadable text
         if self.host_budget is not None:
             self.host_bytes(lambda: 0)  # fail early on unreadable text
+        check_kv_mode(self.kv_cache)
+        self.kv_budget_bytes()  # fail early on unreadable text
         resolve_device(self.device)
         check_speculation(self.speculate, self.speculate_tokens, self.lookup_ngram,
                           self.draft_model)
@@ -100,6 +105,15 @@ class EngineConfig:
             return parse_bytes(value)
         except (ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"--host-budget: {exc}") from exc
+
+    def kv_budget_bytes(self) -> Optional[int]:
+        """The KV cache budget in bytes (--kv-budget); None when not capped."""
+        if self.kv_budget is None or str(self.kv_budget).strip().lower() in UNBOUNDED:
+            return None
+        try:
+            return parse_bytes(self.kv_budget)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"--kv-budget: {exc}") from exc
 
 
 def _budget_kind(budget):

@@ -20,6 +20,7 @@ from ..planning.policy import plan_cache
 from ..planning.sizes import held_nbytes
 from .cache import DeviceCache
 from .config import EngineConfig
+from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
 from .patch import load_dense, swap_linears
 from .store import HostStore, module_name, read_dense_tensors
@@ -45,8 +46,14 @@ class Engine:
         self.store = store
         self.config = config
         self.device = config.torch_device()
+        self.kv_layout = kv_layout_from_config(model.config, config.kv_cache,
+                                               config.torch_dtype())
         self._closed = False
         self.host_plan = None  # planning.host_policy.HostPlan, set by load()
+
+    def new_kv_cache(self, batch: int = 1):
+        """A fresh --kv-cache for one sequence (or batch); None means transformers' default."""
+        return new_kv_cache(self.kv_layout, self.config.kv_budget_bytes(), batch)
 
     @property
     def plan(self):
@@ -136,6 +143,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     device, dtype = config.torch_device(), config.torch_dtype()
     hf_config = read_hf_config(directory)
     check_tokenizer_files(directory)
+    kv_layout_from_config(hf_config, config.kv_cache, dtype)  # refuse before the slow part
     hf_config._attn_implementation = attention_for(config)
     model = architecture.build_skeleton(hf_config)
     linears = architecture.find_linears(model, hf_config)
@@ -202,7 +210,7 @@ def weight_budget(config: EngineConfig, directory: Path) -> Optional[int]:
     request = PlanRequest(load_profile(config.hw_profile), context=context,
                           policy=config.policy, prefetch_depth=config.prefetch_depth,
                           cache_format=config.resolved_cache_format(),
-                          embeddings=config.embeddings,
+                          embeddings=config.embeddings, kv_cache=config.kv_cache,
                           dtype=str(config.torch_dtype()).replace("torch.", ""))
     plan = make_plan(shape, request)
     budget = plan.settings["budget_bytes"]

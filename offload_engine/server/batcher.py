@@ -83,7 +83,7 @@ class Scheduler:
 
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
                  tokenizer_lock: Optional[threading.Lock] = None):
-        check_batchable(engine.model.config)
+        check_batchable(engine.model.config, engine.config.kv_cache)
         speculative_step.check_server_speculation(engine.config)
         self.engine = engine
         self.max_batch = max_batch

@@ -18,8 +18,11 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..errors import ConfigError
 
 
-def check_batchable(model_config) -> None:
+def check_batchable(model_config, kv_cache: str = "bf16") -> None:
     """Refuse models whose cache layers are not plain growing key/value tensors."""
+    if kv_cache != "bf16":  # BatchedCache pads and joins dense key/value tensors only
+        raise ConfigError(f"serve: --kv-cache {kv_cache} is not supported by the batching "
+                          "server yet; use --kv-cache bf16 (run, chat and eval support it)")
     layers = DynamicCache(config=model_config).layers
     odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if odd:
