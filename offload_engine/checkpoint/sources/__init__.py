@@ -13,8 +13,8 @@ from typing import Iterator, List, Tuple
 
 import torch
 
-from ..errors import SourceError
-from . import stfile
+from ...errors import SourceError
+from .. import stfile
 
 logger = logging.getLogger(__name__)
 
