@@ -54,7 +54,8 @@ class ConversionSummary:
             f"  scheme {self.scheme}, group size {self.group_size}{how}",
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
             f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
-            f"({ratio:.2f}x smaller)",
+            + (f"({ratio:.2f}x smaller)" if ratio >= 1 else
+               f"({1 / ratio:.2f}x larger: quantized dense tensors are stored dequantized)"),
             f"  time: {self.seconds:.1f} s",
         ]
 
