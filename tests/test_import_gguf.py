@@ -216,3 +216,16 @@ baseline = psutil.Process().memory_info().rss
 convert(root / "big.gguf", root / "dst", shard_bytes=16 * 2**20, progress=False)
 print(status("VmHWM") - baseline)
 '''
+
+
+def test_prequantized_safetensors_are_refused_before_work(tmp_path, llama_f32):
+    src = tmp_path / "awq"
+    src.mkdir()
+    for path in llama_f32.iterdir():
+        (src / path.name).write_bytes(path.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="quant_method 'awq'.*not supported yet"):
+        convert(src, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()

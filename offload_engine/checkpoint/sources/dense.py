@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -47,6 +48,7 @@ class SafetensorsSource:
             )
         if not (self.path / "config.json").is_file():
             raise SourceError(f"{self.path}: no config.json; copy it from the model's repository")
+        _refuse_prequantized(self.path)
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(self.path)
@@ -84,3 +86,20 @@ class SafetensorsSource:
     @classmethod
     def claims(cls, path: Path) -> bool:
         return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def _refuse_prequantized(path: Path) -> None:
+    """Say before any work that a pre-quantized directory (AWQ, GPTQ, compressed-tensors)
+    has no importer yet, rather than failing on its first int32 tensor."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path / 'config.json'}: unreadable ({exc}); copy it again from "
+                          "the model's repository") from exc
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method", "unknown")
+        raise SourceError(
+            f"{path}: config.json says the weights are already quantized (quant_method "
+            f"{method!r}); importing {method} checkpoints is not supported yet (GGUF "
+            "Q4_0/Q4_1/Q8_0 are: docs/import.md). Convert the unquantized original instead")
