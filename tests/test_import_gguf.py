@@ -229,3 +229,16 @@ def test_prequantized_safetensors_are_refused_before_work(tmp_path, llama_f32):
     with pytest.raises(SourceError, match="quant_method 'awq'.*not supported yet"):
         convert(src, tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_requantize_flag(tmp_path, llama_f32, capsys):
+    from offload_engine.cli import main
+
+    path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.0.attn_v.weight": "Q4_0"})
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--no-progress"]) == 2
+    assert "--requantize" in capsys.readouterr().err
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--requantize", "--scheme",
+                 "int4", "--group-size", "32", "--no-progress"]) == 0
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == QuantSpec("int4", 32) and manifest.source["exact"] is False
+    assert manifest.source["format"] == "gguf Q4_0/Q4_1"
