@@ -35,8 +35,7 @@ def random_weight(spec: QuantSpec, out_features: int, in_features: int,
             parts[part] = (torch.rand(shape, generator=generator) * 0.004 + 0.001).to(dtype)
         else:
             parts[part] = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
-    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), spec,
-                           out_features, in_features)
+    return QuantizedWeight.from_parts(parts, spec, out_features, in_features)
 
 
 def write_synthetic(directory: Path, config, tokenizer_dir: Path,

@@ -131,3 +131,13 @@ def test_dispatch_rules_on_cuda(monkeypatch, rows, dtype, expected):
     assert gateway.kernel_path(_cuda_like(rows, dtype), weight) == expected
     monkeypatch.setattr(gateway, "_triton_available", False)
     assert gateway.kernel_path(_cuda_like(rows, dtype), weight) == gateway.REFERENCE
+
+
+# Imported checkpoints: fp16 scales (GGUF, AWQ, GPTQ) and float minimums (GGUF Q4_1).
+@pytest.mark.parametrize("path", [gateway.TRITON_GEMV, gateway.TRITON_DEQUANT_MATMUL])
+@pytest.mark.parametrize("scheme", ["int4", "int4-asym", "int4-min", "int8"])
+def test_imported_layouts_match_reference(path, scheme):
+    for rows in ((1, 5) if path == gateway.TRITON_GEMV else (40,)):
+        for dtype in (torch.float16, torch.float32):
+            case = Case(path, scheme, 32, 70, 160, rows, dtype, scale_dtype="fp16")
+            assert_ok(run_case(case, DEVICE, seed=4))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import ConversionError, OffloadError
 from ..model import architecture
 from ..quant.layout import QuantSpec
-from ..quant.quantize import check_finite, quantize_weight
+from ..quant.quantize import QuantizedWeight, check_finite, quantize_weight
 from ..units import format_bytes
 from ..version import __version__
 from . import checksums, stfile
@@ -44,15 +44,18 @@ class ConversionSummary:
     seconds: float
     scheme: str
     group_size: int
+    imported: str = ""  # source format imported exactly (codes copied), "" if quantized
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
+        how = f" (imported exactly from {self.imported})" if self.imported else ""
         return [
             f"wrote {self.destination}",
-            f"  scheme {self.scheme}, group size {self.group_size}",
+            f"  scheme {self.scheme}, group size {self.group_size}{how}",
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
             f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
-            f"({ratio:.2f}x smaller)",
+            + (f"({ratio:.2f}x smaller)" if ratio >= 1 else
+               f"({1 / ratio:.2f}x larger: quantized dense tensors are stored dequantized)"),
             f"  time: {self.seconds:.1f} s",
         ]
 
@@ -91,12 +94,18 @@ class ShardWriter:
 
 
 def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
-            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConversionSummary:
-    """Quantize SRC (safetensors directory or .gguf) into the directory DST."""
+            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            requantize: bool = False) -> ConversionSummary:
+    """Quantize SRC (safetensors directory or .gguf) into the directory DST.
+
+    A source whose weights our layout holds exactly is imported as it is (``spec`` is
+    then the source's); ``requantize`` quantizes its dequantized weights with ``spec``.
+    """
     started = time.perf_counter()
     dst = Path(dst)
     check_destination(Path(src), dst, force)  # before reading SRC: a GGUF takes a while
-    source = open_source(Path(src))
+    source = open_source(Path(src), requantize=requantize)
+    spec = source.import_spec or spec
     skeleton = architecture.build_skeleton(source.config)
     linears = architecture.find_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
@@ -108,6 +117,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             "path": str(Path(src).resolve()),
             "model_type": getattr(source.config, "model_type", None),
             "architectures": getattr(source.config, "architectures", None),
+            "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
+            "exact": source.import_spec is not None,  # codes copied, nothing re-rounded
         }
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -121,7 +132,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     return ConversionSummary(dst, len(manifest.tensors),
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),
-                             time.perf_counter() - started, spec.scheme, spec.group_size)
+                             time.perf_counter() - started, spec.scheme, spec.group_size,
+                             source.source_format if source.import_spec else "")
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
@@ -130,21 +142,25 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
     tied = architecture.ties_embeddings(source.config)
     writer = ShardWriter(tmp, shard_bytes)
     manifest = Manifest(scheme=spec.scheme, group_size=spec.group_size, source={},
-                        created_by=f"offload-engine {__version__}")
+                        created_by=f"offload-engine {__version__}", scale_dtype=spec.scale_dtype)
     listing = source.tensor_list()
+    stored = {item[0]: item for item in listing}  # name -> (name, dtype, shape, nbytes)
     bar = tqdm(total=sum(item[3] for item in listing), unit="B", unit_scale=True,
                desc="quantizing", disable=not progress)
     with bar:
         for name, tensor in source.iter_tensors():
-            nbytes = tensor.numel() * tensor.element_size()
+            nbytes = stored[name][3]
             if tied and name == "lm_head.weight":
                 bar.update(nbytes)  # shares the embedding; nothing to store
                 continue
-            source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
             info = weight_names.get(name)
-            if info is not None:
+            if isinstance(tensor, QuantizedWeight):  # imported exactly
+                entry = _imported_entry(name, tensor, info, writer, stored[name][1])
+            elif info is not None:
+                source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
                 entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype)
             else:
+                source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
                 check_finite(name, tensor)
                 entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
                                     source_dtype, {"dense": writer.add(name, tensor)})
@@ -162,8 +178,19 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
 
 
 def _quantized_entry(name, tensor, info, spec, writer, source_dtype) -> TensorEntry:
-    quantized = quantize_weight(tensor, spec, name=name)
+    return _imported_entry(name, quantize_weight(tensor, spec, name=name), info, writer,
+                           source_dtype)
+
+
+def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype) -> TensorEntry:
+    if info is None:
+        raise ConversionError(f"tensor {name!r} arrived quantized but the model has no "
+                              "linear of that name; the source and its config disagree")
+    if not torch.isfinite(quantized.scales).all():
+        raise ConversionError(f"tensor {name!r} has non-finite scales: the source checkpoint "
+                              "is damaged; re-download or re-export it")
     components = {part: writer.add(f"{name}.{part}", value)
                   for part, value in quantized.components().items()}
     role = "lm_head" if info.is_lm_head else "linear"
-    return TensorEntry(role, list(tensor.shape), source_dtype, components)
+    shape = [quantized.out_features, quantized.in_features]
+    return TensorEntry(role, shape, source_dtype, components)

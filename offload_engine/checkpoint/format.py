@@ -79,13 +79,14 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_by: str = ""
+    scale_dtype: str = "bf16"  # "fp16" for imported checkpoints; absent in older manifests
     # {"shards": {file: sha256}, "tensors": {file: {key: crc32}}, ...}; see checksums.py.
     # Empty in manifests written before checksums existed.
     checksums: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.scheme, self.group_size)
+        return QuantSpec(self.scheme, self.group_size, self.scale_dtype)
 
     def bytes_by_role(self) -> Dict[str, int]:
         totals: Dict[str, int] = {}
@@ -128,9 +129,10 @@ def manifest_from_dict(data: dict, where: Path) -> Manifest:
             tensors=tensors,
             shards={k: int(v) for k, v in data["shards"].items()},
             created_by=data.get("created_by", ""),
+            scale_dtype=data.get("scale_dtype", "bf16"),
             checksums=dict(data.get("checksums") or {}),
         )
-        QuantSpec(manifest.scheme, manifest.group_size)  # raises on an unknown scheme
+        QuantSpec(manifest.scheme, manifest.group_size, manifest.scale_dtype)  # raises if unknown
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{where}: malformed manifest ({exc!r}); re-convert the model") from exc
     return manifest

@@ -25,6 +25,11 @@ def register(commands) -> None:
                              f"(default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--shard-size", type=parse_bytes, default="2GiB",
                         help="largest output shard, e.g. 512MiB (default 2GiB)")
+    parser.add_argument("--requantize", action="store_true",
+                        help="a GGUF whose linears cannot be imported exactly (K-quants, mixed "
+                             "types): dequantize and quantize them again with --scheme and "
+                             "--group-size (lossy; Q4_0/Q4_1/Q8_0 files import exactly "
+                             "without it, ignoring --scheme)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run)
@@ -36,6 +41,6 @@ def run(args) -> int:
 
     summary = convert(args.src, args.dst, QuantSpec(args.scheme, args.group_size),
                       force=args.force, shard_bytes=args.shard_size,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, requantize=args.requantize)
     print("\n".join(summary.lines()))
     return 0

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..quant import layout
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 from . import gateway
@@ -37,12 +38,32 @@ class Case:
     rows: int  # M, flattened rows of x
     dtype: torch.dtype  # activation dtype
     bias: bool = True  # add a bias vector
+    scale_dtype: str = "bf16"  # "fp16": the scales of imported checkpoints
 
     @property
     def label(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"{self.path} {self.scheme} g{self.group_size} N={self.out_features} "
-                f"K={self.in_features} M={self.rows} {dtype}")
+        return (f"{self.path} {self.scheme} g{self.group_size} {self.scale_dtype} "
+                f"N={self.out_features} K={self.in_features} M={self.rows} {dtype}")
+
+
+def random_weight(spec: QuantSpec, out_features: int, in_features: int,
+                  gen: torch.Generator) -> QuantizedWeight:
+    """Random codes, scales and offsets in every code's range: what an imported checkpoint
+    may hold (our quantizer writes neither int4-min nor fp16 scales)."""
+    shapes = spec.component_shapes(out_features, in_features)
+    parts = {}
+    for name, (shape, dtype) in shapes.items():
+        if name == "qweight" and spec.bits == 8:
+            parts[name] = torch.randint(-128, 128, shape, generator=gen).to(dtype)
+        elif name in ("qweight", "zeros"):
+            high = 256 if name == "qweight" else layout.INT4_CODE_MAX + 1
+            parts[name] = torch.randint(0, high, shape, generator=gen).to(dtype)
+        else:  # scales positive, minimums about -8 scales as Q4_1 writes them
+            parts[name] = (torch.rand(shape, generator=gen) * 0.1 + 0.01) * (
+                -8 if name == "mins" else 1)
+            parts[name] = parts[name].to(dtype)
+    return QuantizedWeight.from_parts(parts, spec, out_features, in_features)
 
 
 @dataclass(frozen=True)
@@ -62,18 +83,17 @@ class CaseResult:
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
     """Seeded (x, quantized weight, bias) for a case, built on CPU then moved."""
     gen = torch.Generator().manual_seed(seed)
-    dense = torch.randn(case.out_features, case.in_features, generator=gen)
-    weight = quantize_weight(dense, QuantSpec(case.scheme, case.group_size))
+    spec = QuantSpec(case.scheme, case.group_size, case.scale_dtype)
+    if spec.scheme in layout.SCHEMES and spec.scale_dtype == layout.DEFAULT_SCALE_DTYPE:
+        dense = torch.randn(case.out_features, case.in_features, generator=gen)
+        weight = quantize_weight(dense, spec)
+    else:
+        weight = random_weight(spec, case.out_features, case.in_features, gen)
     x = torch.randn(case.rows, case.in_features, generator=gen).to(case.dtype)
     bias = torch.randn(case.out_features, generator=gen).to(case.dtype) if case.bias else None
-    weight = QuantizedWeight(
-        qweight=weight.qweight.to(device),
-        scales=weight.scales.to(device),
-        zeros=None if weight.zeros is None else weight.zeros.to(device),
-        spec=weight.spec,
-        out_features=weight.out_features,
-        in_features=weight.in_features,
-    )
+    weight = QuantizedWeight.from_parts(
+        {name: part.to(device) for name, part in weight.components().items()},
+        spec, weight.out_features, weight.in_features)
     return x.to(device), weight, None if bias is None else bias.to(device)
 
 

@@ -60,7 +60,7 @@ def scratch_bytes() -> int:
 @triton.jit
 def _dequant_kernel(
     q_ptr, s_ptr, z_ptr, out_ptr, N, K, padded_in, n_groups,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n, k] = dequant(W)[n, k] in out's dtype for the unpadded (N, K) weight."""
@@ -68,7 +68,7 @@ def _dequant_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = load_weight_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-                         GROUP, BITS, HAS_ZEROS, BLOCK_N, BLOCK_K)
+                         GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -88,14 +88,14 @@ def dequantize_into(weight: QuantizedWeight, out: torch.Tensor, row_start: int =
     spec = weight.spec
     qweight, scales, zeros, padded, n_groups = weight_args(weight)
     stop = row_start + rows
-    if weight.zeros is not None:
+    if weight.zeros is not None or weight.mins is not None:  # per-row offsets
         zeros = zeros[row_start:stop]
     block_n, block_k = _tiles(spec.group_size, out.is_cuda and not interpreted())
     grid = (triton.cdiv(rows, block_n), triton.cdiv(in_features, block_k))
     _dequant_kernel[grid](
         qweight[row_start:stop], scales[row_start:stop], zeros, out,
         rows, in_features, padded, n_groups,
-        GROUP=spec.group_size, BITS=spec.bits, HAS_ZEROS=weight.zeros is not None,
+        GROUP=spec.group_size, BITS=spec.bits, OFFSET=spec.offset_mode,
         BLOCK_N=block_n, BLOCK_K=block_k,
     )
 

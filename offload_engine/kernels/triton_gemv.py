@@ -58,7 +58,7 @@ def _gpu_config(n_out: int, padded_in: int, group: int, device_index: int) -> Ge
 @triton.jit
 def _acc_one_row(
     x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, K, N, padded_in, n_groups,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """(BLOCK_N,) float32 partial dot products of one row of x: a multiply and a row sum."""
@@ -67,7 +67,7 @@ def _acc_one_row(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
         w = load_weight_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-                             GROUP, BITS, HAS_ZEROS, BLOCK_N, BLOCK_K)
+                             GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
         # Round the weight to x's dtype, as the reference dequantizes in x's dtype.
         w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.sum(w * xv[None, :], axis=1)
@@ -77,7 +77,7 @@ def _acc_one_row(
 @triton.jit
 def _acc_rows(
     x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, K, N, padded_in, n_groups, stride_xm,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -90,7 +90,7 @@ def _acc_rows(
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         xt = tl.load(x_ptrs, mask=x_mask, other=0)  # (BLOCK_M, BLOCK_K) in x's dtype
         w = load_weight_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-                             GROUP, BITS, HAS_ZEROS, BLOCK_N, BLOCK_K)
+                             GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
         w = w.to(x_ptr.dtype.element_ty)
         if DOT_FP32:  # fp32 x, or the interpreter (which cannot multiply bf16)
             acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
@@ -104,7 +104,7 @@ def _acc_rows(
 def _gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, padded_in, n_groups, stride_xm, k_per_split, stride_ys,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -117,13 +117,13 @@ def _gemv_kernel(
     y_base = y_ptr + pid_k * stride_ys
     if BLOCK_M == 1:
         acc = _acc_one_row(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, K, N, padded_in,
-                           n_groups, GROUP, BITS, HAS_ZEROS, BLOCK_N, BLOCK_K)
+                           n_groups, GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
         tl.store(y_base + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
     else:
         acc = _acc_rows(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, K, N, padded_in,
-                        n_groups, stride_xm, GROUP, BITS, HAS_ZEROS, BLOCK_M, BLOCK_N, BLOCK_K,
+                        n_groups, stride_xm, GROUP, BITS, OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
                         DOT_FP32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
@@ -165,7 +165,7 @@ def gemv(
         x2d, qweight, scales, zeros, bias if in_kernel_bias else scales, out,
         rows, n_out, weight.in_features, padded, n_groups, x2d.stride(0), k_per_split,
         rows * n_out,
-        GROUP=spec.group_size, BITS=spec.bits, HAS_ZEROS=weight.zeros is not None,
+        GROUP=spec.group_size, BITS=spec.bits, OFFSET=spec.offset_mode,
         HAS_BIAS=in_kernel_bias, BLOCK_M=1 if rows == 1 else MAX_ROWS, BLOCK_N=cfg.block_n,
         BLOCK_K=block_k, DOT_FP32=interpreted() or x.dtype == torch.float32,
         num_warps=cfg.num_warps,

@@ -5,8 +5,9 @@ the gateway imports it lazily, only when a Triton path is about to run.
 
 The layout read here is the one of :mod:`offload_engine.quant.layout`: row n of an int4
 weight holds element 2j in the low nibble of byte j and element 2j + 1 in the high
-nibble; int8 weights store signed values; one bf16 scale (and one uint8 zero point
-for int4-asym) per ``group_size`` elements along the padded input dimension.
+nibble; int8 weights store signed values; one bf16 or fp16 scale (and one uint8 zero
+point for int4-asym, or one float minimum for int4-min) per ``group_size`` elements
+along the padded input dimension.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ..quant.quantize import QuantizedWeight
 # The symmetric int4 offset, as a value the jit functions can fold in.
 SYM_OFFSET = tl.constexpr(layout.INT4_SYMMETRIC_OFFSET)
 NIBBLE_MASK = tl.constexpr(0x0F)
+OFFSET_ZERO = tl.constexpr(layout.OFFSET_ZERO)
+OFFSET_MIN = tl.constexpr(layout.OFFSET_MIN)
 
 # Activation dtypes the Triton paths accept; anything else goes to the reference.
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -67,10 +70,14 @@ def block_k_for(group_size: int, block_k: int) -> int:
 @triton.jit
 def load_weight_tile(
     q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Dequantized float32 tile W[offs_n, k0:k0 + BLOCK_K]; zero outside the weight."""
+    """Dequantized float32 tile W[offs_n, k0:k0 + BLOCK_K]; zero outside the weight.
+
+    OFFSET is the spec's offset_mode: z_ptr holds zero points (OFFSET_ZERO), float
+    minimums (OFFSET_MIN) or nothing that is read.
+    """
     rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
     if BITS == 4:
@@ -93,18 +100,23 @@ def load_weight_tile(
     # Masked scales read as 0, so every element outside the weight dequantizes to 0.
     scales = tl.load(s_ptr + g_offs, mask=g_mask, other=0).to(tl.float32)
     grouped = tl.reshape(codes, (BLOCK_N, GROUPS_PER_TILE, GROUP))
-    if HAS_ZEROS:
+    if OFFSET == OFFSET_ZERO:
         zeros = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.float32)
         grouped = grouped - zeros[:, :, None]
-    elif BITS == 4:
+    elif BITS == 4 and OFFSET != OFFSET_MIN:
         grouped = grouped - SYM_OFFSET
     dense = grouped * scales[:, :, None]
+    if OFFSET == OFFSET_MIN:  # code * scale + min; masked minimums read as 0 like scales
+        mins = tl.load(z_ptr + g_offs, mask=g_mask, other=0).to(tl.float32)
+        dense = dense + mins[:, :, None]
     return tl.reshape(dense, (BLOCK_N, BLOCK_K))
 
 
 def weight_args(weight: QuantizedWeight) -> tuple:
-    """(qweight, scales, zeros-or-scales, padded_in, n_groups) as the kernels take them."""
+    """(qweight, scales, zeros-or-mins-or-scales, padded_in, n_groups) as the kernels take
+    them: the third is read only when the spec's offset_mode says so."""
     spec = weight.spec
-    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unread dummy
+    zeros = weight.zeros if weight.zeros is not None else weight.mins
+    zeros = zeros if zeros is not None else weight.scales  # unread dummy
     padded = spec.padded_in(weight.in_features)
     return weight.qweight, weight.scales, zeros, padded, padded // spec.group_size

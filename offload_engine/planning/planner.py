@@ -194,8 +194,7 @@ def _meta_weight(spec: QuantSpec, linear: LinearShape) -> QuantizedWeight:
     parts = {name: torch.empty(shape, dtype=dtype, device="meta")
              for name, (shape, dtype) in spec.component_shapes(
                  linear.out_features, linear.in_features).items()}
-    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), spec,
-                           linear.out_features, linear.in_features)
+    return QuantizedWeight.from_parts(parts, spec, linear.out_features, linear.in_features)
 
 
 # ----- sizing -------------------------------------------------------------------------------

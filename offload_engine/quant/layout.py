@@ -14,13 +14,20 @@ Components of a quantized weight:
       its low nibble and element 2j + 1 in its high nibble. Nibbles are unsigned
       codes 0..15. For ``int4`` (symmetric) the signed value is code - 8, so the
       range is -8..7 and we quantize to -7..7 (the scale is absmax / 7).
-      For ``int4-asym`` the value is code - zero.
+      For ``int4-asym`` the value is code - zero; for ``int4-min`` it is the code itself.
     * int8: int8 (N, padded_in), signed values -127..127 (scale is absmax / 127).
-- ``scales``: bfloat16 (N, padded_in // group_size): one scale per group.
+- ``scales``: (N, padded_in // group_size), one scale per group, in the spec's scale
+  dtype: bfloat16 for weights we quantize, float16 for imported ones (GGUF, AWQ, GPTQ
+  store fp16 scales; rounding them to bf16 would break exactness).
 - ``zeros`` (``int4-asym`` only): uint8 (N, padded_in // group_size), zero point
   codes 0..15.
+- ``mins`` (``int4-min`` only): (N, padded_in // group_size) in the scale dtype, a float
+  offset per group. GGUF Q4_1 (and Q4_K) store ``q * d + m``; an integer zero point
+  cannot hold ``m`` exactly, a float minimum can.
 
-Dequantized value: (value - zero) * scale, computed in float32.
+Dequantized value, computed in float32: (value - zero) * scale for int4/int4-asym/int8,
+code * scale + min for int4-min (multiply, then add: the order gguf-py uses, so an
+imported Q4_1 block dequantizes bit for bit as ``gguf.quants.dequantize`` does).
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ import torch
 from ..errors import ConfigError
 from .schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES  # noqa: F401
 
-SCALE_DTYPE = torch.bfloat16
+IMPORT_SCHEMES = ("int4-min",)  # only imported checkpoints hold these (GGUF Q4_1)
+STORED_SCHEMES = SCHEMES + IMPORT_SCHEMES
+SCALE_DTYPE = torch.bfloat16  # what our quantizer writes
+SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # manifest spelling -> dtype
+DEFAULT_SCALE_DTYPE = "bf16"
+# How a kernel turns codes into values, by scheme (a constexpr of the Triton kernels).
+OFFSET_NONE, OFFSET_ZERO, OFFSET_MIN = 0, 1, 2
 INT4_SYMMETRIC_OFFSET = 8  # code = value + 8 for symmetric int4
 INT4_SYMMETRIC_MAX = 7  # quantized values use -7..7, keeping the grid symmetric
 INT4_CODE_MAX = 15
@@ -41,16 +54,21 @@ INT8_MAX = 127
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How a tensor is quantized: the scheme and the group size along the input dim."""
+    """How a tensor is quantized: the scheme, the group size along the input dim and the
+    dtype of the per-group scales (and minimums)."""
 
-    scheme: str = DEFAULT_SCHEME  # one of SCHEMES
+    scheme: str = DEFAULT_SCHEME  # one of STORED_SCHEMES
     group_size: int = DEFAULT_GROUP_SIZE  # elements per scale along the input dimension
+    scale_dtype: str = DEFAULT_SCALE_DTYPE  # "bf16" or "fp16", a key of SCALE_DTYPES
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
+        if self.scheme not in STORED_SCHEMES:
             raise ConfigError(
                 f"unknown quantization scheme {self.scheme!r}: use one of {', '.join(SCHEMES)}"
             )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"unknown scale dtype {self.scale_dtype!r}: use one of "
+                              f"{', '.join(SCALE_DTYPES)}")
         if self.group_size not in GROUP_SIZES:
             raise ConfigError(
                 f"unsupported --group-size {self.group_size}: use one of "
@@ -64,6 +82,21 @@ class QuantSpec:
     @property
     def has_zeros(self) -> bool:
         return self.scheme == "int4-asym"
+
+    @property
+    def has_mins(self) -> bool:
+        return self.scheme == "int4-min"
+
+    @property
+    def offset_mode(self) -> int:
+        """OFFSET_ZERO, OFFSET_MIN or OFFSET_NONE: what is applied besides the scale."""
+        if self.has_zeros:
+            return OFFSET_ZERO
+        return OFFSET_MIN if self.has_mins else OFFSET_NONE
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
 
     def padded_in(self, in_features: int) -> int:
         """The input dimension rounded up to a whole number of groups."""
@@ -82,10 +115,12 @@ class QuantSpec:
                 (out_features, padded // 2) if self.bits == 4 else (out_features, padded),
                 torch.uint8 if self.bits == 4 else torch.int8,
             ),
-            "scales": ((out_features, groups), SCALE_DTYPE),
+            "scales": ((out_features, groups), self.scale_torch_dtype),
         }
         if self.has_zeros:
             shapes["zeros"] = ((out_features, groups), torch.uint8)
+        if self.has_mins:
+            shapes["mins"] = ((out_features, groups), self.scale_torch_dtype)
         return shapes
 
     def nbytes(self, out_features: int, in_features: int) -> int:

@@ -25,16 +25,26 @@ class QuantizedWeight:
     """One quantized linear weight: its components plus what is needed to read them."""
 
     qweight: torch.Tensor  # uint8 (N, padded_in/2) for int4, int8 (N, padded_in) for int8
-    scales: torch.Tensor  # bfloat16 (N, groups)
+    scales: torch.Tensor  # (N, groups) in spec.scale_dtype
     zeros: Optional[torch.Tensor]  # uint8 (N, groups) for int4-asym, else None
     spec: QuantSpec
     out_features: int  # N
     in_features: int  # K, the true (unpadded) input size
+    mins: Optional[torch.Tensor] = None  # (N, groups) in spec.scale_dtype for int4-min
+
+    @classmethod
+    def from_parts(cls, parts: dict, spec: QuantSpec, out_features: int,
+                   in_features: int) -> QuantizedWeight:
+        """Rebuild a weight from its components() (a manifest entry, device views)."""
+        return cls(parts["qweight"], parts["scales"], parts.get("zeros"), spec, out_features,
+                   in_features, mins=parts.get("mins"))
 
     def components(self) -> dict:
         parts = {"qweight": self.qweight, "scales": self.scales}
         if self.zeros is not None:
             parts["zeros"] = self.zeros
+        if self.mins is not None:
+            parts["mins"] = self.mins
         return parts
 
     @property
@@ -52,13 +62,14 @@ def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return w.reshape(out_features, padded // spec.group_size, spec.group_size)
 
 
-def _round_scale_up(scale_f32: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-    """Store scales in bf16 without ever rounding below ``needed``.
+def _round_scale_up(scale_f32: torch.Tensor, needed: torch.Tensor,
+                    dtype: torch.dtype = layout.SCALE_DTYPE) -> torch.Tensor:
+    """Store scales in ``dtype`` without ever rounding below ``needed``.
 
     A scale rounded down would push the largest element past the grid and clip it,
     breaking the half-step error bound.
     """
-    scale = scale_f32.to(layout.SCALE_DTYPE)
+    scale = scale_f32.to(dtype)
     while True:
         short = scale.to(torch.float32) < needed
         if not short.any():
@@ -84,6 +95,11 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
             f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
+    if spec.scheme not in layout.SCHEMES or spec.scale_dtype != layout.DEFAULT_SCALE_DTYPE:
+        raise QuantizationError(
+            f"tensor {name!r}: scheme {spec.scheme} with {spec.scale_dtype} scales is only "
+            f"imported from checkpoints that hold it; quantize with one of "
+            f"{', '.join(layout.SCHEMES)} and bf16 scales")
     check_finite(name, weight)
     out_features, in_features = weight.shape
     rows_per_chunk = max(1, CHUNK_ELEMENTS // spec.padded_in(in_features))
@@ -141,7 +157,7 @@ def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float3
     out_features = weight.out_features
     if spec.bits == 4:
         values = layout.unpack_int4(weight.qweight).to(torch.float32)
-        if weight.zeros is None:
+        if spec.offset_mode == layout.OFFSET_NONE:
             values = values - layout.INT4_SYMMETRIC_OFFSET
     else:
         values = weight.qweight.to(torch.float32)
@@ -149,5 +165,7 @@ def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float3
     if weight.zeros is not None:
         groups = groups - weight.zeros.to(torch.float32).unsqueeze(-1)
     dense = groups * weight.scales.to(torch.float32).unsqueeze(-1)
+    if weight.mins is not None:  # after the product, as gguf-py rounds it
+        dense = dense + weight.mins.to(torch.float32).unsqueeze(-1)
     dense = dense.reshape(out_features, -1)[:, : weight.in_features]
     return dense.to(dtype)

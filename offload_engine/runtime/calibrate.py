@@ -152,8 +152,7 @@ def _weights(shapes, device: torch.device) -> List[QuantizedWeight]:
     for out_features, in_features in shapes:
         parts = random_components(pool, SPEC, out_features, in_features)
         parts = {name: value.to(device) for name, value in parts.items()}
-        weights.append(QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"),
-                                       SPEC, out_features, in_features))
+        weights.append(QuantizedWeight.from_parts(parts, SPEC, out_features, in_features))
     return weights
 
 

@@ -78,9 +78,8 @@ def _check_scales(name: str, weight: QuantizedWeight) -> None:
 def _copy(source: QuantizedWeight, target, device: torch.device) -> None:
     if isinstance(target, torch.Tensor):  # dequantized form
         if device.type == "cuda":
-            staged = QuantizedWeight(
-                *(None if t is None else t.to(device, non_blocking=True)
-                  for t in (source.qweight, source.scales, source.zeros)),
+            staged = QuantizedWeight.from_parts(
+                {part: t.to(device, non_blocking=True) for part, t in source.components().items()},
                 source.spec, source.out_features, source.in_features)
             target.copy_(dequantize_weight(staged, target.dtype))
         else:

@@ -69,10 +69,8 @@ class HostStore(Mapping):
                 tensor = load_component(directory, comp, headers)
                 verifier.check(name, comp, tensor)
                 parts[part] = tensor.pin_memory() if pin else tensor
-            weights[module_name(name)] = QuantizedWeight(
-                qweight=parts["qweight"], scales=parts["scales"], zeros=parts.get("zeros"),
-                spec=manifest.spec, out_features=entry.shape[0], in_features=entry.shape[1],
-            )
+            weights[module_name(name)] = QuantizedWeight.from_parts(
+                parts, manifest.spec, out_features=entry.shape[0], in_features=entry.shape[1])
         return cls(weights, pinned=pin)
 
     def __getitem__(self, name: str) -> QuantizedWeight:

@@ -34,8 +34,7 @@ def layout_of(entry: TensorEntry, spec) -> QuantizedWeight:
     """A QuantizedWeight of meta tensors shaped like the stored components: no memory."""
     parts = {part: torch.empty(comp.shape, dtype=DTYPES[comp.dtype], device="meta")
              for part, comp in entry.components.items()}
-    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), spec,
-                           entry.shape[0], entry.shape[1])
+    return QuantizedWeight.from_parts(parts, spec, entry.shape[0], entry.shape[1])
 
 
 def quantized_layouts(manifest: Manifest) -> Dict[str, QuantizedWeight]:
@@ -132,8 +131,8 @@ def _read_new(files: ShardFiles, layout: QuantizedWeight, components: Dict[str, 
         like = getattr(layout, part)
         parts[part] = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
         files.read_into(comp, parts[part])
-    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), layout.spec,
-                           layout.out_features, layout.in_features)
+    return QuantizedWeight.from_parts(parts, layout.spec, layout.out_features,
+                                      layout.in_features)
 
 
 def open_store(directory: Path, manifest: Manifest, plan: HostPlan, pin: bool,

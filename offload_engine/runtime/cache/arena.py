@@ -35,5 +35,5 @@ def carve(arena: torch.Tensor, offset: int, weight: QuantizedWeight, cache_forma
     for name, tensor in weight.components().items():
         parts[name] = _view(arena, offset, tensor)
         offset += aligned(tensor.numel() * tensor.element_size())
-    return QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), weight.spec,
-                           weight.out_features, weight.in_features)
+    return QuantizedWeight.from_parts(parts, weight.spec, weight.out_features,
+                                      weight.in_features)

@@ -1,0 +1,211 @@
+"""A .gguf file, read block by block with the gguf package's memory-mapped reader.
+
+Linear weights whose GGUF type maps onto our layout (Q4_0, Q4_1, Q8_0: see
+:mod:`offload_engine.quant.gguf_blocks`) are imported exactly: their codes, fp16 scales
+and minimums are copied, never re-rounded. Every other tensor (norms, embeddings, and
+with ``--requantize`` the linears of other types) is dequantized with
+``gguf.quants.dequantize``, one tensor at a time, so peak RAM stays about twice the
+largest tensor in float32 plus the shard buffer, not 4 bytes per parameter.
+
+Tensor names and the row order of llama's q/k projections (llama.cpp permutes them
+for its rotary layout) come from transformers' own GGUF mapping, so a model imported
+here is the model ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ...errors import SourceError
+from ...model import architecture
+from ...quant.gguf_blocks import EXACT_TYPES, import_rows
+from ...quant.layout import QuantSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GGUFTensorPlan:
+    """One GGUF tensor and what becomes of it."""
+
+    gguf_name: str  # e.g. "blk.0.attn_q.weight"
+    hf_name: str  # e.g. "model.layers.0.self_attn.q_proj.weight"
+    type_name: str  # GGML type, e.g. "Q4_1"
+    shape: tuple  # logical (N, K) or (N,), HF order
+    nbytes: int  # bytes stored in the file
+    is_linear: bool  # a weight we hold quantized
+    row_order: Optional[np.ndarray] = None  # rows to gather (llama q/k), None: as stored
+
+
+class GGUFSource:
+    """A .gguf file: exact import of Q4_0/Q4_1/Q8_0 linears, or ``requantize``."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path, requantize: bool = False):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        try:
+            self._reader = GGUFReader(self.path)
+            self.config = _read_config(self.path)
+        except (ValueError, OSError, KeyError) as exc:
+            raise SourceError(f"{self.path}: cannot read this GGUF file ({exc})") from exc
+        self._processor = _tensor_processor(self._reader, self.config)
+        self.plans = self._plan_tensors()
+        linear_types = sorted({p.type_name for p in self.plans if p.is_linear})
+        self.linear_types = linear_types
+        self.import_spec = None if requantize else _exact_spec(self.path, self.plans)
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    @property
+    def source_format(self) -> str:
+        return f"gguf {'/'.join(self.linear_types)}"
+
+    def _plan_tensors(self) -> List[GGUFTensorPlan]:
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+        skeleton = architecture.build_skeleton(self.config)
+        linears = architecture.find_linears(skeleton, self.config)
+        weight_names = {f"{name}.weight" for name in linears}
+        name_map = get_gguf_hf_weights_map(skeleton, self._processor)
+        plans = []
+        for tensor in self._reader.tensors:
+            hf_name = name_map.get(tensor.name)
+            if hf_name is None:
+                logger.info("%s: tensor %s has no place in the model; skipped", self.path,
+                            tensor.name)
+                continue
+            shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists K first
+            plan = GGUFTensorPlan(tensor.name, hf_name, tensor.tensor_type.name, shape,
+                                  int(tensor.n_bytes), hf_name in weight_names)
+            if plan.is_linear:
+                plan.row_order = self._row_order(plan)
+            plans.append(plan)
+        return plans
+
+    def _row_order(self, plan: GGUFTensorPlan) -> Optional[np.ndarray]:
+        """The row gather transformers' processor applies to this weight (None: none).
+
+        Run on a column of row indices: a processor that does anything but reorder rows
+        (or renames the tensor) is not something an exact import can follow.
+        """
+        rows = plan.shape[0]
+        index = np.arange(rows, dtype=np.int64).reshape(rows, 1)
+        try:
+            result = self._processor.process(weights=index, name=plan.gguf_name,
+                                             tensor_key_mapping={}, parsed_parameters={})
+            order = np.asarray(result.weights).reshape(-1)
+            ok = result.name == plan.gguf_name and np.array_equal(np.sort(order), index[:, 0])
+        except (ValueError, TypeError, KeyError, IndexError):
+            ok = False
+        if not ok:
+            raise SourceError(f"{self.path}: tensor {plan.gguf_name} is transformed on load by "
+                              "transformers in a way an import cannot follow; this "
+                              "architecture is not supported from GGUF")
+        return None if np.array_equal(order, index[:, 0]) else order
+
+    def tensor_list(self) -> List[Tuple[str, str, tuple, int]]:
+        """(name, GGUF type, shape, stored bytes) of every tensor the model uses."""
+        return [(p.hf_name, p.type_name, p.shape, p.nbytes) for p in self.plans]
+
+    def iter_tensors(self) -> Iterator[Tuple[str, object]]:
+        """(name, QuantizedWeight) for linears imported exactly, (name, float tensor) else."""
+        tensors = {t.name: t for t in self._reader.tensors}
+        with open(self.path, "rb") as file:
+            for plan in self.plans:
+                tensor = tensors[plan.gguf_name]
+                raw = _read_raw(file, tensor, self.path)
+                if plan.is_linear and self.import_spec is not None:
+                    rows = raw if plan.row_order is None else raw[plan.row_order]
+                    yield plan.hf_name, import_rows(plan.type_name, rows, plan.shape[1],
+                                                    plan.hf_name)
+                else:
+                    yield plan.hf_name, self._dequantized(tensor, raw, plan)
+                del raw
+
+    def _dequantized(self, tensor, raw: np.ndarray, plan: GGUFTensorPlan) -> torch.Tensor:
+        """Float32 values of one tensor, as transformers loads them (processor applied)."""
+        from gguf.quants import dequantize
+
+        try:
+            values = dequantize(raw, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise SourceError(f"{self.path}: tensor {plan.gguf_name} has type "
+                              f"{plan.type_name}, which the gguf package cannot read") from exc
+        result = self._processor.process(weights=values, name=plan.gguf_name,
+                                         tensor_key_mapping={}, parsed_parameters={})
+        return torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
+
+    def write_side_files(self, destination: Path) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.config.save_pretrained(destination)
+        GenerationConfig.from_model_config(self.config).save_pretrained(destination)
+        tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        tokenizer.save_pretrained(destination)
+
+
+def _read_raw(file, tensor, path: Path) -> np.ndarray:
+    """One tensor's stored bytes, read from the file into private memory.
+
+    Reading (rather than touching the reader's memory map) keeps the file's pages out of
+    this process's resident set, so the RAM a conversion needs is what it holds.
+    """
+    layout = tensor.data  # a memory-mapped view: its shape and dtype, no page is read
+    file.seek(int(tensor.data_offset))
+    raw = np.fromfile(file, dtype=layout.dtype, count=layout.size)
+    if raw.size != layout.size:
+        raise SourceError(f"{path}: tensor {tensor.name} is cut short (truncated file); "
+                          "download it again")
+    return raw.reshape(layout.shape)
+
+
+def _read_config(path: Path):
+    """The transformers config of a GGUF file, from its metadata alone (no tensors)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _tensor_processor(reader, config):
+    """transformers' per-architecture GGUF tensor processor (llama: q/k row order)."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        read_field,
+    )
+
+    arch = read_field(reader, "general.architecture")[0]
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+
+
+def _exact_spec(path: Path, plans: List[GGUFTensorPlan]) -> QuantSpec:
+    """The one spec every linear imports exactly as, or a SourceError before any work."""
+    by_type: dict = {}
+    for plan in plans:
+        if plan.is_linear:
+            by_type.setdefault(plan.type_name, []).append(plan.gguf_name)
+    inexact = {t: names for t, names in by_type.items() if t not in EXACT_TYPES}
+    if inexact or len(by_type) > 1:
+        listing = "; ".join(f"{t}: {len(n)} ({n[0]}{', ...' if len(n) > 1 else ''})"
+                            for t, n in sorted(by_type.items()))
+        why = (f"types {', '.join(sorted(inexact))} have no exact import" if inexact
+               else "one model holds one quantization type and this file mixes several")
+        raise SourceError(
+            f"{path}: its linear weights cannot be imported exactly ({why}; linears by type: "
+            f"{listing}). Exact types: {', '.join(EXACT_TYPES)}. Pass --requantize to "
+            "dequantize them and quantize again with --scheme/--group-size (lossy: see "
+            "docs/import.md for what it costs)")
+    if not by_type:
+        raise SourceError(f"{path}: no linear weights of the model were found in this file")
+    return EXACT_TYPES[next(iter(by_type))].spec

@@ -1,0 +1,244 @@
+"""Exact GGUF import: blocks against gguf-py's own dequantizer, whole files against
+transformers' GGUF loader, errors before work, and bounded peak memory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from offload_engine.checkpoint.convert import convert
+from offload_engine.checkpoint.format import read_manifest
+from offload_engine.errors import SourceError
+from offload_engine.quant.gguf_blocks import EXACT_TYPES, import_rows
+from offload_engine.quant.layout import QuantSpec
+from offload_engine.quant.quantize import dequantize_weight
+from tests import tiny, tiny_gguf
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+
+def assert_bit_exact(type_name, raw, in_features):
+    """Our import, dequantized by our reference, equals gguf-py's dequantize bit for bit."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    ours = dequantize_weight(import_rows(type_name, raw, in_features)).numpy()
+    theirs = dequantize(raw, qtype)
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), type_name
+
+
+@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+def test_random_blocks_are_bit_exact(type_name):
+    rng = np.random.default_rng(0)
+    block_bytes = EXACT_TYPES[type_name].block_bytes
+    rows, blocks = 37, 6
+    # Any bytes are a valid block once the fp16 fields are finite: codes cover every value.
+    raw = rng.integers(0, 256, size=(rows, blocks, block_bytes), dtype=np.uint8)
+    fp16_fields = 2 if type_name == "Q4_1" else 1
+    raw[..., : 2 * fp16_fields] = (rng.standard_normal((rows, blocks, fp16_fields)) * 0.05
+                                   ).astype(np.float16).view(np.uint8)
+    assert_bit_exact(type_name, raw.reshape(rows, -1), blocks * 32)
+    # and blocks as gguf-py's quantizer writes them from float weights
+    dense = rng.standard_normal((rows, blocks * 32)).astype(np.float32)
+    assert_bit_exact(type_name, quantize(dense, gguf.GGMLQuantizationType[type_name]),
+                     blocks * 32)
+
+
+def test_import_spec_per_type():
+    assert EXACT_TYPES["Q4_0"].spec == QuantSpec("int4", 32, "fp16")
+    assert EXACT_TYPES["Q4_1"].spec == QuantSpec("int4-min", 32, "fp16")
+    assert EXACT_TYPES["Q8_0"].spec == QuantSpec("int8", 32, "fp16")
+
+
+@pytest.mark.slow
+def test_demo_model_tensors_are_bit_exact():
+    from offload_engine.checkpoint.embedded import embedded_gguf
+
+    try:
+        path = embedded_gguf()
+    except SourceError as exc:
+        pytest.skip(str(exc))
+    reader = gguf.GGUFReader(path)
+    checked = set()
+    for tensor in reader.tensors:  # the first and last layer, and the Q8_0 embedding
+        if tensor.name.startswith(("blk.0.", "blk.29.", "token_embd")) and (
+                tensor.tensor_type.name in EXACT_TYPES):
+            assert_bit_exact(tensor.tensor_type.name, tensor.data, int(tensor.shape[0]))
+            checked.add(tensor.tensor_type.name)
+    assert checked == {"Q4_1", "Q8_0"}
+
+
+@pytest.fixture(scope="module")
+def llama_f32(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama in fp32 (hidden 96, 4 heads, 2 KV heads: q/k permuted in GGUF)."""
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("llama32") / "src", "llama",
+                                dtype=torch.float32, tokenizer_dir=tokenizer_dir)
+
+
+def _gguf_file(tmp_path, llama_f32, **kwargs):
+    return tiny_gguf.write_llama_gguf(tmp_path / "tiny.gguf", llama_f32, **kwargs)
+
+
+@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_name):
+    from transformers import AutoModelForCausalLM
+
+    from offload_engine import load
+
+    path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type=type_name)
+    summary = convert(path, tmp_path / "q", progress=False)
+    assert summary.imported == f"gguf {type_name}" and summary.quantized == 14
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == EXACT_TYPES[type_name].spec
+    assert manifest.source["exact"] is True and manifest.source["format"] == f"gguf {type_name}"
+    assert json.loads((tmp_path / "q" / "offload_manifest.json").read_text())["scale_dtype"] \
+        == "fp16"
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                     dtype=torch.float32).eval()
+    prompt = "The class statement defines"
+    with load(tmp_path / "q", progress=False, gpu_budget="256KiB") as engine, torch.no_grad():
+        ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ours = engine.model(ids).logits
+        theirs = reference(ids).logits
+        greedy = engine.generate(prompt, greedy=True, max_new_tokens=8).token_ids
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids),
+                                      do_sample=False, max_new_tokens=8)[0, ids.shape[1]:]
+    assert greedy == expected.tolist()
+
+
+def test_mixed_types_are_refused_before_work_unless_requantized(tmp_path, llama_f32):
+    path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.1.ffn_down.weight": "Q8_0"})
+    with pytest.raises(SourceError, match=r"cannot be imported exactly.*Q4_1: 13.*Q8_0: 1.*"
+                                          r"--requantize"):
+        convert(path, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+    summary = convert(path, tmp_path / "q", QuantSpec("int4-asym", 32), progress=False,
+                      requantize=True)
+    assert summary.imported == "" and summary.scheme == "int4-asym"
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.source["exact"] is False and manifest.scale_dtype == "bf16"
+
+
+def test_k_quant_linears_say_what_to_do(tmp_path, llama_f32):
+    path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type="F32")
+    with pytest.raises(SourceError, match="F32.*no exact import.*--requantize"):
+        convert(path, tmp_path / "q", progress=False)
+
+
+def test_peak_memory_stays_bounded(tmp_path):
+    """GGUF sources are read tensor by tensor from a memory map: peak RSS stays about twice
+    the largest tensor in float32 plus the shard buffer, not the whole model."""
+    pytest.importorskip("psutil")
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the RSS high-water mark")
+    largest, total = _write_big_gguf(tmp_path / "big.gguf")
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE_SCRIPT)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see test_convert.py
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.split()[-1])
+    assert total >= 24 * largest  # holding the model as float32 would blow past the bound
+    # two float32 copies of the largest tensor + the 16 MiB shard buffer + 96 MiB slack
+    assert growth <= 2 * largest + (16 + 96) * 2**20, (growth, largest, total)
+    print(f"GGUF import peak RSS growth {growth / 2**20:.0f} MiB, largest tensor "
+          f"{largest / 2**20:.0f} MiB, model {total / 2**20:.0f} MiB in float32")
+
+
+def _write_big_gguf(path, hidden=1024, inter=4096, layers=12, vocab=1024):
+    """A Q4_1 Llama GGUF of 12 layers; (largest tensor, whole model) in float32 bytes."""
+    names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(8)
+    writer.add_head_count_kv(8)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(hidden // 8)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(vocab - 3)])
+    writer.add_token_types([1] * vocab)
+    writer.add_token_merges(["a b"])
+    rng = np.random.default_rng(0)
+    q41 = gguf.GGMLQuantizationType.Q4_1
+    raw = {shape: quantize(rng.standard_normal(shape).astype(np.float32), q41)
+           for shape in set(shapes)}
+    for layer in range(layers):
+        for name, shape in zip(names, shapes, strict=True):
+            writer.add_tensor(f"blk.{layer}.{name}.weight", raw[shape], raw_dtype=q41)
+        writer.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("token_embd.weight",
+                      rng.standard_normal((vocab, hidden)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    total = layers * sum(n * k for n, k in shapes) * 4 + vocab * hidden * 4
+    return inter * hidden * 4, total
+
+
+# The kernel's own high-water mark of this process's RSS (VmHWM), reset at the baseline by
+# writing 5 to /proc/self/clear_refs: no sampling thread (on a loaded machine it fought
+# the converter for the GIL and slowed it twentyfold), and unlike ru_maxrss it does not
+# carry over the parent's RSS from before exec.
+MEASURE_SCRIPT = r'''
+import sys
+from pathlib import Path
+import psutil
+import gguf, transformers.modeling_gguf_pytorch_utils  # imported before the baseline
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from offload_engine.checkpoint.convert import convert
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise SystemExit(f"no {key} in /proc/self/status")
+
+root = Path(sys.argv[1])
+Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+baseline = psutil.Process().memory_info().rss
+convert(root / "big.gguf", root / "dst", shard_bytes=16 * 2**20, progress=False)
+print(status("VmHWM") - baseline)
+'''
+
+
+def test_prequantized_safetensors_are_refused_before_work(tmp_path, llama_f32):
+    src = tmp_path / "awq"
+    src.mkdir()
+    for path in llama_f32.iterdir():
+        (src / path.name).write_bytes(path.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="quant_method 'awq'.*not supported yet"):
+        convert(src, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_requantize_flag(tmp_path, llama_f32, capsys):
+    from offload_engine.cli import main
+
+    path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.0.attn_v.weight": "Q4_0"})
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--no-progress"]) == 2
+    assert "--requantize" in capsys.readouterr().err
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--requantize", "--scheme",
+                 "int4", "--group-size", "32", "--no-progress"]) == 0
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == QuantSpec("int4", 32) and manifest.source["exact"] is False
+    assert manifest.source["format"] == "gguf Q4_0/Q4_1"

@@ -1,0 +1,100 @@
+"""Tiny GGUF files written the way llama.cpp's convert_hf_to_gguf.py writes a Llama.
+
+Layout followed (llama.cpp, convert_hf_to_gguf.py ``LlamaModel``): tensor names from
+gguf-py's tensor name map (``blk.N.attn_q.weight`` ...), q and k projections permuted
+for llama.cpp's rotary layout (``LlamaModel.permute``: rows reshaped to
+(heads, 2, head_dim / 2) and the two inner axes swapped), weights quantized with
+gguf-py's own ``gguf.quants.quantize``, the tokenizer as a "gpt2" BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+
+def llama_permute(weights: np.ndarray, n_head: int, n_head_kv: Optional[int]) -> np.ndarray:
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _tokenizer_fields(writer, tokenizer_dir: Path) -> None:
+    data = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    vocab: Dict[str, int] = data["model"]["vocab"]
+    special = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    vocab = {**vocab, **special}
+    tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if tok in special else 1 for tok in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(special["<|im_start|>"])
+    writer.add_eos_token_id(special["<|endoftext|>"])
+    writer.add_pad_token_id(special["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+
+
+def write_llama_gguf(path: Path, hf_dir: Path, linear_types: Dict[str, str],
+                     default_type: str = "Q4_1", embedding_type: str = "Q8_0") -> Path:
+    """Write the Llama checkpoint in ``hf_dir`` (with its tokenizer) as a GGUF file.
+
+    ``linear_types`` overrides the GGML type of individual GGUF tensors by name; every
+    other linear weight gets ``default_type``; norms stay F32.
+    """
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    state = {}
+    for shard in sorted(Path(hf_dir).glob("*.safetensors")):
+        state.update(load_file(shard))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    _tokenizer_fields(writer, hf_dir)
+    for hf_name, tensor in state.items():
+        base, suffix = hf_name.rsplit(".", 1)
+        name = names.get_name(base) + "." + suffix
+        values = tensor.to(torch.float32).numpy()
+        if name.endswith("attn_q.weight"):
+            values = llama_permute(values, config.num_attention_heads, None)
+        elif name.endswith("attn_k.weight"):
+            values = llama_permute(values, config.num_attention_heads,
+                                   config.num_key_value_heads)
+        if values.ndim == 1:
+            writer.add_tensor(name, values)
+            continue
+        type_name = embedding_type if name == "token_embd.weight" else (
+            linear_types.get(name, default_type))
+        qtype = gguf.GGMLQuantizationType[type_name]
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
