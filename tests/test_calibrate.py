@@ -10,8 +10,10 @@ from offload_engine.planning.profiles import load_profile
 @pytest.fixture(scope="module")
 def cpu_profile(tmp_path_factory):
     path = tmp_path_factory.mktemp("calibrate") / "my-cpu.toml"
+    disk = tmp_path_factory.mktemp("disk")
     assert main(["calibrate", "--device", "cpu", "--quick", "-o", str(path),
-                 "--name", "my-cpu"]) == 0
+                 "--name", "my-cpu", "--disk-dir", str(disk)]) == 0
+    assert list(disk.iterdir()) == []  # the scratch file is gone
     return path
 
 
@@ -22,7 +24,8 @@ def test_calibrate_writes_a_measured_cpu_profile(cpu_profile):
     assert profile.kernel_bandwidth > 0 and profile.op_overhead_s > 0
     assert "measured by offload-engine calibrate" in profile.op_overhead_source
     figures = figure_sources(profile)
-    assert len(figures["measured"]) == 4 and figures["estimated"] == []
+    assert profile.disk_read_bandwidth > 0
+    assert len(figures["measured"]) == 5 and figures["estimated"] == []
 
 
 def test_plan_and_run_accept_the_calibrated_profile(cpu_profile, qwen2_q, capsys):
@@ -38,3 +41,13 @@ def test_plan_and_run_accept_the_calibrated_profile(cpu_profile, qwen2_q, capsys
 def test_calibrate_refuses_to_overwrite(cpu_profile, capsys):
     assert main(["calibrate", "--device", "cpu", "--quick", "-o", str(cpu_profile)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_disk_measurement_names_a_missing_directory(tmp_path):
+    from offload_engine.errors import ConfigError
+    from offload_engine.runtime.disk_speed import disk_read_bandwidth
+
+    with pytest.raises(ConfigError, match="--disk-dir .*no such directory"):
+        disk_read_bandwidth(tmp_path / "absent", 1 << 20)
+    assert disk_read_bandwidth(tmp_path, 2 << 20, repeats=1) > 0
+    assert list(tmp_path.iterdir()) == []

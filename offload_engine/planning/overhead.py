@@ -26,6 +26,7 @@ FIGURES = {
     "h2d_bandwidth_gb_s": "streamed weight copies",
     "op_overhead_us": "per-op overhead",
     "kernel_bandwidth_gb_s": "fused kernel reads",
+    "disk_read_gb_s": "disk reads (--host-budget)",
 }
 
 
@@ -70,6 +71,8 @@ def figure_sources(profile: HardwareProfile) -> Dict[str, List[str]]:
     measured, estimated = [], []
     for key, label in FIGURES.items():
         if key == "kernel_bandwidth_gb_s" and profile.kernel_bandwidth == 0:
+            continue
+        if key == "disk_read_gb_s" and profile.disk_read_bandwidth is None:
             continue
         if key in profile.measured:
             measured.append(f"{label} ({key})")

@@ -42,10 +42,9 @@ DEFAULT_PROFILE = "rtx3090"
 GB = 1e9  # bandwidths are quoted in decimal GB/s, as vendors and benchmarks quote them
 REQUIRED_KEYS = ("name", "device", "memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
                  "reserve")
-OPTIONAL_KEYS = ("description", "disk_read_gb_s")
-# Per-op overhead and calibration facts: optional so older profile files still load.
-OPTIONAL_KEYS = ("description", "op_overhead_us", "op_overhead_source", "measured",
-                 "kernel_bandwidth_gb_s", "calibrated")
+# Disk speed, per-op overhead and calibration facts: optional so older profile files load.
+OPTIONAL_KEYS = ("description", "disk_read_gb_s", "op_overhead_us", "op_overhead_source",
+                 "measured", "kernel_bandwidth_gb_s", "calibrated")
 
 
 @dataclass(frozen=True)

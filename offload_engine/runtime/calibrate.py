@@ -8,7 +8,9 @@ Four figures, each timed after a device synchronize:
 - kernel GB/s: the weight-reading kernel on real shapes, weight bytes / time (the fused
   INT4 GEMV on CUDA; F.linear on the float32 weights the CPU path holds);
 - seconds per op: one eager decode step of a deep model of near-zero width (its time is
-  all overhead) divided by its op count (model/op_count.py, the planner's counter).
+  all overhead) divided by its op count (model/op_count.py, the planner's counter);
+- disk read GB/s (when given a directory): cold reads of a scratch file there, the way the
+  disk tier reads shards (runtime/disk_speed.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from pathlib import Path
+from typing import Callable, List, Optional
 
 import psutil
 import torch
@@ -27,6 +30,7 @@ from ..model.op_count import TINY_WIDTH, count_step_ops, tiny_config
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, dequantize_weight
 from ..version import __version__
+from .disk_speed import disk_read_bandwidth
 
 logger = logging.getLogger(__name__)
 GB = 1e9
@@ -46,15 +50,16 @@ class CalibrationSizes:
     shapes: tuple  # (out, in) weights for the kernel and the CPU slot fill
     layers: int  # depth of the near-zero-width model for the per-op overhead
     steps: int  # decode steps timed for it
-    repeats: int  # medians over this many timings
+    repeats: int  # the best of this many timings
+    disk_bytes: int  # scratch file read back for the disk figure
 
     @staticmethod
     def for_device(device: torch.device, quick: bool) -> CalibrationSizes:
         if quick:
-            return CalibrationSizes(8 << 20, ((256, 256), (512, 256)), 4, 4, 3)
+            return CalibrationSizes(8 << 20, ((256, 256), (512, 256)), 4, 4, 3, 8 << 20)
         if device.type == "cuda":
-            return CalibrationSizes(1 << 30, CUDA_SHAPES, 32, 16, 7)
-        return CalibrationSizes(256 << 20, CPU_SHAPES, 32, 16, 5)
+            return CalibrationSizes(1 << 30, CUDA_SHAPES, 32, 16, 7, 1 << 30)
+        return CalibrationSizes(256 << 20, CPU_SHAPES, 32, 16, 5, 512 << 20)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Calibration:
     layers: int
     torch_version: str
     when: str
+    disk_read_bandwidth: Optional[float] = None  # bytes/s; None: no --disk-dir measured
 
 
 def synchronize(device: torch.device) -> None:
@@ -182,8 +188,10 @@ def op_overhead(device: torch.device, sizes: CalibrationSizes) -> tuple:
     return step / ops, ops, step
 
 
-def calibrate(device: torch.device, quick: bool = False, progress=None) -> Calibration:
-    """Run the four measurements on ``device``; ``progress(label)`` is called after each."""
+def calibrate(device: torch.device, quick: bool = False, progress=None,
+              disk_dir: Optional[Path] = None) -> Calibration:
+    """Run the measurements on ``device`` (and the disk at ``disk_dir``, if given);
+    ``progress(label)`` is called after each."""
     sizes = CalibrationSizes.for_device(device, quick)
     done = progress or (lambda label: None)
     h2d = h2d_bandwidth(device, sizes)
@@ -194,6 +202,10 @@ def calibrate(device: torch.device, quick: bool = False, progress=None) -> Calib
     done("kernel")
     per_op, ops, step = op_overhead(device, sizes)
     done("per-op overhead")
+    disk = None
+    if disk_dir is not None:
+        disk = disk_read_bandwidth(disk_dir, sizes.disk_bytes, sizes.repeats)
+        done("disk reads")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         memory = torch.cuda.get_device_properties(device).total_memory
@@ -201,7 +213,8 @@ def calibrate(device: torch.device, quick: bool = False, progress=None) -> Calib
         name, memory = "CPU", psutil.virtual_memory().total
     return Calibration(str(device), name, int(memory), h2d, memory_bw, kernel_bw, per_op, ops,
                        step, sizes.layers, torch.__version__,
-                       datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                       datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       disk)
 
 
 def profile_toml(result: Calibration, name: str, reserve: str) -> str:
@@ -230,8 +243,15 @@ def profile_toml(result: Calibration, name: str, reserve: str) -> str:
         f"op_overhead_us = {result.op_overhead_s * 1e6:.3f}",
         f'op_overhead_source = "{source}"',
         f'reserve = "{reserve}"',
-        'measured = ["memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s", '
-        '"kernel_bandwidth_gb_s", "op_overhead_us"]',
+    ]
+    measured = ["memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
+                "kernel_bandwidth_gb_s", "op_overhead_us"]
+    if result.disk_read_bandwidth is not None:
+        lines += ["# cold preadv reads of a scratch file in --disk-dir (disk tier, --host-budget)",
+                  f"disk_read_gb_s = {result.disk_read_bandwidth / GB:.3f}"]
+        measured.append("disk_read_gb_s")
+    lines += [
+        "measured = [" + ", ".join(f'"{key}"' for key in measured) + "]",
         f'calibrated = "offload-engine {__version__} calibrate on {result.device_name}, '
         f'torch {result.torch_version}, {result.when}"',
     ]
