@@ -188,14 +188,15 @@ def test_run_command_shows_speculation_stats(qwen2_q, tmp_path, capsys):
         assert key in stats, key
 
 
-def _serve_alone(engine, prompts, limit=12):
+def _serve_alone(engine, prompts, limit=12, speculate=None):
     """Decode ``prompts`` through the server's scheduler; {prompt index: token ids}."""
     from offload_engine.server.batcher import Scheduler, Sequence
     from offload_engine.server.sampling import SamplingParams
 
     scheduler = Scheduler(engine, max_batch=4)
-    sequences = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(limit, temperature=0),
-                          lambda event: None) for p in prompts]
+    params = SamplingParams(limit, temperature=0, speculate=speculate)
+    sequences = [Sequence(engine.tokenizer(p)["input_ids"], params, lambda event: None)
+                 for p in prompts]
     for sequence in sequences:
         scheduler.submit(sequence)
     while scheduler._waiting or scheduler._active:
@@ -219,6 +220,31 @@ def test_server_speculates_for_a_lone_sequence_only(qwen2_q):
     accepted = metrics["speculative_accepted"]
     assert passes == 1 + metrics["batches_run"]
     assert len(alone[0]) == 1 + metrics["batches_run"] + accepted
+
+
+def test_a_request_chooses_speculation_over_the_server_default(qwen2_q):
+    with load(qwen2_q, progress=False, cache_entries=4) as engine:  # server default: off
+        plain, plain_metrics = _serve_alone(engine, [PROMPT])
+        asked, asked_metrics = _serve_alone(engine, [PROMPT], speculate="lookup")
+    with load(qwen2_q, progress=False, cache_entries=4, speculate="lookup") as engine:
+        declined, declined_metrics = _serve_alone(engine, [PROMPT], speculate="off")
+    assert asked == plain == declined
+    assert plain_metrics["speculative_proposed"] == 0
+    assert asked_metrics["speculative_proposed"] > 0
+    # each verify step keeps 1 + accepted tokens (accepted may be 0 on a random tiny model)
+    assert len(asked[0]) == 1 + asked_metrics["batches_run"] + asked_metrics["speculative_accepted"]
+    assert declined_metrics["speculative_proposed"] == 0
+
+
+def test_the_speculate_field_takes_off_or_lookup_only():
+    from offload_engine.server.schemas import ApiError, ChatRequest, parse_body
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    chosen = parse_body(json.dumps({**body, "speculate": "lookup"}).encode(), ChatRequest)
+    assert chosen.speculate == "lookup"
+    with pytest.raises(ApiError) as refused:
+        parse_body(json.dumps({**body, "speculate": "draft"}).encode(), ChatRequest)
+    assert refused.value.status == 400 and "speculate" in str(refused.value)
 
 
 def test_server_refuses_a_draft_model(qwen2_q, qwen2_draft):

@@ -20,6 +20,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from the logit of every token generated
     frequency_penalty: float = 0.0  # subtracted per time a token was generated
     logprobs: Optional[int] = None  # alternatives to report per token; None: no logprobs
+    speculate: Optional[str] = None  # "lookup" or "off" for this request; None: server's
 
     @property
     def greedy(self) -> bool:

@@ -127,6 +127,9 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None  # an end-user id for the caller's own records; unused here
     response_format: Optional[ResponseFormat] = None  # JSON enforced while decoding
+    # Not OpenAI's: prompt-lookup speculation for this request (server default: --speculate).
+    # It applies while the request decodes alone; batched rows decode one token a pass.
+    speculate: Optional[Literal["off", "lookup"]] = None
 
     def stop_list(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -151,7 +154,7 @@ class _Sampling(_Strict):
                               top_p=self.top_p, seed=self.seed, stop=self.stop_list(),
                               presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty,
-                              logprobs=self.logprobs_wanted())
+                              logprobs=self.logprobs_wanted(), speculate=self.speculate)
 
     def logprobs_wanted(self) -> Optional[int]:
         """How many alternatives to report per token; None: no logprobs at all."""

@@ -3,7 +3,8 @@
 With several rows, one pass over the streamed weights already serves several tokens
 (batching), and per-row proposals of different lengths would need ragged verify steps;
 with one row, speculation is the only way to get more than one token per pass. So
-``serve --speculate lookup`` changes the decode step of a lone sequence and nothing else.
+``serve --speculate lookup`` (or a request's own ``"speculate": "lookup"``) changes the
+decode step of a lone sequence and nothing else.
 
 The proposer is transformers' own :class:`PromptLookupCandidateGenerator`. The verify
 step is ours because the server drives the model itself (its left-padded batched cache,
@@ -33,8 +34,12 @@ def check_server_speculation(engine_config) -> None:
 
 
 def applies(scheduler) -> bool:
-    """Speculate this step? Only for a lone sequence, and only when --speculate lookup."""
-    return scheduler.engine.config.speculate == "lookup" and len(scheduler._active) == 1
+    """Speculate this step? Only for a lone sequence that asked for lookup, by its own
+    ``speculate`` field or, without one, by the server's --speculate."""
+    if len(scheduler._active) != 1:
+        return False
+    asked = scheduler._active[0].params.speculate or scheduler.engine.config.speculate
+    return asked == "lookup"
 
 
 def propose(scheduler, sequence) -> list:
