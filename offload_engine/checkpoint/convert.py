@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from ..errors import ConversionError, OffloadError
 from ..model import architecture
 from ..quant.layout import QuantSpec
-from ..quant.quantize import check_finite, quantize_weight
+from ..quant.quantize import check_finite
 from ..units import format_bytes
 from ..version import __version__
 from . import stfile
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
+from .methods import MethodSettings, prepare_method
 from .sources import open_source
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,13 @@ class ConversionSummary:
     seconds: float
     scheme: str
     group_size: int
+    method: str = "rtn"
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
         return [
             f"wrote {self.destination}",
-            f"  scheme {self.scheme}, group size {self.group_size}",
+            f"  scheme {self.scheme}, group size {self.group_size}, method {self.method}",
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
             f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
             f"({ratio:.2f}x smaller)",
@@ -112,7 +114,8 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
 
 
 def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
-            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConversionSummary:
+            shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            method: MethodSettings = MethodSettings()) -> ConversionSummary:
     """Quantize SRC (safetensors directory or .gguf) into the directory DST."""
     started = time.perf_counter()
     dst = Path(dst)
@@ -122,14 +125,17 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     skeleton = architecture.build_skeleton(source.config)
     linears = architecture.find_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
+    prepared = prepare_method(method, source, skeleton, spec, progress)  # awq calibrates here
     tmp = _prepare_destination(dst, force)
     try:
-        manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress)
+        manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress,
+                                  prepared)
         manifest.source = {
             "kind": source.kind,
             "path": str(Path(src).resolve()),
             "model_type": getattr(source.config, "model_type", None),
             "architectures": getattr(source.config, "architectures", None),
+            "quantization_method": prepared.describe(),
         }
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -143,11 +149,12 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     return ConversionSummary(dst, len(manifest.tensors),
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),
-                             time.perf_counter() - started, spec.scheme, spec.group_size)
+                             time.perf_counter() - started, spec.scheme, spec.group_size,
+                             method.name)
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
-                   shard_bytes: int, progress: bool) -> Manifest:
+                   shard_bytes: int, progress: bool, prepared) -> Manifest:
     weight_names = {f"{name}.weight": info for name, info in linears.items()}
     tied = architecture.ties_embeddings(source.config)
     writer = ShardWriter(tmp, shard_bytes)
@@ -163,9 +170,11 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
                 bar.update(nbytes)  # shares the embedding; nothing to store
                 continue
             source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+            tensor = prepared.adjust(name, tensor)
             info = weight_names.get(name)
             if info is not None:
-                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype)
+                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype,
+                                         prepared.quantize)
             else:
                 check_finite(name, tensor)
                 entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
@@ -182,8 +191,8 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
     return manifest
 
 
-def _quantized_entry(name, tensor, info, spec, writer, source_dtype) -> TensorEntry:
-    quantized = quantize_weight(tensor, spec, name=name)
+def _quantized_entry(name, tensor, info, spec, writer, source_dtype, quantize) -> TensorEntry:
+    quantized = quantize(name, tensor, spec)  # the method's quantizer (rtn, clip, awq)
     components = {part: writer.add(f"{name}.{part}", value)
                   for part, value in quantized.components().items()}
     role = "lm_head" if info.is_lm_head else "linear"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..quant.layout import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from ..units import parse_bytes
+from .method_options import add_method_args, method_from_args
 
 
 def register(commands) -> None:
@@ -27,6 +28,7 @@ def register(commands) -> None:
                         help="largest output shard, e.g. 512MiB (default 2GiB)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_method_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -36,6 +38,6 @@ def run(args) -> int:
 
     summary = convert(args.src, args.dst, QuantSpec(args.scheme, args.group_size),
                       force=args.force, shard_bytes=args.shard_size,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, method=method_from_args(args))
     print("\n".join(summary.lines()))
     return 0
