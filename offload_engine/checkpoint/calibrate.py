@@ -84,6 +84,7 @@ class FoldPlan:
     importance: Dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> (K,)
     skipped: List[str] = field(default_factory=list)  # linears left unscaled, and why
     alphas: List[float] = field(default_factory=list)
+    layers: int = 0  # decoder layers calibrated
 
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as it must be stored: float32 when changed, untouched otherwise."""
@@ -171,6 +172,7 @@ def calibrate(source, skeleton: nn.Module, spec: QuantSpec,
         for handle in stats.handles:
             handle.remove()
         _plan_layer(plan, layer, f"{prefix}.{index}.", stats, spec, settings)
+        plan.layers += 1
         del layer, stats
     logger.info("AWQ: alphas chosen %s; skipped: %s", plan.alphas, plan.skipped or "none")
     return plan

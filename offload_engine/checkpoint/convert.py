@@ -46,10 +46,16 @@ class ConversionSummary:
     scheme: str
     group_size: int
     method: str = "rtn"
+    calibration_seconds: float = 0.0  # awq's layer-by-layer pass, included in seconds
+    calibration_layers: int = 0
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        return [
+        calibration = [f"  calibration: {self.calibration_seconds:.1f} s for "
+                       f"{self.calibration_layers} layers "
+                       f"({self.calibration_seconds / max(self.calibration_layers, 1):.2f} "
+                       "s/layer)"] if self.calibration_layers else []
+        return calibration + [
             f"wrote {self.destination}",
             f"  scheme {self.scheme}, group size {self.group_size}, method {self.method}",
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
@@ -150,7 +156,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),
                              time.perf_counter() - started, spec.scheme, spec.group_size,
-                             method.name)
+                             method.name, prepared.calibration_seconds,
+                             prepared.calibration_layers)
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,

@@ -70,16 +70,29 @@ def search_scales(inputs: torch.Tensor, activation_mean: torch.Tensor,
             raise QuantizationError(f"weight of shape {tuple(weight.shape)} does not take "
                                     f"{in_features} inputs")
     stacked = torch.cat([w.to(torch.float32) for w in weights])  # (sum N_i, K)
-    reference = inputs @ stacked.T  # (T, sum N_i)
+    output_error = _output_error(inputs.to(torch.float32))
     best = None
     baseline = None
     for alpha in settings.alphas():
         scales = scales_for(activation_mean, alpha)
         restored = fake_quantize(stacked * scales) / scales
-        error = float((inputs @ restored.T - reference).square().mean())
+        error = output_error(restored - stacked)
         if baseline is None:
             baseline = error
         if best is None or error < best.error:
             best = ScaleSearchResult(scales, alpha, error, baseline)
     best.baseline_error = baseline
     return best
+
+
+def _output_error(inputs: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """mean((X @ D.T)^2) for a weight difference D, by the cheaper of two exact routes.
+
+    With more tokens T than inputs K, X^T X (K, K) is formed once and each candidate
+    costs N*K*K instead of T*K*N.
+    """
+    tokens, in_features = inputs.shape
+    if tokens <= in_features:
+        return lambda diff: float((inputs @ diff.T).square().mean())
+    gram = inputs.T @ inputs  # (K, K)
+    return lambda diff: float(((diff @ gram) * diff).sum() / (tokens * diff.shape[0]))
