@@ -71,9 +71,7 @@ def test_interrupted_conversion_cleans_up(tmp_path, qwen2_src, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    from offload_engine.checkpoint import methods  # rtn's quantizer is called from there
-
-    monkeypatch.setattr(methods, "quantize_weight", interrupted)
+    monkeypatch.setattr(convert_module, "quantize_weight", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(qwen2_src, tmp_path / "q", progress=False)
     assert list(tmp_path.iterdir()) == []

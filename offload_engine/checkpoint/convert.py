@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import ConversionError, OffloadError
 from ..model import architecture
 from ..quant.layout import QuantSpec
-from ..quant.quantize import check_finite
+from ..quant.quantize import check_finite, quantize_weight
 from ..units import format_bytes
 from ..version import __version__
 from . import stfile
@@ -181,7 +181,7 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
             info = weight_names.get(name)
             if info is not None:
                 entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype,
-                                         prepared.quantize)
+                                         prepared)
             else:
                 check_finite(name, tensor)
                 entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
@@ -198,8 +198,11 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
     return manifest
 
 
-def _quantized_entry(name, tensor, info, spec, writer, source_dtype, quantize) -> TensorEntry:
-    quantized = quantize(name, tensor, spec)  # the method's quantizer (rtn, clip, awq)
+def _quantized_entry(name, tensor, info, spec, writer, source_dtype, prepared) -> TensorEntry:
+    if prepared.settings.name == "rtn":
+        quantized = quantize_weight(tensor, spec, name=name)
+    else:
+        quantized = prepared.quantize(name, tensor, spec)
     components = {part: writer.add(f"{name}.{part}", value)
                   for part, value in quantized.components().items()}
     role = "lm_head" if info.is_lm_head else "linear"
