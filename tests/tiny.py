@@ -16,7 +16,7 @@ def train_tokenizer(directory: Path):
     return train(directory, VOCAB_SIZE)
 
 
-def tiny_config(arch: str = "qwen2"):
+def tiny_config(arch: str = "qwen2", **overrides):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
@@ -32,6 +32,7 @@ def tiny_config(arch: str = "qwen2"):
         eos_token_id=0,
         pad_token_id=0,
     )
+    common.update(overrides)  # e.g. more or wider layers
     if arch == "qwen2":
         return Qwen2Config(tie_word_embeddings=False, **common)
     if arch == "llama":
@@ -42,12 +43,15 @@ def tiny_config(arch: str = "qwen2"):
 
 
 def make_checkpoint(directory: Path, arch: str = "qwen2", dtype=torch.bfloat16,
-                    shards: int = 2, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
-    """Save a tiny random model as a Hugging Face safetensors directory."""
+                    shards: int = 2, tokenizer_dir: Path | None = None, seed: int = 0,
+                    config=None) -> Path:
+    """Save a tiny random model as a Hugging Face safetensors directory.
+
+    ``config`` replaces tiny_config(arch), e.g. for a model with more or wider layers."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    config = tiny_config(arch)
+    config = config or tiny_config(arch)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     shard_size = total // shards + 1 if shards > 1 else total * 2

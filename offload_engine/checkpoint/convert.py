@@ -26,6 +26,7 @@ from ..version import __version__
 from . import checksums, stfile
 from .destination import check_destination, make_staging_dir, swap_into_place
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
+from .methods import MethodSettings, prepare_method
 from .sources import open_source
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,21 @@ class ConversionSummary:
     scheme: str
     group_size: int
     imported: str = ""  # source format imported exactly (codes copied), "" if quantized
+    method: str = "rtn"
+    calibration_seconds: float = 0.0  # awq's layer-by-layer pass, included in seconds
+    calibration_layers: int = 0
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        how = f" (imported exactly from {self.imported})" if self.imported else ""
-        return [
+        calibration = [f"  calibration: {self.calibration_seconds:.1f} s for "
+                       f"{self.calibration_layers} layers "
+                       f"({self.calibration_seconds / max(self.calibration_layers, 1):.2f} "
+                       "s/layer)"] if self.calibration_layers else []
+        return calibration + [
             f"wrote {self.destination}",
-            f"  scheme {self.scheme}, group size {self.group_size}{how}",
+            f"  scheme {self.scheme}, group size {self.group_size}, "
+            + (f"imported exactly from {self.imported}" if self.imported
+               else f"method {self.method}"),
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
             f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
             + (f"({ratio:.2f}x smaller)" if ratio >= 1 else
@@ -95,23 +104,30 @@ class ShardWriter:
 
 def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-            requantize: bool = False) -> ConversionSummary:
+            requantize: bool = False,
+            method: MethodSettings = MethodSettings()) -> ConversionSummary:
     """Quantize SRC (safetensors directory or .gguf) into the directory DST.
 
     A source whose weights our layout holds exactly is imported as it is (``spec`` is
-    then the source's); ``requantize`` quantizes its dequantized weights with ``spec``.
+    then the source's, and ``method`` does not apply: nothing is rounded); ``requantize``
+    quantizes its dequantized weights with ``spec`` and ``method``.
     """
     started = time.perf_counter()
     dst = Path(dst)
     check_destination(Path(src), dst, force)  # before reading SRC: a GGUF takes a while
     source = open_source(Path(src), requantize=requantize)
     spec = source.import_spec or spec
+    if source.import_spec is not None and method.name != "rtn":
+        logger.info("%s imports exactly: --method %s does not apply", src, method.name)
+        method = MethodSettings()
     skeleton = architecture.build_skeleton(source.config)
     linears = architecture.find_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
+    prepared = prepare_method(method, source, skeleton, spec, progress)  # awq calibrates here
     tmp = make_staging_dir(dst)
     try:
-        manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress)
+        manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress,
+                                  prepared)
         manifest.source = {
             "kind": source.kind,
             "path": str(Path(src).resolve()),
@@ -119,6 +135,7 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             "architectures": getattr(source.config, "architectures", None),
             "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
             "exact": source.import_spec is not None,  # codes copied, nothing re-rounded
+            "quantization_method": None if source.import_spec else prepared.describe(),
         }
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
@@ -133,11 +150,13 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),
                              time.perf_counter() - started, spec.scheme, spec.group_size,
-                             source.source_format if source.import_spec else "")
+                             source.source_format if source.import_spec else "",
+                             method.name, prepared.calibration_seconds,
+                             prepared.calibration_layers)
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
-                   shard_bytes: int, progress: bool) -> Manifest:
+                   shard_bytes: int, progress: bool, prepared) -> Manifest:
     weight_names = {f"{name}.weight": info for name, info in linears.items()}
     tied = architecture.ties_embeddings(source.config)
     writer = ShardWriter(tmp, shard_bytes)
@@ -155,12 +174,16 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
                 continue
             info = weight_names.get(name)
             if isinstance(tensor, QuantizedWeight):  # imported exactly
-                entry = _imported_entry(name, tensor, info, writer, stored[name][1])
-            elif info is not None:
-                source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
-                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype)
+                manifest.tensors[name] = _imported_entry(name, tensor, info, writer,
+                                                         stored[name][1])
+                bar.update(nbytes)
+                continue
+            source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+            tensor = prepared.adjust(name, tensor)  # awq: scales folded into norms/linears
+            if info is not None:
+                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype,
+                                         prepared)
             else:
-                source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
                 check_finite(name, tensor)
                 entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
                                     source_dtype, {"dense": writer.add(name, tensor)})
@@ -177,9 +200,12 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
     return manifest
 
 
-def _quantized_entry(name, tensor, info, spec, writer, source_dtype) -> TensorEntry:
-    return _imported_entry(name, quantize_weight(tensor, spec, name=name), info, writer,
-                           source_dtype)
+def _quantized_entry(name, tensor, info, spec, writer, source_dtype, prepared) -> TensorEntry:
+    if prepared.settings.name == "rtn":
+        quantized = quantize_weight(tensor, spec, name=name)
+    else:
+        quantized = prepared.quantize(name, tensor, spec)
+    return _imported_entry(name, quantized, info, writer, source_dtype)
 
 
 def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype) -> TensorEntry:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from ..units import parse_bytes
+from .method_options import add_method_args, method_from_args
 
 
 def register(commands) -> None:
@@ -32,6 +33,7 @@ def register(commands) -> None:
                              "without it, ignoring --scheme)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_method_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -41,6 +43,7 @@ def run(args) -> int:
 
     summary = convert(args.src, args.dst, QuantSpec(args.scheme, args.group_size),
                       force=args.force, shard_bytes=args.shard_size,
-                      progress=not args.no_progress, requantize=args.requantize)
+                      progress=not args.no_progress, requantize=args.requantize,
+                      method=method_from_args(args))
     print("\n".join(summary.lines()))
     return 0

@@ -22,6 +22,7 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint.calibration_data import pydoc_topics_text
 from ..checkpoint.format import MANIFEST_NAME
 from ..errors import ConfigError, SourceError
 from ..model.architecture import text_config
@@ -102,9 +103,8 @@ class EvalReport:
 # ----- inputs ---------------------------------------------------------------------------
 
 def default_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    # One definition shared with calibration, which reads only the text's second half.
+    return pydoc_topics_text()
 
 
 def read_text(path: Optional[Path]) -> Optional[str]:

@@ -52,7 +52,7 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in self.components().values())
 
 
-def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Float32 (N, groups, group_size) view of the zero-padded weight."""
     out_features, in_features = weight.shape
     padded = spec.padded_in(in_features)
@@ -116,7 +116,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
 
 def _quantize_rows(weight: torch.Tensor, spec: QuantSpec):
     """Quantize a block of rows: (qweight, scales, zeros-or-None)."""
-    groups = _grouped(weight, spec)  # (rows, G, gs)
+    groups = grouped(weight, spec)  # (rows, G, gs)
     if spec.scheme == "int4-asym":
         return _quantize_asym(groups)
     qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX

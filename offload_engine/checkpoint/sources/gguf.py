@@ -133,6 +133,16 @@ class GGUFSource:
                     yield plan.hf_name, self._dequantized(tensor, raw, plan)
                 del raw
 
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its transformers name, dequantized to float32 (random access, for
+        calibration: it reads only that tensor's bytes)."""
+        plan = next((p for p in self.plans if p.hf_name == name), None)
+        if plan is None:
+            raise SourceError(f"{self.path}: no tensor {name!r} in this GGUF file")
+        tensor = next(t for t in self._reader.tensors if t.name == plan.gguf_name)
+        with open(self.path, "rb") as file:
+            return self._dequantized(tensor, _read_raw(file, tensor, self.path), plan)
+
     def _dequantized(self, tensor, raw: np.ndarray, plan: GGUFTensorPlan) -> torch.Tensor:
         """Float32 values of one tensor, as transformers loads them (processor applied)."""
         from gguf.quants import dequantize

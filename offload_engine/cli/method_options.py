@@ -1,0 +1,35 @@
+"""`quantize`'s method flags: --method and the calibration settings of awq."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint.calibration_data import CalibrationData
+from ..checkpoint.methods import DEFAULT_METHOD, METHODS
+
+
+def add_method_args(parser) -> None:
+    group = parser.add_argument_group("method (see docs/quality.md)")
+    group.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                       help="rtn: round to nearest; clip: per-group range search, no data; "
+                            "awq: activation-aware scales from calibration text "
+                            f"(default {DEFAULT_METHOD})")
+    group.add_argument("--calib-file", type=Path, default=None, metavar="FILE",
+                       help="awq: UTF-8 calibration text (default: the second half of "
+                            "CPython's pydoc_data.topics, which `eval` never scores)")
+    group.add_argument("--calib-samples", type=int, default=CalibrationData.samples,
+                       metavar="N", help="awq: calibration sequences "
+                                         f"(default {CalibrationData.samples})")
+    group.add_argument("--calib-seq-len", type=int, default=CalibrationData.seq_len,
+                       metavar="N", help="awq: tokens per calibration sequence "
+                                         f"(default {CalibrationData.seq_len})")
+    group.add_argument("--device", default="cpu", metavar="DEV",
+                       help="awq: where calibration runs, cpu or cuda (default cpu)")
+
+
+def method_from_args(args):
+    from ..checkpoint.calibrate import CalibrationSettings
+    from ..checkpoint.methods import MethodSettings
+
+    data = CalibrationData(args.calib_samples, args.calib_seq_len, args.calib_file)
+    return MethodSettings(args.method, calibration=CalibrationSettings(data, args.device))
