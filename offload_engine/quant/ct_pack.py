@@ -34,6 +34,8 @@ from .quantize import QuantizedWeight
 
 NIBBLES_PER_WORD = 8
 SIGNED_OFFSET = 8  # q + 8 is the stored 4-bit field, and our code
+INT8_OFFSET = 128  # 8-bit pack-quantized stores value + 128
+EXPORT_SCHEMES = ("int4", "int4-asym", "int8")
 SCALE_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -107,20 +109,38 @@ def import_weight(packed: torch.Tensor, scale: torch.Tensor, zero_point, shape,
                            out_features, in_features)
 
 
+def pack_int8_values(values: torch.Tensor) -> torch.Tensor:
+    """int8 values (R, C) -> int32 (R, ceil(C / 4)): 8-bit pack-quantized stores value + 128
+    at bits 8i..8i+7 of the row's bit stream, i.e. byte i of a little-endian row."""
+    _check_little_endian()
+    rows, columns = values.shape
+    biased = (values.to(torch.int16) + INT8_OFFSET).to(torch.uint8)
+    padded = -(-columns // 4) * 4
+    if padded != columns:
+        biased = torch.nn.functional.pad(biased, (0, padded - columns))
+    return biased.contiguous().view(torch.int32)
+
+
 def export_weight(weight: QuantizedWeight, name: str = "<tensor>") -> dict:
-    """The pack-quantized tensors (without the module prefix) of one of our weights."""
+    """The pack-quantized tensors (without the module prefix) of one of our weights:
+    int4 and int4-asym as 4-bit, int8 (symmetric) as 8-bit pack-quantized."""
     spec = weight.spec
-    if spec.scheme not in ("int4", "int4-asym"):
-        raise QuantizationError(f"tensor {name!r}: scheme {spec.scheme} has no "
-                                "compressed-tensors int4 form")
+    if spec.scheme not in EXPORT_SCHEMES:
+        raise QuantizationError(
+            f"tensor {name!r}: scheme {spec.scheme} has no compressed-tensors form (its "
+            "float minimum per group is no integer zero point); exportable schemes: "
+            f"{', '.join(EXPORT_SCHEMES)}")
     if weight.in_features % spec.group_size:
         raise QuantizationError(
             f"tensor {name!r}: in_features {weight.in_features} is not a multiple of the "
             f"group size {spec.group_size}; compressed-tensors (and vLLM) need whole groups. "
             "Quantize with a --group-size that divides it")
-    codes = layout.unpack_int4(weight.qweight)[:, :weight.in_features]
+    if spec.bits == 8:
+        packed = pack_int8_values(weight.qweight[:, :weight.in_features])
+    else:
+        packed = pack_codes(layout.unpack_int4(weight.qweight)[:, :weight.in_features])
     tensors = {
-        "weight_packed": pack_codes(codes),
+        "weight_packed": packed,
         "weight_scale": weight.scales.contiguous(),
         "weight_shape": torch.tensor([weight.out_features, weight.in_features],
                                      dtype=torch.int64),
