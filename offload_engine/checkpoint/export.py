@@ -5,9 +5,10 @@ Nothing is re-rounded: codes, scales and zero points are repacked bit for bit
 (:mod:`offload_engine.quant.ct_pack`). Two things are not the same bytes:
 
 - a quantized ``lm_head`` is written dense, dequantized in the scale dtype, and listed
-  in ``ignore``: vLLM's compressed-tensors path quantizes Linear layers, not its LM head
-  (a vocab-parallel embedding). Its values are the ones compressed-tensors' own
-  decompression gives (the product rounded once to the scale dtype).
+  in ``ignore``, as llm-compressor's W4A16 recipes write it: vLLM's LM head is a
+  vocab-parallel embedding, not a Linear its WNA16 scheme replaces. Its values are the
+  ones compressed-tensors' own decompression gives (the product rounded once to the scale
+  dtype).
 - config.json's dtype is set to the scale dtype, because vLLM loads the scales in the
   model dtype: with ``dtype: auto`` fp16 scales stay fp16 (and bf16 stay bf16).
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors",)  # what `export --format` offers
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 INDEX_NAME = "model.safetensors.index.json"
+MARLIN_GROUP_SIZES = (32, 64, 128)  # vLLM marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES (and -1)
 
 
 @dataclass
@@ -76,6 +78,10 @@ def check_exportable(manifest: Manifest, where: Path) -> None:
             f"{where}: scheme {spec.scheme} (a float minimum per group, from a GGUF Q4_1 "
             "import) has no compressed-tensors form: its zero points are integers. Quantize "
             "the original with `offload-engine quantize --scheme int4-asym` and export that")
+    if spec.group_size not in MARLIN_GROUP_SIZES:
+        logger.warning("%s: group size %d is valid compressed-tensors, but vLLM's Marlin "
+                       "kernels take groups of %s; vLLM may pick a slower kernel or refuse it",
+                       where, spec.group_size, ", ".join(map(str, MARLIN_GROUP_SIZES)))
     for name, entry in manifest.tensors.items():
         if entry.quantized and entry.shape[1] % spec.group_size:
             raise ConversionError(
