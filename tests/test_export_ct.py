@@ -99,3 +99,20 @@ def test_cli_export(tmp_path, llama_src, capsys):
     assert "pack-quantized" in capsys.readouterr().out
     assert main(argv) == 2  # DST exists now
     assert "already exists" in capsys.readouterr().err
+
+
+def test_transformers_loads_the_export_with_the_same_weights(tmp_path, qwen2_src):
+    """transformers' own compressed-tensors loader (the library decompresses on the first
+    forward) reads our config, index and shards: every weight is ours, in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    convert(qwen2_src, tmp_path / "q", QuantSpec("int4", 32), progress=False)
+    export_compressed_tensors(tmp_path / "q", tmp_path / "ct", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 30]]))  # decompresses every linear
+    _, ours = _our_weights(tmp_path / "q")
+    for name, weight in ours.items():
+        loaded = model.get_parameter(name)
+        assert torch.equal(loaded.view(torch.int16), weight.to(torch.bfloat16)
+                           .view(torch.int16)), name
