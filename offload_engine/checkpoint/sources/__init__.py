@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import SourceError
+from .compressed_tensors import CompressedTensorsSource
 from .dense import SIDE_FILES, SafetensorsSource
 from .gguf import GGUFSource
 
@@ -31,6 +32,8 @@ def open_source(src: Path, requantize: bool = False):
         if not GGUFSource.claims(src):
             raise SourceError(f"{src}: a file source must be a .gguf; pass a directory otherwise")
         return GGUFSource(src, requantize)
+    if CompressedTensorsSource.claims(src):
+        return CompressedTensorsSource(src, requantize)
     ggufs = sorted(src.glob("*.gguf"))
     if not SafetensorsSource.claims(src) and len(ggufs) == 1:
         return GGUFSource(ggufs[0], requantize)

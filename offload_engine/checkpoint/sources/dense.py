@@ -49,7 +49,7 @@ class SafetensorsSource:
             )
         self.config = read_hf_config(self.path, SourceError,
                                      fix="copy it from the model's repository")
-        _refuse_prequantized(self.path)
+        self._check_quantization()
         self.headers = [(shard, stfile.read_header(shard)) for shard in self.shards]
 
     def tensor_list(self) -> List[Tuple[str, str, tuple, int]]:
@@ -75,6 +75,9 @@ class SafetensorsSource:
         for name in SIDE_FILES:
             if (self.path / name).is_file():
                 shutil.copy2(self.path / name, destination / name)
+
+    def _check_quantization(self) -> None:
+        _refuse_prequantized(self.path)  # sources of pre-quantized formats override this
 
     @property
     def source_format(self) -> str:
