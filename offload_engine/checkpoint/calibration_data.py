@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from ..quant.schemes import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN
 
 # Calibration reads the default text from this fraction of its length on; eval reads a
 # prefix. See the module docstring for how far apart they stay.
@@ -27,8 +28,8 @@ CALIBRATION_START_FRACTION = 0.5
 class CalibrationData:
     """Which text to calibrate on, and how much of it."""
 
-    samples: int = 16  # sequences of calibration text
-    seq_len: int = 512  # tokens per sequence
+    samples: int = DEFAULT_CALIB_SAMPLES  # sequences of calibration text
+    seq_len: int = DEFAULT_CALIB_SEQ_LEN  # tokens per sequence
     text_file: Optional[Path] = None  # UTF-8 text; None: the second half of pydoc topics
 
     def __post_init__(self) -> None:

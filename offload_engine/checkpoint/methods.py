@@ -26,14 +26,11 @@ import torch
 from ..errors import ConfigError
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, quantize_weight
+from ..quant.schemes import DEFAULT_METHOD, METHODS  # noqa: F401 (re-exported)
 from ..quant.search import SearchSettings, search_quantize
 from .calibrate import CalibrationSettings, FoldPlan, calibrate
 
 logger = logging.getLogger(__name__)
-METHODS = ("rtn", "clip", "awq")
-# `quantize`'s default, chosen from docs/quality.md: on SmolLM2 at int4-asym g128 awq's
-# mean KL is 0.154 against round-to-nearest's 0.340.
-DEFAULT_METHOD = "awq"
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint.calibration_data import CalibrationData
-from ..checkpoint.methods import DEFAULT_METHOD, METHODS
+from ..quant.schemes import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, DEFAULT_METHOD, METHODS
 
 
 def add_method_args(parser) -> None:
@@ -17,18 +16,19 @@ def add_method_args(parser) -> None:
     group.add_argument("--calib-file", type=Path, default=None, metavar="FILE",
                        help="awq: UTF-8 calibration text (default: the second half of "
                             "CPython's pydoc_data.topics, which `eval` never scores)")
-    group.add_argument("--calib-samples", type=int, default=CalibrationData.samples,
+    group.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
                        metavar="N", help="awq: calibration sequences "
-                                         f"(default {CalibrationData.samples})")
-    group.add_argument("--calib-seq-len", type=int, default=CalibrationData.seq_len,
+                                         f"(default {DEFAULT_CALIB_SAMPLES})")
+    group.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN,
                        metavar="N", help="awq: tokens per calibration sequence "
-                                         f"(default {CalibrationData.seq_len})")
+                                         f"(default {DEFAULT_CALIB_SEQ_LEN})")
     group.add_argument("--device", default="cpu", metavar="DEV",
                        help="awq: where calibration runs, cpu or cuda (default cpu)")
 
 
 def method_from_args(args):
     from ..checkpoint.calibrate import CalibrationSettings
+    from ..checkpoint.calibration_data import CalibrationData
     from ..checkpoint.methods import MethodSettings
 
     data = CalibrationData(args.calib_samples, args.calib_seq_len, args.calib_file)
