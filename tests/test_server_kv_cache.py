@@ -136,10 +136,12 @@ def test_lone_int8_row_speculates_with_the_same_tokens(qwen2_q):
     assert metrics["speculative_proposed"] > metrics["speculative_accepted"]
 
 
-def test_rows_over_the_kv_budget_wait_and_a_request_that_never_fits_is_refused(qwen2_q):
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8",
-              kv_budget=BUDGET_40) as engine:
-        assert engine.kv_layout == LAYOUT
+@pytest.mark.parametrize("mode", ["int8", "bf16"])  # the dense cache is admitted the same way
+def test_rows_over_the_kv_budget_wait_and_a_request_that_never_fits_is_refused(qwen2_q, mode):
+    layout = KVLayout(mode, 2, 2, 16, 4)
+    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode,
+              kv_budget=layout.cache_bytes(40)) as engine:
+        assert engine.kv_layout == layout
         alone = {i: _run(engine, {0: [i]})[0][i] for i in (0, 2)}
         # each fits alone (prompt + 14 or 10 <= 40 tokens), two together need more than
         # the 20 tokens per row that two rows get: the second waits for the first

@@ -24,8 +24,10 @@ from ..runtime.kv_cache import QuantizedKVCache, QuantizedKVLayer
 def _capacity(layer: QuantizedKVLayer, tokens: int) -> int:
     """Whole chunks for ``tokens`` columns, within the per-sequence cap of the budget."""
     capacity = -(-tokens // KV_CHUNK_TOKENS) * KV_CHUNK_TOKENS
-    return capacity if layer.max_tokens is None else max(tokens, min(capacity,
-                                                                       layer.max_tokens))
+    if layer.max_tokens is None:
+        return capacity
+    # admission (server/kv_capacity.py) keeps tokens within the cap; never cut real columns
+    return max(tokens, min(capacity, layer.max_tokens))
 
 
 def _set_cap(cache: QuantizedKVCache, rows: int) -> Optional[int]:
