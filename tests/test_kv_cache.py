@@ -191,10 +191,3 @@ def test_kv_quality_tool_runs_every_variant(qwen2_q, tmp_path):
     assert [r["group_size"] for r in data["quality"]] == [16, 8, 16]
     assert [r["kv_cache"] for r in data["speed"]] == ["bf16", "int8", "k8v4", "int4"]
 
-
-def test_server_refuses_a_quantized_kv_cache_clearly(qwen2_q):
-    from offload_engine.server.batcher import Scheduler
-
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8") as engine:
-        with pytest.raises(ConfigError, match="serve: --kv-cache int8"):
-            Scheduler(engine)

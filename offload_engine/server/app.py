@@ -89,6 +89,8 @@ class ModelService:
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param=param)
         room = (self.context or FALLBACK_CONTEXT) - len(prompt_ids)
+        kv_room = self.scheduler.kv_capacity.room(len(prompt_ids))  # None: no --kv-budget
+        room = room if kv_room is None else min(room, max(kv_room, 1))
         default = self.config.default_max_tokens if chat else DEFAULT_COMPLETION_TOKENS
         wanted = requested or min(default, room)
         try:
@@ -98,6 +100,10 @@ class ModelService:
                                 f"({max(wanted, 1)}) exceeds this model's context of "
                                 f"{self.context} tokens; shorten the prompt or lower max_tokens",
                            param=param, code="context_length_exceeded") from None
+        try:
+            self.scheduler.kv_capacity.check_alone(len(prompt_ids), max(wanted, 1))
+        except ContextLengthError as exc:
+            raise ApiError(400, str(exc), param=param, code="context_length_exceeded") from None
         return wanted
 
     def submit(self, prompt_ids: List[int], request, constraint=None) -> tuple:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import OffloadError
 from . import speculative_step
+from .kv_capacity import KVCapacity
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
 from .sampling import (
@@ -83,13 +84,14 @@ class Scheduler:
 
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
                  tokenizer_lock: Optional[threading.Lock] = None):
-        check_batchable(engine.model.config, engine.config.kv_cache)
+        check_batchable(engine.model.config)
         speculative_step.check_server_speculation(engine.config)
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.metrics = Metrics()
+        self.kv_capacity = KVCapacity(engine.kv_layout, engine.config.kv_budget_bytes())
         self._eos_ids = _eos_ids(engine)
         self._wake = threading.Condition()
         self._waiting: collections.deque = collections.deque()  # guarded by _wake
@@ -189,7 +191,11 @@ class Scheduler:
         """One scheduling step: drop, admit (prefill), then one decode forward for all rows."""
         started = time.perf_counter()
         self._drop_cancelled()
-        admitted = self._take_waiting()
+        admitted, refused = self._take_waiting()
+        for sequence in refused:
+            self.metrics.count("requests_failed")
+            _safe_emit(sequence, ErrorEvent(self.kv_capacity.refusal(
+                len(sequence.prompt_ids), sequence.params.max_tokens), status=400))
         for sequence in admitted:
             self._prefill(sequence)
         if self._active:
@@ -199,16 +205,25 @@ class Scheduler:
         with self._wake:
             self.metrics.set_queue(len(self._waiting), len(self._active))
 
-    def _take_waiting(self) -> List[Sequence]:
+    def _take_waiting(self) -> tuple:
+        """(sequences to prefill now, sequences refused because they never fit --kv-budget)."""
         with self._wake:
             live = [s for s in self._waiting if not s.cancelled]
             for sequence in self._waiting:
                 if sequence.cancelled:
                     self.metrics.count("requests_cancelled")
-            room = max(self.max_batch - len(self._active), 0)
-            admitted, rest = live[:room], live[room:]
-            self._waiting = collections.deque(rest)
-        return admitted
+            room = self._kv_room(live[:max(self.max_batch - len(self._active), 0)])
+            refused = live[:1] if room == 0 and live and not self._active else []
+            self._waiting = collections.deque(live[room + len(refused):])
+        return live[:room], refused
+
+    def _kv_room(self, candidates: List[Sequence]) -> int:
+        """How many of ``candidates`` fit beside the active rows under --kv-budget; the
+        others wait in the queue until rows leave (server/kv_capacity.py)."""
+        width = 0 if self._batch.mask is None else self._batch.mask.shape[1]
+        running = [(0, s.params.max_tokens - len(s.token_ids)) for s in self._active]
+        return self.kv_capacity.admit(width, running, [(len(s.prompt_ids), s.params.max_tokens)
+                                                       for s in candidates])
 
     def _drop_cancelled(self) -> None:
         gone = {i for i, s in enumerate(self._active) if s.cancelled}
@@ -228,7 +243,8 @@ class Scheduler:
         try:
             input_ids = torch.tensor([sequence.prompt_ids], device=self.engine.device)
             output = self.engine.model(input_ids=input_ids, attention_mask=torch.ones_like(
-                input_ids), use_cache=True, logits_to_keep=1)
+                input_ids), past_key_values=self.engine.new_kv_cache(), use_cache=True,
+                logits_to_keep=1)  # new_kv_cache: None (dense) or the --kv-cache int8/int4
             self.metrics.count("prefills")
             if not self._advance(sequence, output.logits[0, -1]):
                 self._batch.join(output.past_key_values)

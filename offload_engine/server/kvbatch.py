@@ -5,6 +5,8 @@ its cache then joins the batched cache, left-padded to the longest row, with an 
 mask marking the padding. A decode step feeds one token per row with position ids counted
 from each row's own real tokens, so a row computes what it would compute alone. Rows
 leave by index, and columns that became padding in every row are trimmed away.
+With --kv-cache int8/int4/k8v4 the rows are quantized caches, joined and split the same
+way by server/kvquant.py.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
+from ..runtime.kv_cache import QuantizedKVCache
+from . import kvquant
 
 
-def check_batchable(model_config, kv_cache: str = "bf16") -> None:
+def check_batchable(model_config) -> None:
     """Refuse models whose cache layers are not plain growing key/value tensors."""
-    if kv_cache != "bf16":  # BatchedCache pads and joins dense key/value tensors only
-        raise ConfigError(f"serve: --kv-cache {kv_cache} is not supported by the batching "
-                          "server yet; use --kv-cache bf16 (run, chat and eval support it)")
     layers = DynamicCache(config=model_config).layers
     odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if odd:
@@ -46,20 +47,27 @@ class BatchedCache:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def join(self, cache: DynamicCache) -> None:
+    def join(self, cache) -> None:
         """Append one prefilled sequence's cache (batch of one, no padding) as the last row."""
         length = cache.get_seq_length()
-        mask = torch.ones((1, length), dtype=torch.long, device=cache.layers[0].keys.device)
+        device = self.mask.device if self.mask is not None else _device(cache)
+        mask = torch.ones((1, length), dtype=torch.long, device=device)
         if self.cache is None:
             self.cache, self.mask = cache, mask
             return
         width = max(self.mask.shape[1], length)
+        if isinstance(self.cache, QuantizedKVCache):
+            kvquant.join_rows(self.cache, cache, width)
+        else:
+            self._join_dense(cache, width)
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
+                               F.pad(mask, (width - length, 0))])
+
+    def _join_dense(self, cache: DynamicCache, width: int) -> None:
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width),
                                      _left_pad(theirs.values, width)])
-        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
-                               F.pad(mask, (width - length, 0))])
 
     def keep(self, rows: List[int]) -> None:
         """Keep only ``rows`` (in that order); trim columns that are padding in all of them."""
@@ -70,6 +78,9 @@ class BatchedCache:
         self.mask = self.mask.index_select(0, index)
         start = int((self.mask.shape[1] - self.mask.sum(dim=1)).min())  # shortest padding
         self.mask = self.mask[:, start:]
+        if isinstance(self.cache, QuantizedKVCache):
+            kvquant.keep_rows(self.cache, index, start)
+            return
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
@@ -86,3 +97,9 @@ class BatchedCache:
     def advance(self, attention_mask: torch.Tensor) -> None:
         """After a decode step the cache grew one column; the step's mask now describes it."""
         self.mask = attention_mask
+
+
+def _device(cache) -> torch.device:
+    """Where a prefilled cache lives (dense layers hold keys; quantized ones, parts)."""
+    layer = cache.layers[0]
+    return layer.device if isinstance(cache, QuantizedKVCache) else layer.keys.device
