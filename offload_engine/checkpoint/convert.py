@@ -118,7 +118,9 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             "model_type": getattr(source.config, "model_type", None),
             "architectures": getattr(source.config, "architectures", None),
             "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
-            "exact": source.import_spec is not None,  # codes copied, nothing re-rounded
+            # codes copied, nothing re-rounded; float linears of an AWQ/GPTQ import are not
+            "exact": source.import_spec is not None and not getattr(source, "requantized", ()),
+            "requantized": list(getattr(source, "requantized", ())),
         }
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
