@@ -50,6 +50,22 @@ def test_gptq_unpacks_exactly(version):
     _assert_recovered(weight, codes, zeros, scales, 64)
 
 
+def test_unpacking_in_chunks_gives_the_same_codes(monkeypatch):
+    from offload_engine.quant import int32_pack
+
+    codes, zeros, scales = _random_group_codes(out_features=32, in_features=512)
+    awq = tiny_packed.pack_awq(codes, zeros, scales)
+    gptq = tiny_packed.pack_gptq(codes, zeros, scales, 64, version=2)
+    whole = (unpack_awq(awq["qweight"], awq["qzeros"], awq["scales"], 64),
+             unpack_gptq(gptq["qweight"], gptq["qzeros"], gptq["scales"], 64, 2))
+    monkeypatch.setattr(int32_pack, "CHUNK_WORDS", 70)  # many chunks, a short tail
+    chunked = (unpack_awq(awq["qweight"], awq["qzeros"], awq["scales"], 64),
+               unpack_gptq(gptq["qweight"], gptq["qzeros"], gptq["scales"], 64, 2))
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.zeros, b.zeros)
+    _assert_recovered(chunked[0], codes, zeros, scales, 64)
+
+
 def test_gptq_refuses_act_order_and_ambiguous_v1_zeros():
     codes, zeros, scales = _random_group_codes(min_zero=1)
     g_idx = torch.arange(codes.shape[1]).flip(0) // 64

@@ -22,27 +22,45 @@ from .quantize import QuantizedWeight
 CODES_PER_INT32 = 8
 BITS = 4
 SEQUENTIAL_ORDER = tuple(range(CODES_PER_INT32))  # nibble i holds element i (GPTQ)
+CHUNK_WORDS = 1 << 20  # int32 words unpacked at once
 
 
 def unpack_last_dim(packed: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
     """int32 (R, C) -> uint8 codes (R, C * 8): nibble i of word c holds element
     8c + order[i] (shift 4 * i)."""
-    if packed.dtype != torch.int32:
-        raise QuantizationError(f"expected int32 packed codes, got {packed.dtype}")
+    _check_int32(packed)
     shifts = torch.arange(0, 32, BITS, dtype=torch.int32)
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # (R, C, 8), nibble order
-    # element order[i] sits in nibble i: gather nibble inverse[j] for element j
-    inverse = torch.argsort(torch.tensor(order))
-    return nibbles[..., inverse].reshape(packed.shape[0], -1).to(torch.uint8)
+    inverse = torch.argsort(torch.tensor(order))  # element j sits in nibble inverse[j]
+    codes = torch.empty(packed.shape[0], packed.shape[1] * CODES_PER_INT32, dtype=torch.uint8)
+    for start in range(0, packed.shape[0], _rows_per_chunk(packed)):
+        rows = packed[start:start + _rows_per_chunk(packed)]
+        nibbles = (rows.unsqueeze(-1) >> shifts) & 0xF  # (rows, C, 8), nibble order
+        codes[start:start + rows.shape[0]] = nibbles[..., inverse].reshape(rows.shape[0], -1)
+    return codes
 
 
 def unpack_first_dim(packed: torch.Tensor) -> torch.Tensor:
     """int32 (R, C) -> uint8 codes (R * 8, C): nibble i of row r holds row 8r + i."""
+    _check_int32(packed)
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32).reshape(1, -1, 1)
+    codes = torch.empty(packed.shape[0] * CODES_PER_INT32, packed.shape[1], dtype=torch.uint8)
+    for start in range(0, packed.shape[0], _rows_per_chunk(packed)):
+        rows = packed[start:start + _rows_per_chunk(packed)]
+        nibbles = (rows.unsqueeze(1) >> shifts) & 0xF  # (rows, 8, C)
+        codes[start * CODES_PER_INT32:(start + rows.shape[0]) * CODES_PER_INT32] = \
+            nibbles.reshape(-1, packed.shape[1])
+    return codes
+
+
+def _rows_per_chunk(packed: torch.Tensor) -> int:
+    """Packed rows unpacked at once: bounds the int32 temporaries (8 per word) whatever
+    the tensor size, so a 32B model's largest linear needs tens of MB, not gigabytes."""
+    return max(1, CHUNK_WORDS // max(1, packed.shape[1]))
+
+
+def _check_int32(packed: torch.Tensor) -> None:
     if packed.dtype != torch.int32:
         raise QuantizationError(f"expected int32 packed codes, got {packed.dtype}")
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int32).reshape(1, -1, 1)
-    nibbles = (packed.unsqueeze(1) >> shifts) & 0xF  # (R, 8, C)
-    return nibbles.reshape(-1, packed.shape[1]).to(torch.uint8)
 
 
 def check_shapes(name: str, codes_kn: torch.Tensor, zeros_gn: torch.Tensor,
@@ -72,7 +90,9 @@ def to_quantized_weight(name: str, codes_kn: torch.Tensor, zeros_gn: torch.Tenso
         raise QuantizationError(f"tensor {name!r}: a zero point above {layout.INT4_CODE_MAX}")
     in_features, out_features = codes_kn.shape
     spec = QuantSpec("int4-asym", group_size, "fp16")
-    parts = {"qweight": layout.pack_int4(codes_kn.t().contiguous()),
+    # packed from the transposed view: a contiguous (N, K) copy of the codes would add
+    # a byte per parameter to the peak
+    parts = {"qweight": layout.pack_int4(codes_kn.t()).contiguous(),
              "scales": scales_gn.t().contiguous(),
              "zeros": zeros_gn.t().contiguous().to(torch.uint8)}
     return QuantizedWeight.from_parts(parts, spec, out_features, in_features)
