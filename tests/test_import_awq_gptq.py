@@ -106,7 +106,7 @@ def _reference_model(directory, dense):
              if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
     state.update(dense)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: set below
     model.tie_weights()
     return model
 
@@ -131,13 +131,23 @@ def test_engine_logits_equal_decompressed_transformers(tmp_path, tokenizer_dir, 
 
 
 def test_float_lm_head_is_quantized_and_recorded_as_not_exact(tmp_path, tokenizer_dir):
-    src, _ = tiny_packed.write_checkpoint(tmp_path / "src", "awq", tokenizer_dir, tied=False)
+    from safetensors.torch import load_file
+
+    from offload_engine.quant.quantize import quantize_weight
+
+    src, dense = tiny_packed.write_checkpoint(tmp_path / "src", "awq", tokenizer_dir,
+                                              tied=False)
     convert(src, tmp_path / "q", progress=False)
     manifest = read_manifest(tmp_path / "q")
     assert manifest.source["exact"] is False
     assert manifest.source["requantized"] == ["lm_head.weight"]
     assert manifest.tensors["lm_head.weight"].role == "lm_head"
     assert manifest.tensors["lm_head.weight"].components["scales"].dtype == "F16"
+    # the rest is still exact: transformers with the decompressed linears and our
+    # quantization of the fp16 lm_head (the import's spec) gives the engine's logits
+    lm_head = load_file(src / "model.safetensors")["lm_head.weight"]
+    dense["lm_head.weight"] = dequantize_weight(quantize_weight(lm_head, manifest.spec))
+    _logits_equal_transformers(src, dense)
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -167,3 +177,19 @@ def test_other_quant_methods_are_still_refused(tmp_path, tokenizer_dir):
     tiny_packed.set_config_field(src, quant_method="bitsandbytes")
     with pytest.raises(SourceError, match="bitsandbytes"):
         convert(src, tmp_path / "q", progress=False)
+
+
+def test_cli_quantize_and_inspect_say_what_was_imported(tmp_path, tokenizer_dir, capsys):
+    from offload_engine.cli import main
+
+    src, _ = tiny_packed.write_checkpoint(tmp_path / "src", "gptq", tokenizer_dir, version=2)
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--no-progress"]) == 0
+    assert "imported exactly from gptq v2 int4 g128" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert "fp16 scales (imported exactly from gptq v2 int4 g128)" in capsys.readouterr().out
+    untied, _ = tiny_packed.write_checkpoint(tmp_path / "untied", "awq", tokenizer_dir,
+                                             tied=False)
+    assert main(["quantize", str(untied), str(tmp_path / "q2"), "--no-progress"]) == 0
+    assert "except 1 float linear(s) quantized here: lm_head.weight" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "q2"), "--no-progress"]) == 0
+    assert "quantized here, from float: lm_head.weight" in capsys.readouterr().out

@@ -45,10 +45,14 @@ class ConversionSummary:
     scheme: str
     group_size: int
     imported: str = ""  # source format imported exactly (codes copied), "" if quantized
+    requantized: tuple = ()  # linears the source held in float, quantized here (AWQ lm_head)
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
         how = f" (imported exactly from {self.imported})" if self.imported else ""
+        if self.imported and self.requantized:
+            how = (f" (imported exactly from {self.imported}, except {len(self.requantized)} "
+                   f"float linear(s) quantized here: {', '.join(self.requantized[:3])})")
         return [
             f"wrote {self.destination}",
             f"  scheme {self.scheme}, group size {self.group_size}{how}",
@@ -135,7 +139,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),
                              time.perf_counter() - started, spec.scheme, spec.group_size,
-                             source.source_format if source.import_spec else "")
+                             source.source_format if source.import_spec else "",
+                             tuple(getattr(source, "requantized", ())))
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
