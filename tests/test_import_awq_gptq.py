@@ -193,3 +193,13 @@ def test_cli_quantize_and_inspect_say_what_was_imported(tmp_path, tokenizer_dir,
     assert "except 1 float linear(s) quantized here: lm_head.weight" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "q2"), "--no-progress"]) == 0
     assert "quantized here, from float: lm_head.weight" in capsys.readouterr().out
+
+
+def test_requantize_dequantizes_and_quantizes_with_the_given_spec(tmp_path, tokenizer_dir):
+    src, _ = tiny_packed.write_checkpoint(tmp_path / "src", "awq", tokenizer_dir)
+    spec = layout.QuantSpec("int4", 64)
+    convert(src, tmp_path / "q", spec, progress=False, requantize=True)
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == spec and manifest.source["exact"] is False
+    assert manifest.tensors["model.layers.0.mlp.down_proj.weight"].components["scales"] \
+        .shape == [128, 4]
