@@ -49,6 +49,7 @@ class ConversionSummary:
     method: str = "rtn"
     calibration_seconds: float = 0.0  # awq's layer-by-layer pass, included in seconds
     calibration_layers: int = 0
+    requantized: tuple = ()  # linears the source held in float, quantized here (AWQ lm_head)
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
@@ -58,15 +59,21 @@ class ConversionSummary:
                        "s/layer)"] if self.calibration_layers else []
         return calibration + [
             f"wrote {self.destination}",
-            f"  scheme {self.scheme}, group size {self.group_size}, "
-            + (f"imported exactly from {self.imported}" if self.imported
-               else f"method {self.method}"),
+            f"  scheme {self.scheme}, group size {self.group_size}, " + self._how(),
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
             f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
             + (f"({ratio:.2f}x smaller)" if ratio >= 1 else
                f"({1 / ratio:.2f}x larger: quantized dense tensors are stored dequantized)"),
             f"  time: {self.seconds:.1f} s",
         ]
+
+    def _how(self) -> str:
+        if not self.imported:
+            return f"method {self.method}"
+        if not self.requantized:
+            return f"imported exactly from {self.imported}"
+        return (f"imported exactly from {self.imported}, except {len(self.requantized)} "
+                f"float linear(s) quantized here: {', '.join(self.requantized[:3])}")
 
 
 class ShardWriter:
@@ -134,7 +141,9 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             "model_type": getattr(source.config, "model_type", None),
             "architectures": getattr(source.config, "architectures", None),
             "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
-            "exact": source.import_spec is not None,  # codes copied, nothing re-rounded
+            # codes copied, nothing re-rounded; float linears of an AWQ/GPTQ import are not
+            "exact": source.import_spec is not None and not getattr(source, "requantized", ()),
+            "requantized": list(getattr(source, "requantized", ())),
             "quantization_method": None if source.import_spec else prepared.describe(),
         }
         source.write_side_files(tmp)
@@ -152,7 +161,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                              time.perf_counter() - started, spec.scheme, spec.group_size,
                              source.source_format if source.import_spec else "",
                              method.name, prepared.calibration_seconds,
-                             prepared.calibration_layers)
+                             prepared.calibration_layers,
+                             tuple(getattr(source, "requantized", ())))
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,

@@ -36,7 +36,9 @@ def run(args) -> int:
     print(f"  source: {source.get('kind')} {source.get('model_type')} {source.get('path')}")
     print(f"  scheme: {manifest.scheme}, group size {manifest.group_size}, "
           f"{manifest.scale_dtype} scales"
-          + (f" (imported exactly from {source.get('format')})" if source.get("exact") else ""))
+          + (f" (imported exactly from {source.get('format')})" if source.get("exact") else "")
+          + (f" (imported from {source.get('format')}; quantized here, from float: "
+             f"{', '.join(source['requantized'])})" if source.get("requantized") else ""))
     quantized = sum(entry.quantized for entry in manifest.tensors.values())
     print(f"  tensors: {len(manifest.tensors)} ({quantized} quantized) "
           f"in {len(manifest.shards)} shard(s), {format_bytes(sum(manifest.shards.values()))}")

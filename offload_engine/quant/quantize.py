@@ -95,11 +95,12 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
             f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
-    if spec.scheme not in layout.SCHEMES or spec.scale_dtype != layout.DEFAULT_SCALE_DTYPE:
+    # fp16 scales are written too: the float linears (lm_head) of an imported AWQ/GPTQ
+    # checkpoint share its fp16 spec, as one manifest holds one spec.
+    if spec.scheme not in layout.SCHEMES:
         raise QuantizationError(
-            f"tensor {name!r}: scheme {spec.scheme} with {spec.scale_dtype} scales is only "
-            f"imported from checkpoints that hold it; quantize with one of "
-            f"{', '.join(layout.SCHEMES)} and bf16 scales")
+            f"tensor {name!r}: scheme {spec.scheme} is only imported from checkpoints that "
+            f"hold it; quantize with one of {', '.join(layout.SCHEMES)}")
     check_finite(name, weight)
     out_features, in_features = weight.shape
     rows_per_chunk = max(1, CHUNK_ELEMENTS // spec.padded_in(in_features))
@@ -118,7 +119,7 @@ def _quantize_rows(weight: torch.Tensor, spec: QuantSpec):
     """Quantize a block of rows: (qweight, scales, zeros-or-None)."""
     groups = grouped(weight, spec)  # (rows, G, gs)
     if spec.scheme == "int4-asym":
-        return _quantize_asym(groups)
+        return _quantize_asym(groups, spec.scale_torch_dtype)
     qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
     qweight, scales = _quantize_sym(groups, qmax, spec)
     return qweight, scales, None
@@ -128,7 +129,8 @@ def _quantize_sym(groups: torch.Tensor, qmax: int, spec: QuantSpec):
     out_features = groups.shape[0]
     absmax = groups.abs().amax(dim=-1)  # (N, G)
     needed = absmax / qmax
-    scales = _round_scale_up(torch.where(absmax > 0, needed, torch.ones_like(needed)), needed)
+    scales = _round_scale_up(torch.where(absmax > 0, needed, torch.ones_like(needed)), needed,
+                             spec.scale_torch_dtype)
     values = torch.round(groups / scales.to(torch.float32).unsqueeze(-1)).clamp_(-qmax, qmax)
     values = values.reshape(out_features, -1)
     if spec.scheme == "int8":
@@ -137,13 +139,14 @@ def _quantize_sym(groups: torch.Tensor, qmax: int, spec: QuantSpec):
     return layout.pack_int4(codes), scales
 
 
-def _quantize_asym(groups: torch.Tensor):
+def _quantize_asym(groups: torch.Tensor, scale_dtype: torch.dtype = layout.SCALE_DTYPE):
     out_features = groups.shape[0]
     low = groups.amin(dim=-1).clamp(max=0.0)  # include 0 so it is exactly representable
     high = groups.amax(dim=-1).clamp(min=0.0)
     span = high - low
     needed = span / layout.INT4_CODE_MAX
-    scales = _round_scale_up(torch.where(span > 0, needed, torch.ones_like(needed)), needed)
+    scales = _round_scale_up(torch.where(span > 0, needed, torch.ones_like(needed)), needed,
+                             scale_dtype)
     scales_f32 = scales.to(torch.float32)
     zeros = torch.round(-low / scales_f32).clamp_(0, layout.INT4_CODE_MAX)
     codes = torch.round(groups / scales_f32.unsqueeze(-1)) + zeros.unsqueeze(-1)

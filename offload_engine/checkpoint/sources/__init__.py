@@ -16,11 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import SourceError
+from .awq import AWQSource
 from .compressed_tensors import CompressedTensorsSource
 from .dense import SIDE_FILES, SafetensorsSource
 from .gguf import GGUFSource
+from .gptq import GPTQSource
 
 __all__ = ["GGUFSource", "SIDE_FILES", "SafetensorsSource", "open_source"]
+
+# Directory sources recognised by config.json's quantization_config, tried in order.
+PACKED_SOURCES = (
+    CompressedTensorsSource,
+    AWQSource,
+    GPTQSource,
+)
 
 
 def open_source(src: Path, requantize: bool = False):
@@ -32,11 +41,12 @@ def open_source(src: Path, requantize: bool = False):
         if not GGUFSource.claims(src):
             raise SourceError(f"{src}: a file source must be a .gguf; pass a directory otherwise")
         return GGUFSource(src, requantize)
-    if CompressedTensorsSource.claims(src):
-        return CompressedTensorsSource(src, requantize)
     ggufs = sorted(src.glob("*.gguf"))
     if not SafetensorsSource.claims(src) and len(ggufs) == 1:
         return GGUFSource(ggufs[0], requantize)
     if not SafetensorsSource.claims(src) and len(ggufs) > 1:
         raise SourceError(f"{src}: several .gguf files here; pass the one to convert")
+    for source in PACKED_SOURCES:
+        if source.claims(src):
+            return source(src, requantize)
     return SafetensorsSource(src, requantize)

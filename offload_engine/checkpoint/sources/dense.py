@@ -90,8 +90,8 @@ class SafetensorsSource:
 
 
 def _refuse_prequantized(path: Path) -> None:
-    """Say before any work that a pre-quantized directory (AWQ, GPTQ, compressed-tensors)
-    has no importer yet, rather than failing on its first int32 tensor."""
+    """Say before any work that a pre-quantized directory of a method no importer claims
+    (see sources/__init__.py) cannot be read, rather than failing on its first int32 tensor."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -102,5 +102,5 @@ def _refuse_prequantized(path: Path) -> None:
         method = quantization.get("quant_method", "unknown")
         raise SourceError(
             f"{path}: config.json says the weights are already quantized (quant_method "
-            f"{method!r}); importing {method} checkpoints is not supported yet (GGUF "
-            "Q4_0/Q4_1/Q8_0 are: docs/import.md). Convert the unquantized original instead")
+            f"{method!r}); importing {method} checkpoints is not supported (AWQ, GPTQ and "
+            "GGUF Q4_0/Q4_1/Q8_0 are: docs/import.md). Convert the unquantized original instead")

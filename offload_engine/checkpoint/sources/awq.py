@@ -1,0 +1,55 @@
+"""AutoAWQ checkpoints (GEMM packing, 4 bits, with zero points), imported exactly.
+
+Recognised by config.json's ``quantization_config.quant_method == "awq"``; the packing
+itself is :mod:`offload_engine.quant.awq_pack`. Other AWQ packings (GEMV, GEMV-fast,
+Marlin) order their codes differently and are refused before work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ...errors import SourceError
+from ...quant.awq_pack import unpack_awq
+from ...quant.schemes import GROUP_SIZES
+from .packed import PackedSource
+
+SUPPORTED_VERSIONS = ("gemm",)
+
+
+class AWQSource(PackedSource):
+    """A Hugging Face directory quantized by AutoAWQ (or llm-awq's GEMM export)."""
+
+    kind = "awq"
+    quant_method = "awq"
+    components = ("qweight", "qzeros", "scales")
+
+    def read_settings(self, settings: dict) -> int:
+        bits = settings.get("bits", settings.get("w_bit"))
+        group_size = settings.get("group_size", settings.get("q_group_size"))
+        version = str(settings.get("version", "gemm")).lower()
+        problems = []
+        if bits != 4:
+            problems.append(f"bits {bits} (4 is supported)")
+        if group_size not in GROUP_SIZES:
+            problems.append(f"group_size {group_size} (supported: "
+                            f"{', '.join(map(str, GROUP_SIZES))})")
+        if version not in SUPPORTED_VERSIONS:
+            problems.append(f"version {version!r} (only 'gemm' packing is imported)")
+        if settings.get("zero_point", True) is not True:
+            problems.append("zero_point false (only asymmetric AWQ is imported)")
+        if problems:
+            raise SourceError(f"{self.path}: this AWQ checkpoint cannot be imported exactly: "
+                              f"{'; '.join(problems)}. Convert the unquantized original instead")
+        self.version = version
+        return int(group_size)
+
+    def unpack(self, module: str, parts: Dict[str, torch.Tensor]):
+        return unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"],
+                          self.group_size, name=f"{module}.weight")
+
+    @property
+    def source_format(self) -> str:
+        return f"awq {self.version} int4 g{self.group_size}"
