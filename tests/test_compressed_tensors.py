@@ -138,16 +138,20 @@ def test_unsupported_settings_are_refused_before_work(tmp_path, llama_src):
     assert not (tmp_path / "q").exists()
 
 
-def test_an_unquantized_linear_is_refused(tmp_path, qwen2_src):
-    """lm_head in the ignore list of an untied model: our format holds it quantized."""
+def test_an_unquantized_linear_is_quantized_here_and_recorded(tmp_path, qwen2_src):
+    """lm_head in the ignore list of an untied model (as llm-compressor writes Qwen2.5
+    W4A16): our format holds it quantized, so it is quantized here, as for AWQ/GPTQ."""
     ct = tiny_ct.make_ct_checkpoint(qwen2_src, tmp_path / "ct", "group", True, 32)
     from safetensors.torch import load_file, save_file
 
     state = load_file(ct / "model.safetensors")
     for part in ("weight_packed", "weight_scale", "weight_shape"):
         del state[f"lm_head.{part}"]
-    state["lm_head.weight"] = torch.zeros(512, 64, dtype=torch.bfloat16)
+    state["lm_head.weight"] = torch.randn(512, 64).to(torch.bfloat16)
     save_file(state, str(ct / "model.safetensors"))
-    with pytest.raises(SourceError, match="'lm_head.weight' is stored unquantized"):
-        convert(ct, tmp_path / "q", progress=False)
-    assert not (tmp_path / "q").exists()
+    summary = convert(ct, tmp_path / "q", progress=False)
+    source = read_manifest(tmp_path / "q").source
+    assert source["requantized"] == ["lm_head.weight"] and source["exact"] is False
+    assert "lm_head.weight" in " ".join(summary.lines())
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.tensors["lm_head.weight"].quantized  # held quantized, like every linear

@@ -81,6 +81,7 @@ class CompressedTensorsSource(SafetensorsSource):
         self.weights = weight_args(self.path, quantization_config(self.path) or {})
         self.modules = self._quantized_modules()
         self.import_spec = self._spec()
+        self.requantized = self._float_linears()
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -181,14 +182,21 @@ class CompressedTensorsSource(SafetensorsSource):
         return weight
 
     def _dense(self, key: str, tensor):
-        """A float tensor; a linear left unquantized (in ``ignore``) cannot be exact."""
-        if key.endswith(".weight") and key[:-len(".weight")] in self._linear_names():
-            raise SourceError(
-                f"{self.path}: linear {key!r} is stored unquantized ({tensor.dtype}; it is in "
-                "the checkpoint's ignore list) and our format holds every linear quantized, "
-                "so it cannot be imported exactly. Quantize the unquantized original with "
-                "`offload-engine quantize` instead")
+        """A float tensor, as stored. A linear in it (``requantized``) is quantized by convert."""
         return tensor
+
+    def _float_linears(self) -> list:
+        """Linear weights left unquantized (the ``ignore`` list, e.g. an untied lm_head, as
+        llm-compressor writes Qwen2.5 W4A16): our format holds every linear quantized, so
+        they are quantized here with the import's spec and the import is not exact."""
+        stored = {key for _, header in self.headers for key in header}
+        floats = sorted(f"{name}.weight" for name in self._linear_names()
+                        if name not in self.modules and f"{name}.weight" in stored)
+        if floats:
+            logger.warning("%s: %d linear weights are stored unquantized (%s); they are "
+                           "quantized here (%s), not imported exactly", self.path, len(floats),
+                           ", ".join(floats[:3]), self.import_spec)
+        return floats
 
     def _linear_names(self) -> set:
         if not hasattr(self, "_linears"):
