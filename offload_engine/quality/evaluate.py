@@ -256,6 +256,11 @@ def greedy_agreement(engine, reference, prompt: torch.Tensor, steps: int) -> int
         return 0
     ours = _GreedyStepper(engine.model, engine.device)
     theirs = _GreedyStepper(reference, torch.device("cpu"))
+    return matching_greedy_steps(ours, theirs, prompt, steps)
+
+
+def matching_greedy_steps(ours, theirs, prompt: torch.Tensor, steps: int) -> int:
+    """Greedy tokens two steppers produce alike before the first difference (<= steps)."""
     a, b = ours.start(prompt), theirs.start(prompt)
     matching = 0
     while a == b:

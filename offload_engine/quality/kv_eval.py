@@ -26,7 +26,14 @@ from ..errors import ConfigError
 from ..model.architecture import text_config
 from ..planning.kv_sizes import KV_GROUP_SIZE, KVLayout
 from ..runtime.kv_cache import QuantizedKVCache
-from .evaluate import EvalSettings, _GreedyStepper, _Totals, tokenize, windows_of
+from .evaluate import (
+    EvalSettings,
+    _GreedyStepper,
+    _Totals,
+    matching_greedy_steps,
+    tokenize,
+    windows_of,
+)
 
 SCORE_SLICE = 256  # positions per log-softmax: caps float32 temporaries at 256 x vocab
 
@@ -114,14 +121,7 @@ def greedy_kv_agreement(engine, layout: KVLayout, prompt: torch.Tensor, steps: i
     dense = _GreedyStepper(engine.model, engine.device)
     quantized = _GreedyStepper(engine.model, engine.device)
     quantized.past = QuantizedKVCache(layout)
-    a, b = dense.start(prompt), quantized.start(prompt)
-    matching = 0
-    while a == b:
-        matching += 1
-        if matching == steps:
-            break
-        a, b = dense.step(a), quantized.step(b)
-    return matching
+    return matching_greedy_steps(dense, quantized, prompt, steps)
 
 
 def evaluate_kv_cache(engine, mode: str, text: Optional[str] = None,
