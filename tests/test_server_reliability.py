@@ -274,3 +274,16 @@ def test_serve_flags_build_the_config(monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     assert ServerConfig.key_from_env(None) == "from-env"
     assert ServerConfig.key_from_env("k") == "k"
+
+
+def test_a_client_connecting_before_uvicorn_starts_is_queued_not_refused():
+    """The banner is printed before uvicorn takes over the bound socket; a client that
+    connects in between must wait in the backlog, not get ConnectionRefused."""
+    from offload_engine.server.runner import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        client = socket.create_connection(sock.getsockname()[:2], timeout=2)
+        client.close()
+    finally:
+        sock.close()

@@ -42,6 +42,9 @@ def warn_if_exposed(config: ServerConfig) -> None:
                        "127.0.0.1", config.host)
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind (host, port) now, so a taken port fails before minutes of model loading.
 
@@ -54,6 +57,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening now queues a client that connects between the "serving" banner and
+        # uvicorn's start, instead of refusing it (seen as ConnectionRefused under load).
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
