@@ -8,7 +8,6 @@ or failed conversion never leaves a directory that loads.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..errors import ConversionError, OffloadError
+from ..errors import ConversionError
 from ..model import architecture
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, check_finite, quantize_weight
 from ..units import format_bytes
 from ..version import __version__
 from . import checksums, stfile
-from .destination import check_destination, make_staging_dir, swap_into_place
+from .destination import check_destination, staged_output
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
 from .methods import MethodSettings, prepare_method
 from .sources import open_source
@@ -131,8 +130,7 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     linears = architecture.find_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
     prepared = prepare_method(method, source, skeleton, spec, progress)  # awq calibrates here
-    tmp = make_staging_dir(dst)
-    try:
+    with staged_output(dst, f"converting {src}") as tmp:
         manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress,
                                   prepared)
         manifest.source = {
@@ -148,13 +146,6 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
         }
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        swap_into_place(tmp, dst)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OffloadError, KeyboardInterrupt)):
-            raise
-        raise ConversionError(
-            f"converting {src} failed: {exc!r}; nothing was written to {dst}") from exc
     return ConversionSummary(dst, len(manifest.tensors),
                              sum(e.quantized for e in manifest.tensors.values()),
                              bytes_before, sum(manifest.shards.values()),

@@ -9,6 +9,7 @@ so an interrupted ``--force`` leaves the old output in place and loadable.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import List
 
-from ..errors import ConversionError
+from ..errors import ConversionError, OffloadError
 from .format import FORMAT_NAME, MANIFEST_NAME
 from .sources import SIDE_FILES
 
@@ -88,6 +89,22 @@ def make_staging_dir(dst: Path) -> Path:
         raise ConversionError(f"{dst}: cannot create the output there ({exc.strerror or exc}); "
                               "pick a writable destination") from exc
     return staging
+
+
+@contextlib.contextmanager
+def staged_output(dst: Path, what: str):
+    """A staging directory beside DST to write into; swapped into place when the block ends
+    well, removed when it fails. A failure that is not already ours becomes a
+    ConversionError saying ``what`` failed and that nothing was written to DST."""
+    staging = make_staging_dir(dst)
+    try:
+        yield staging
+        swap_into_place(staging, dst)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, (OffloadError, KeyboardInterrupt)):
+            raise
+        raise ConversionError(f"{what} failed: {exc!r}; nothing was written to {dst}") from exc
 
 
 def swap_into_place(staging: Path, dst: Path) -> None:

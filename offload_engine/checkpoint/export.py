@@ -25,12 +25,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConversionError, OffloadError
+from ..errors import ConversionError
 from ..quant import ct_pack
 from ..quant.quantize import QuantizedWeight, dequantize_weight
 from ..units import format_bytes
 from .convert import DEFAULT_SHARD_BYTES, ShardWriter
-from .destination import check_replaceable, make_staging_dir, swap_into_place
+from .destination import check_replaceable, staged_output
 from .format import MANIFEST_NAME, Manifest, load_component, verify_directory
 
 logger = logging.getLogger(__name__)
@@ -99,16 +99,8 @@ def export_compressed_tensors(src, dst, shard_bytes: int = DEFAULT_SHARD_BYTES,
     if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
         raise ConversionError(f"{dst}: write the export beside {src}, not into it")
     check_replaceable(dst, force=False)
-    tmp = make_staging_dir(dst)
-    try:
+    with staged_output(dst, f"exporting {src}") as tmp:
         summary = _write(manifest, src, tmp, shard_bytes, progress)
-        swap_into_place(tmp, dst)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OffloadError, KeyboardInterrupt)):
-            raise
-        raise ConversionError(f"exporting {src} failed: {exc!r}; nothing was written to "
-                              f"{dst}") from exc
     summary.destination = dst
     return summary
 

@@ -15,7 +15,6 @@ vocabulary get near-zero weights, so the greedy token is one the tokenizer can d
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ConversionError, OffloadError
+from ..errors import ConfigError
 from ..model import architecture
 from ..model.model_shape import shape_from_config
 from ..model.presets import preset_config
@@ -33,7 +32,7 @@ from ..units import format_bytes
 from ..version import __version__
 from . import checksums
 from .convert import DEFAULT_SHARD_BYTES, ShardWriter
-from .destination import check_replaceable, make_staging_dir, swap_into_place
+from .destination import check_replaceable, staged_output
 from .format import MANIFEST_NAME, Manifest, TensorEntry
 from .synth_tokenizer import train_tokenizer
 
@@ -213,8 +212,7 @@ def synthesize(request: SynthRequest, dst: Optional[Path], force: bool = False,
         return summary
     dst = Path(dst)
     check_replaceable(dst, force)
-    tmp = make_staging_dir(dst)
-    try:
+    with staged_output(dst, f"synthesizing {label}") as tmp:
         manifest = _write_tensors(config, request, tmp, progress)
         manifest.source = {"kind": SYNTHETIC_KIND, "synthetic": True, "model": label,
                            "seed": request.seed, "layers": config.num_hidden_layers,
@@ -224,13 +222,6 @@ def synthesize(request: SynthRequest, dst: Optional[Path], force: bool = False,
         _write_side_files(config, tmp)
         manifest.checksums = checksums.record(tmp, manifest.shards)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        swap_into_place(tmp, dst)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OffloadError, KeyboardInterrupt)):
-            raise
-        raise ConversionError(f"synthesizing {label} failed: {exc!r}; nothing was written "
-                              f"to {dst}") from exc
     summary.destination = dst
     summary.written_bytes = sum(manifest.shards.values())
     summary.seconds = time.perf_counter() - started
