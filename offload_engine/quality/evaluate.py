@@ -249,6 +249,18 @@ def score(engine, reference, ids: torch.Tensor, window: int, progress: bool) -> 
     return totals
 
 
+def eval_inputs(engine, text: Optional[str], settings: EvalSettings):
+    """(token ids, window, greedy prompt, greedy steps) within the model's context."""
+    context = getattr(text_config(engine.model.config), "max_position_embeddings", None)
+    window = min(settings.window, context or settings.window)
+    ids = tokenize(engine.tokenizer, text, settings.tokens)
+    prompt = ids[:, : min(settings.prompt_tokens, ids.shape[1])]
+    steps = settings.greedy_tokens
+    if context is not None:
+        steps = max(0, min(steps, context - prompt.shape[1]))
+    return ids, window, prompt, steps
+
+
 @torch.inference_mode()
 def greedy_agreement(engine, reference, prompt: torch.Tensor, steps: int) -> int:
     """Greedy tokens (with a KV cache) both models produce before the first difference."""
@@ -306,14 +318,8 @@ def evaluate(engine, reference, text: Optional[str] = None,
     settings = settings or EvalSettings()
     started = time.perf_counter()
     check_compatible(engine, reference)
-    context = getattr(text_config(engine.model.config), "max_position_embeddings", None)
-    window = min(settings.window, context or settings.window)
-    ids = tokenize(engine.tokenizer, text, settings.tokens)
+    ids, window, prompt, steps = eval_inputs(engine, text, settings)
     totals = score(engine, reference, ids, window, progress)
-    prompt = ids[:, : min(settings.prompt_tokens, ids.shape[1])]
-    steps = settings.greedy_tokens
-    if context is not None:
-        steps = max(0, min(steps, context - prompt.shape[1]))
     matching = greedy_agreement(engine, reference, prompt, steps)
     perplexity = math.exp(totals.nll / totals.count)
     reference_perplexity = math.exp(totals.reference_nll / totals.count)

@@ -23,15 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..model.architecture import text_config
 from ..planning.kv_sizes import KV_GROUP_SIZE, KVLayout
 from ..runtime.kv_cache import QuantizedKVCache
 from .evaluate import (
     EvalSettings,
     _GreedyStepper,
     _Totals,
+    eval_inputs,
     matching_greedy_steps,
-    tokenize,
     windows_of,
 )
 
@@ -138,14 +137,8 @@ def evaluate_kv_layouts(engine, layouts: List[KVLayout], text: Optional[str] = N
     """One report per layout (modes, group sizes, K/V splits), all on the same tokens."""
     settings = settings or EvalSettings()
     started = time.perf_counter()
-    context = getattr(text_config(engine.model.config), "max_position_embeddings", None)
-    window = min(settings.window, context or settings.window)
-    ids = tokenize(engine.tokenizer, text, settings.tokens)
+    ids, window, prompt, steps = eval_inputs(engine, text, settings)
     all_totals = score_kv(engine, layouts, ids, window, progress)
-    prompt = ids[:, : min(settings.prompt_tokens, ids.shape[1])]
-    steps = settings.greedy_tokens
-    if context is not None:
-        steps = max(0, min(steps, context - prompt.shape[1]))
     reports = []
     for layout, totals in zip(layouts, all_totals, strict=True):
         perplexity = math.exp(totals.nll / totals.count)
