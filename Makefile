@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch (a local wheel on our machines); a GPU machine gets PyPI's CUDA build.
 CPU_TORCH := torch==2.13.0 triton==3.7.1
 
-.PHONY: demo test lint setup clean gpu-report
+.PHONY: demo test lint setup clean gpu-report gpu-wheels
 
 setup: $(STAMP)
 
@@ -44,3 +44,7 @@ clean:
 # one folder with summary.md (tools/gpu_report.sh; needs no .venv).
 gpu-report:
 	PYTHON=$(PYTHON) tools/gpu_report.sh
+
+# Here, before a lent GPU's lease: the wheels its image lacks, into .whl/ (docs/gpu-session.md).
+gpu-wheels:
+	PYTHON=$(PYTHON) tools/gpu_wheels.sh

@@ -49,3 +49,25 @@ def test_kernel_tool_without_a_gpu_says_what_it_can_do(capsys):
     assert bench_kernels.main(["--bytes"]) == 0
     assert bench_kernels.main([]) == 0
     assert "need a CUDA GPU" in capsys.readouterr().out
+
+
+def _wheel_pins():
+    lines = (ROOT / "tools" / "gpu_wheels.txt").read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def test_gpu_wheel_list_pins_one_version_of_each_package():
+    pins = _wheel_pins()
+    names = [pin.split("==")[0].lower().replace("_", "-") for pin in pins]
+    assert all(pin.count("==") == 1 for pin in pins), pins
+    assert len(names) == len(set(names)), "two versions of one package stop the install"
+    # what the GPU image lacks for `run`, GGUF import and `serve`
+    assert {"gguf", "fastapi", "uvicorn", "pydantic", "pydantic-core"} <= set(names)
+
+
+def test_gpu_session_names_its_stages_on_a_wrong_one(tmp_path):
+    env = {**os.environ, "RESULTS": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_session.sh"), "everything"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "check|measure" in result.stderr
