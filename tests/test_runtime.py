@@ -155,6 +155,13 @@ def test_context_too_long_is_refused(qwen2_q):
             engine.generate("word " * 50, max_new_tokens=250)
 
 
+def test_a_prompt_of_no_tokens_is_refused_by_the_python_api(qwen2_q):
+    with load(qwen2_q, progress=False) as engine:
+        with pytest.raises(ConfigError, match="encodes to no tokens"):
+            engine.generate("", max_new_tokens=2)
+        assert engine.generate(" ", greedy=True, max_new_tokens=2).token_ids
+
+
 def test_chat_template_and_sampling_with_seed(qwen2_q):
     with load(qwen2_q, progress=False, cache_entries=4) as engine:
         messages = [{"role": "user", "content": "hello"}]

@@ -125,7 +125,11 @@ def encode_prompt(engine, prompt: Optional[str], messages: Optional[list], chat:
         return encoded["input_ids"]
     if prompt is None:
         raise ConfigError("give a prompt or chat messages")
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if input_ids.shape[-1] == 0:  # generate() would fail deep inside transformers instead
+        raise ConfigError(f"the prompt {prompt!r} encodes to no tokens; give some text to "
+                          "continue, or chat messages")
+    return input_ids
 
 
 def check_context(engine, prompt_tokens: int, max_new_tokens: int) -> None:
