@@ -2,6 +2,8 @@
 published layouts (tests/tiny_packed.py cites them), engine logits against transformers
 holding the decompressed weights, manifest records, and refusals before work."""
 
+import json
+
 import pytest
 import torch
 
@@ -100,7 +102,8 @@ def _reference_model(directory, dense):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # absent when a side file holds the settings
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config).float().eval()
     state = {k: v.float() for k, v in load_file(directory / "model.safetensors").items()
              if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
@@ -128,6 +131,41 @@ def test_engine_logits_equal_decompressed_transformers(tmp_path, tokenizer_dir, 
                 else f"gptq v{version} int4 g{group_size}")
     assert manifest.source["format"] == expected and manifest.source["requantized"] == []
     _logits_equal_transformers(src, dense)
+
+
+@pytest.mark.parametrize("fmt,version", [("awq", 1), ("gptq", 1), ("gptq", 2)])
+def test_settings_in_the_quantizers_own_file_import_the_same(tmp_path, tokenizer_dir, fmt,
+                                                             version):
+    """Repositories quantized before the transformers integration keep their settings in
+    quantize_config.json (AutoGPTQ) or quant_config.json (AutoAWQ), not in config.json."""
+    src, dense = tiny_packed.write_checkpoint(tmp_path / "src", fmt, tokenizer_dir,
+                                              group_size=64, version=version)
+    tiny_packed.move_settings_to_side_file(src)
+    summary = convert(src, tmp_path / "q", progress=False)
+    assert summary.quantized == 14 and summary.group_size == 64
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.source["kind"] == fmt and manifest.source["exact"] is True
+    _logits_equal_transformers(src, dense)
+
+
+@pytest.mark.parametrize("fields", [{"checkpoint_format": "marlin"},
+                                    {"is_marlin_format": True}])
+def test_gptq_kernel_layouts_are_refused_before_work(tmp_path, tokenizer_dir, fields):
+    src, _ = tiny_packed.write_checkpoint(tmp_path / "src", "gptq", tokenizer_dir)
+    tiny_packed.set_config_field(src, **fields)
+    with pytest.raises(SourceError, match=r"\(config.json\).*checkpoint_format 'marlin'"):
+        convert(src, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_unknown_method_in_a_side_file_is_refused_naming_the_file(tmp_path,
+                                                                     tokenizer_dir):
+    src, _ = tiny_packed.write_checkpoint(tmp_path / "src", "gptq", tokenizer_dir)
+    tiny_packed.move_settings_to_side_file(src)
+    side = src / "quantize_config.json"
+    side.write_text(json.dumps({**json.loads(side.read_text()), "quant_method": "hqq"}))
+    with pytest.raises(SourceError, match=r"quantize_config.json says .*quant_method 'hqq'"):
+        convert(src, tmp_path / "q", progress=False)
 
 
 def test_float_lm_head_is_quantized_and_recorded_as_not_exact(tmp_path, tokenizer_dir):

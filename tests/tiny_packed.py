@@ -148,3 +148,30 @@ def set_config_field(directory: Path, **fields) -> None:
     data = json.loads(path.read_text())
     data["quantization_config"].update(fields)
     path.write_text(json.dumps(data))
+
+
+def move_settings_to_side_file(directory: Path) -> dict:
+    """Rewrite a written checkpoint as the quantizers did before their transformers
+    integration: no quantization_config in config.json, the settings in the quantizer's
+    own file (AutoGPTQ quantize_config.json; AutoAWQ quant_config.json with its own
+    names, e.g. {"zero_point": true, "q_group_size": 128, "w_bit": 4, "version": "GEMM"}).
+    Returns the settings written."""
+    path = Path(directory) / "config.json"
+    data = json.loads(path.read_text())
+    quantization = data.pop("quantization_config")
+    path.write_text(json.dumps(data))
+    if quantization["quant_method"] == "awq":
+        settings = {"zero_point": quantization["zero_point"],
+                    "q_group_size": quantization["group_size"],
+                    "w_bit": quantization["bits"], "version": "GEMM"}
+        name = "quant_config.json"
+    else:  # AutoGPTQ's BaseQuantizeConfig fields; quant_method is absent in older files
+        settings = {"bits": quantization["bits"], "group_size": quantization["group_size"],
+                    "damp_percent": 0.01, "desc_act": quantization["desc_act"],
+                    "static_groups": False, "sym": quantization["sym"],
+                    "true_sequential": True, "model_name_or_path": None,
+                    "model_file_base_name": "model",
+                    "checkpoint_format": quantization["checkpoint_format"]}
+        name = "quantize_config.json"
+    (Path(directory) / name).write_text(json.dumps(settings))
+    return settings

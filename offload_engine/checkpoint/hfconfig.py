@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Type
+from typing import Tuple, Type
 
 from ..errors import FormatError, OffloadError
 
@@ -17,6 +17,10 @@ from ..errors import FormatError, OffloadError
 INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
 FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "initializer_range")
+# Where quantizers record their settings when config.json holds no quantization_config:
+# AutoGPTQ and GPTQModel write quantize_config.json, AutoAWQ before its transformers
+# integration quant_config.json. Each file implies its method when it names none.
+QUANT_SETTINGS_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
 # A directory needs one of these for AutoTokenizer to build a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -49,6 +53,30 @@ def read_config_file(path: Path, error: Type[OffloadError], fix: str):
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
         detail = " ".join(str(exc).split())  # one line, whatever transformers wrote
         raise error(f"{path}: transformers cannot read this config ({detail}); {fix}") from exc
+
+
+def quantization_settings(directory: Path) -> Tuple[dict, str]:
+    """(settings, the file they are in): config.json's ``quantization_config``, else a
+    quantizer's own settings file with ``quant_method`` filled in; ({}, "") when the
+    directory states none (an unreadable file states none: the source that reads the
+    weights reports what is wrong with them)."""
+    directory = Path(directory)
+    quantization = _json_object(directory / "config.json").get("quantization_config")
+    if isinstance(quantization, dict):
+        return quantization, "config.json"
+    for name, method in QUANT_SETTINGS_FILES:
+        settings = _json_object(directory / name)
+        if settings:
+            return {"quant_method": method, **settings}, name
+    return {}, ""
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def check_field_types(data: dict, path: Path, error: Type[OffloadError], fix: str) -> None:

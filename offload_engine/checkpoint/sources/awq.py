@@ -1,6 +1,7 @@
 """AutoAWQ checkpoints (GEMM packing, 4 bits, with zero points), imported exactly.
 
-Recognised by config.json's ``quantization_config.quant_method == "awq"``; the packing
+Recognised by ``quant_method == "awq"`` in config.json's ``quantization_config`` or by
+the quant_config.json older AutoAWQ releases wrote (checkpoint/hfconfig.py); the packing
 itself is :mod:`offload_engine.quant.awq_pack`. Other AWQ packings (GEMV, GEMV-fast,
 Marlin) order their codes differently and are refused before work starts.
 """
@@ -41,8 +42,9 @@ class AWQSource(PackedSource):
         if settings.get("zero_point", True) is not True:
             problems.append("zero_point false (only asymmetric AWQ is imported)")
         if problems:
-            raise SourceError(f"{self.path}: this AWQ checkpoint cannot be imported exactly: "
-                              f"{'; '.join(problems)}. Convert the unquantized original instead")
+            raise SourceError(f"{self.path}: this AWQ checkpoint cannot be imported exactly "
+                              f"({self.settings_file}): {'; '.join(problems)}. Convert the "
+                              "unquantized original instead")
         self.version = version
         return int(group_size)
 

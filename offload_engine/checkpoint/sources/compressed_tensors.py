@@ -13,27 +13,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 from ...errors import QuantizationError, SourceError
 from ...quant.ct_pack import channel_group_size, import_weight
 from ...quant.layout import QuantSpec
 from .. import stfile
+from ..hfconfig import quantization_settings
 from .dense import FLOAT_DTYPES, SafetensorsSource
 
 logger = logging.getLogger(__name__)
 METHOD = "compressed-tensors"
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
-
-
-def quantization_config(path: Path) -> Optional[dict]:
-    """config.json's ``quantization_config`` of a directory, or None."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    quantization = config.get("quantization_config")
-    return quantization if isinstance(quantization, dict) else None
 
 
 def weight_args(path: Path, quantization: dict) -> dict:
@@ -78,15 +69,15 @@ class CompressedTensorsSource(SafetensorsSource):
             raise SourceError(f"{directory}: --requantize is for GGUF files; a "
                               "compressed-tensors W4A16 checkpoint imports exactly without it")
         super().__init__(directory)
-        self.weights = weight_args(self.path, quantization_config(self.path) or {})
+        self.weights = weight_args(self.path, quantization_settings(self.path)[0])
         self.modules = self._quantized_modules()
         self.import_spec = self._spec()
         self.requantized = self._float_linears()
 
     @classmethod
     def claims(cls, path: Path) -> bool:
-        quantization = quantization_config(path) if Path(path).is_dir() else None
-        return quantization is not None and quantization.get("quant_method") == METHOD
+        return (Path(path).is_dir()
+                and quantization_settings(path)[0].get("quant_method") == METHOD)
 
     def _check_quantization(self) -> None:
         """Pre-quantized weights are what this source reads (the dense source refuses)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from ...errors import SourceError
 from .. import stfile
-from ..hfconfig import read_hf_config
+from ..hfconfig import quantization_settings, read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +91,10 @@ class SafetensorsSource:
 def _refuse_prequantized(path: Path) -> None:
     """Say before any work that a pre-quantized directory of a method no importer claims
     (see sources/__init__.py) cannot be read, rather than failing on its first int32 tensor."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path / 'config.json'}: unreadable ({exc}); copy it again from "
-                          "the model's repository") from exc
-    quantization = config.get("quantization_config")
-    if isinstance(quantization, dict):
+    quantization, where = quantization_settings(path)
+    if quantization:
         method = quantization.get("quant_method", "unknown")
         raise SourceError(
-            f"{path}: config.json says the weights are already quantized (quant_method "
+            f"{path}: {where} says the weights are already quantized (quant_method "
             f"{method!r}); importing {method} checkpoints is not supported (AWQ, GPTQ and "
             "GGUF Q4_0/Q4_1/Q8_0 are: docs/import.md). Convert the unquantized original instead")

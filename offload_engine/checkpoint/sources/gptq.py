@@ -1,10 +1,12 @@
 """GPTQ checkpoints (AutoGPTQ v1 and GPTQModel v2 packing, 4 bits), imported exactly.
 
-Recognised by config.json's ``quantization_config.quant_method == "gptq"``; the packing
+Recognised by ``quant_method == "gptq"`` in config.json's ``quantization_config`` or in
+the quantizer's own quantize_config.json (checkpoint/hfconfig.py); the packing
 is :mod:`offload_engine.quant.gptq_pack`. ``checkpoint_format`` "gptq_v2" selects v2
-zero points, anything else (or none) v1. What cannot be imported exactly (act-order
-g_idx, ambiguous v1 zero points, other bit widths or per-channel groups) is found by
-reading the small g_idx and qzeros tensors when the source is opened, before any work.
+zero points, "gptq" (or none) v1; other layouts (Marlin...) are refused. What cannot be
+imported exactly (act-order g_idx, ambiguous v1 zero points, other bit widths or
+per-channel groups) is found by reading the small g_idx and qzeros tensors when the
+source is opened, before any work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from ...errors import QuantizationError, SourceError
 from ...quant.gptq_pack import check_g_idx, unpack_gptq, unpack_zeros
 from ...quant.schemes import GROUP_SIZES
 from .packed import PackedSource
+
+# checkpoint_format -> the packing version gptq_pack unpacks; Marlin, BitBLAS and other
+# kernel layouts permute the codes and are refused.
+PACKINGS = {"gptq": 1, "gptq_v2": 2}
 
 
 class GPTQSource(PackedSource):
@@ -36,11 +42,17 @@ class GPTQSource(PackedSource):
         if group_size not in GROUP_SIZES:
             problems.append(f"group_size {group_size} (supported: "
                             f"{', '.join(map(str, GROUP_SIZES))}; -1 is per-channel)")
-        if problems:
-            raise SourceError(f"{self.path}: this GPTQ checkpoint cannot be imported exactly: "
-                              f"{'; '.join(problems)}. Convert the unquantized original instead")
         fmt = str(settings.get("checkpoint_format", "gptq")).lower()
-        self.packing_version = 2 if fmt == "gptq_v2" else 1
+        if settings.get("is_marlin_format"):  # AutoGPTQ's older spelling of "marlin"
+            fmt = "marlin"
+        if fmt not in PACKINGS:
+            problems.append(f"checkpoint_format {fmt!r} (its codes are laid out for one "
+                            f"kernel; imported: {', '.join(PACKINGS)})")
+        if problems:
+            raise SourceError(f"{self.path}: this GPTQ checkpoint cannot be imported exactly "
+                              f"({self.settings_file}): {'; '.join(problems)}. Convert the "
+                              "unquantized original instead")
+        self.packing_version = PACKINGS[fmt]
         self.desc_act = bool(settings.get("desc_act", False))
         return int(group_size)
 

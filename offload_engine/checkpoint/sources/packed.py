@@ -13,7 +13,6 @@ manifest can say the import was not exact for them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -25,27 +24,17 @@ from ...model import architecture
 from ...quant.layout import QuantSpec
 from ...quant.quantize import dequantize_weight
 from .. import stfile
-from ..hfconfig import read_hf_config
+from ..hfconfig import quantization_settings, read_hf_config
 from .dense import FLOAT_DTYPES, SafetensorsSource
 
 logger = logging.getLogger(__name__)
-
-
-def quantization_config(path: Path) -> dict:
-    """config.json's ``quantization_config`` (empty when absent or unreadable)."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    found = config.get("quantization_config")
-    return found if isinstance(found, dict) else {}
 
 
 class PackedSource(SafetensorsSource):
     """Base of the AWQ and GPTQ sources; subclasses set the class attributes below."""
 
     kind = "packed"
-    quant_method = ""  # config.json quantization_config.quant_method
+    quant_method = ""  # quantization_config.quant_method (hfconfig.quantization_settings)
     components: Tuple[str, ...] = ()  # stored suffixes of one linear, e.g. ("qweight", ...)
     optional_components: Tuple[str, ...] = ()  # present in some checkpoints only
 
@@ -56,7 +45,7 @@ class PackedSource(SafetensorsSource):
             raise SourceError(f"{self.path}: no *.safetensors files here")
         self.config = read_hf_config(self.path, SourceError,
                                      fix="copy it from the model's repository")
-        self.settings = quantization_config(self.path)
+        self.settings, self.settings_file = quantization_settings(self.path)
         self.group_size = self.read_settings(self.settings)  # raises SourceError
         self.headers = [(shard, stfile.read_header(shard)) for shard in self.shards]
         self.where = {key: (shard, info) for shard, header in self.headers
@@ -85,7 +74,7 @@ class PackedSource(SafetensorsSource):
     @classmethod
     def claims(cls, path: Path) -> bool:
         return (Path(path).is_dir() and any(Path(path).glob("*.safetensors"))
-                and quantization_config(path).get("quant_method") == cls.quant_method)
+                and quantization_settings(path)[0].get("quant_method") == cls.quant_method)
 
     # --- shared machinery -----------------------------------------------------------
 
@@ -105,7 +94,7 @@ class PackedSource(SafetensorsSource):
                 raise SourceError(f"{self.path}: linear {module!r} lacks {', '.join(missing)}; "
                                   "is the checkpoint complete?")
         if not packed:
-            raise SourceError(f"{self.path}: config.json says {self.quant_method} but no "
+            raise SourceError(f"{self.path}: {self.settings_file} says {self.quant_method} but no "
                               f"tensor ends in .{self.components[0]}; is this the right "
                               "directory?")
         return packed
