@@ -30,6 +30,9 @@ def test_gpu_logits_match_cpu_under_streaming(qwen2_q, cache_format, policy):
     with load(qwen2_q, progress=False, device="cuda:0", dtype="float32", policy=policy,
               cache_format=cache_format, cache_entries=3, prefetch_depth=1) as engine:
         assert engine.store.pinned
+        # page-locked in place (runtime/pinned.py): the runtime must see it as pinned
+        weight = engine.store[next(iter(engine.store))]
+        assert all(t.is_pinned() for t in weight.components().values())
         assert engine.cache.arena.is_cuda
         for _ in range(3):  # repeated passes reuse every ring slot many times
             torch.testing.assert_close(_logits(engine), expected, rtol=2e-3, atol=2e-3)

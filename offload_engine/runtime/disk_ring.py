@@ -25,6 +25,7 @@ from ..checkpoint.format import Component
 from ..errors import WorkerError
 from ..quant.quantize import QuantizedWeight
 from .cache.arena import carve
+from .pinned import HostArena, aligned
 from .shard_io import ShardFiles
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class DiskStats:
 class RingBuffer:
     """One host buffer of the ring and the weight it holds."""
 
-    def __init__(self, nbytes: int, pin: bool):
-        self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    def __init__(self, data: torch.Tensor):
+        self.data = data  # uint8, a piece of the ring's HostArena
         self.name: Optional[str] = None
         self.weight: Optional[QuantizedWeight] = None
         self.reading = False
@@ -72,7 +73,10 @@ class DiskRing:
         self.files, self.layouts, self.components = files, layouts, components
         self.order = list(order)
         self._position = {name: i for i, name in enumerate(self.order)}
-        self.buffers = [RingBuffer(slot_bytes, pin) for _ in range(slots if order else 0)]
+        count = slots if order else 0
+        self.arena = HostArena(count * aligned(slot_bytes), pin)
+        self.buffers = [RingBuffer(self.arena.take((slot_bytes,), torch.uint8))
+                        for _ in range(count)]
         self.stats = DiskStats()
         self._cond = threading.Condition()
         self._next = 0  # position in ``order`` of the next weight to read
@@ -228,6 +232,7 @@ class DiskRing:
                 raise WorkerError(f"the disk reader did not stop within {JOIN_TIMEOUT_S:.0f} s "
                                   "of close()")
         self.buffers = []
+        self.arena.release()
 
 
 class DiskSource:

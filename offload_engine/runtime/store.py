@@ -10,17 +10,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import psutil
 import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint.checksums import TensorVerifier
-from ..checkpoint.format import Manifest, load_component, read_manifest, verify_directory
+from ..checkpoint.format import (
+    Component,
+    Manifest,
+    load_component,
+    read_manifest,
+    verify_directory,
+)
+from ..checkpoint.stfile import DTYPES
 from ..errors import ResourceError
 from ..quant.quantize import QuantizedWeight
 from ..units import format_bytes
+from .pinned import HostArena, arena_nbytes
 
 logger = logging.getLogger(__name__)
 WEIGHT_SUFFIX = ".weight"
@@ -48,9 +56,11 @@ def check_host_ram(needed_bytes: int, directory: Path) -> None:
 class HostStore(Mapping):
     """Read-only mapping: module name -> QuantizedWeight in host memory."""
 
-    def __init__(self, weights: Dict[str, QuantizedWeight], pinned: bool):
+    def __init__(self, weights: Dict[str, QuantizedWeight], pinned: bool,
+                 arena: Optional[HostArena] = None):
         self._weights = weights
         self.pinned = pinned
+        self._arena = arena  # the memory the weights are views of (unpinned on close)
 
     @classmethod
     def load(cls, directory: Path, manifest: Manifest | None = None, pin: bool = False,
@@ -59,6 +69,8 @@ class HostStore(Mapping):
         manifest = manifest or verify_directory(directory)
         quantized = {n: e for n, e in manifest.tensors.items() if e.quantized}
         check_host_ram(sum(e.nbytes for e in manifest.tensors.values()), directory)
+        shapes = component_shapes(entry.components for entry in quantized.values())
+        arena = HostArena(arena_nbytes(shapes), pin)
         headers: dict = {}
         weights = {}
         verifier = TensorVerifier(directory, manifest)
@@ -68,10 +80,10 @@ class HostStore(Mapping):
             for part, comp in entry.components.items():
                 tensor = load_component(directory, comp, headers)
                 verifier.check(name, comp, tensor)
-                parts[part] = tensor.pin_memory() if pin else tensor
+                parts[part] = arena.take(tuple(comp.shape), tensor.dtype).copy_(tensor)
             weights[module_name(name)] = QuantizedWeight.from_parts(
                 parts, manifest.spec, out_features=entry.shape[0], in_features=entry.shape[1])
-        return cls(weights, pinned=pin)
+        return cls(weights, pinned=arena.pinned, arena=arena)
 
     def __getitem__(self, name: str) -> QuantizedWeight:
         return self._weights[name]
@@ -101,7 +113,18 @@ class HostStore(Mapping):
         return 0
 
     def close(self) -> None:
-        """Stop background reading (nothing to stop here)."""
+        """Unpin the weights' memory (a subclass also stops its background reading)."""
+        if self._arena is not None:
+            self._arena.release()
+
+
+def component_shapes(weights: Iterable[Dict[str, Component]]
+                     ) -> Iterator[Tuple[tuple, torch.dtype]]:
+    """(shape, dtype) of every stored component of ``weights`` (each a manifest entry's
+    components), for sizing a HostArena."""
+    for components in weights:
+        for comp in components.values():
+            yield tuple(comp.shape), DTYPES[comp.dtype]
 
 
 def read_dense_tensors(directory: Path, manifest: Manifest | None = None

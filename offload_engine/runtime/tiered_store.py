@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator
 
 import psutil
 import torch
@@ -24,8 +24,15 @@ from ..planning.host_policy import HostPlan
 from ..planning.sizes import held_nbytes
 from ..quant.quantize import QuantizedWeight
 from .disk_ring import DiskRing, DiskSource, DiskStats
+from .pinned import HostArena, arena_nbytes
 from .shard_io import ShardFiles
-from .store import RAM_HEADROOM_BYTES, HostStore, check_host_ram, module_name
+from .store import (
+    RAM_HEADROOM_BYTES,
+    HostStore,
+    check_host_ram,
+    component_shapes,
+    module_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +55,8 @@ class TieredStore(HostStore):
 
     def __init__(self, weights: Dict[str, QuantizedWeight], layouts: Dict[str, QuantizedWeight],
                  components: Dict[str, Dict[str, Component]], files: ShardFiles,
-                 ring: DiskRing, plan: HostPlan, pinned: bool):
-        super().__init__(weights, pinned)
+                 ring: DiskRing, plan: HostPlan, pinned: bool, arena: HostArena):
+        super().__init__(weights, pinned, arena)
         self.layouts, self.components = layouts, components
         self.files, self.ring, self.plan = files, ring, plan
         on_disk = set(plan.on_disk)
@@ -68,11 +75,13 @@ class TieredStore(HostStore):
                          default=0)
         check_host_ram(plan.ram_bytes + plan.ring_slots * slot_bytes + dense, directory)
         files = ShardFiles(directory, manifest, drop_cache=True)
+        kept = (components[name] for name in plan.in_ram)
+        arena = HostArena(arena_nbytes(component_shapes(kept)), pin)
         weights = {}
         try:
             for name in tqdm(plan.in_ram, desc="loading weights", unit="tensor",
                              disable=not progress or not plan.in_ram):
-                weights[name] = _read_new(files, layouts[name], components[name], pin)
+                weights[name] = _read_new(files, layouts[name], components[name], arena.take)
             ring = DiskRing(files, layouts, components, plan.on_disk, plan.ring_slots,
                             slot_bytes, pin)
         except BaseException:
@@ -82,7 +91,8 @@ class TieredStore(HostStore):
                     "(%d bytes) through %d buffers of %d bytes", len(plan.in_ram),
                     plan.ram_bytes, len(plan.on_disk), plan.disk_bytes_per_pass,
                     plan.ring_slots, slot_bytes)
-        return cls(weights, layouts, components, files, ring, plan, pinned=pin)
+        pinned = pin and all(a.pinned for a in (arena, ring.arena) if a.nbytes)
+        return cls(weights, layouts, components, files, ring, plan, pinned=pinned, arena=arena)
 
     def __getitem__(self, name: str) -> QuantizedWeight:
         weight = self._weights.get(name)
@@ -90,7 +100,7 @@ class TieredStore(HostStore):
             return weight
         # Not kept in RAM: read it now (the device cache does this once per weight it
         # keeps resident; a caller holding the result holds its memory).
-        return _read_new(self.files, self.layouts[name], self.components[name], pin=False)
+        return _read_new(self.files, self.layouts[name], self.components[name], _new_tensor)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layouts)
@@ -122,14 +132,20 @@ class TieredStore(HostStore):
             self.ring.close()
         finally:
             self.files.close()
+            super().close()
+
+
+def _new_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 def _read_new(files: ShardFiles, layout: QuantizedWeight, components: Dict[str, Component],
-              pin: bool) -> QuantizedWeight:
+              allocate: Callable[[tuple, torch.dtype], torch.Tensor]) -> QuantizedWeight:
+    """Read one weight's components into tensors from ``allocate`` (an arena's take)."""
     parts = {}
     for part, comp in components.items():
         like = getattr(layout, part)
-        parts[part] = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+        parts[part] = allocate(tuple(like.shape), like.dtype)
         files.read_into(comp, parts[part])
     return QuantizedWeight.from_parts(parts, layout.spec, layout.out_features,
                                       layout.in_features)
