@@ -54,7 +54,7 @@ step() {
   local begun=$(date +%s)
   echo "== $name ($(( begun - started )) s into the session)" | tee -a "$LOG"
   if declare -F "$1" >/dev/null; then  # a function of this script: timeout needs a program
-    timeout --kill-after=10 "$STEP_TIMEOUT" bash -c "$(declare -f oe "$1"); $1" >> "$LOG" 2>&1
+    timeout --kill-after=10 "$STEP_TIMEOUT" bash -c "$(declare -f oe "$1"); $*" >> "$LOG" 2>&1
   else
     timeout --kill-after=10 "$STEP_TIMEOUT" "$@" >> "$LOG" 2>&1
   fi
@@ -110,6 +110,24 @@ run_variants() {
   "$PY" tools/trace_summary.py "$WORK/run.trace.json"
 }
 
+# Host memory the store takes against its weight bytes (runtime/pinned.py pins exactly).
+pinned_check() {
+  "$PY" - "$1" "$DEVICE" <<'PYEOF'
+import sys, time
+import psutil
+from offload_engine import load
+process = psutil.Process()
+before, started = process.memory_info().rss, time.perf_counter()
+with load(sys.argv[1], device=sys.argv[2], progress=False, cache_entries=4) as engine:
+    store = engine.store
+    parts = [t for name in store for t in store[name].components().values()]
+    print(f"load {time.perf_counter() - started:.1f} s; store pinned: {store.pinned}; "
+          f"weights seen as pinned by the runtime: {all(t.is_pinned() for t in parts)}")
+    print(f"quantized weights {store.nbytes / 2**30:.2f} GiB; host RSS grew "
+          f"{(process.memory_info().rss - before) / 2**30:.2f} GiB")
+PYEOF
+}
+
 stage_check() {
   step "environment" environment
   step "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests \
@@ -117,6 +135,7 @@ stage_check() {
   step "kernel check" "$PY" tools/bench_kernels.py --check
   step "kernel timings" "$PY" tools/bench_kernels.py --csv "$WORK/kernels.csv"
   step "small model" small_model
+  step "pinned host memory" pinned_check "$WORK/models/small"
   step "run: plain, min budget, KV int8, lookup, trace" run_variants
   step "serve: load test" "$PY" tools/load_test.py "$WORK/models/small" --device "$DEVICE" \
     --concurrency 1 4 16 --requests 16 --max-tokens 32
@@ -128,6 +147,7 @@ stage_measure() {
   step "GPU report (32B synthetic)" env OUT="$WORK/report" DEVICE="$DEVICE" RUN_TESTS=0 \
     KERNELS=0 SYNTH_DIR="$WORK/models/qwen2.5-32b" PYTHON="$PY" bash tools/gpu_report.sh
   [ -f "$WORK/report/summary.md" ] && cp "$WORK/report/summary.md" "$RESULTS/summary.md"
+  step "pinned host memory (32B)" pinned_check "$WORK/models/qwen2.5-32b"
 }
 
 install_wheels >> "$LOG" 2>&1
