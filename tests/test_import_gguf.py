@@ -48,6 +48,21 @@ def test_random_blocks_are_bit_exact(type_name):
                      blocks * 32)
 
 
+def test_q6_k_writer_is_read_back_by_gguf_py():
+    """tests/tiny_gguf.py writes Q6_K itself (gguf-py cannot): gguf-py reads its blocks
+    back within about half a step (the int8 sub-block scales round), and its own output
+    is a fixed point."""
+    rng = np.random.default_rng(7)
+    values = (rng.standard_normal((6, 512)) * 0.1).astype(np.float32)
+    values[0, :16] = 0  # an all-zero sub-block
+    raw = tiny_gguf.quantize_q6_k(values)
+    assert raw.shape == (6, 2 * 210) and raw.dtype == np.uint8
+    read = dequantize(raw, gguf.GGMLQuantizationType.Q6_K)
+    half_step = np.abs(values).reshape(6, -1, 16).max(-1, keepdims=True) / 31 / 2
+    assert (np.abs(read - values).reshape(6, -1, 16) <= half_step * 1.02).all()
+    assert np.array_equal(tiny_gguf.quantize_q6_k(read), raw)
+
+
 def test_import_spec_per_type():
     assert EXACT_TYPES["Q4_0"].spec == QuantSpec("int4", 32, "fp16")
     assert EXACT_TYPES["Q4_1"].spec == QuantSpec("int4-min", 32, "fp16")
@@ -83,6 +98,94 @@ def _gguf_file(tmp_path, llama_f32, **kwargs):
     return tiny_gguf.write_llama_gguf(tmp_path / "tiny.gguf", llama_f32, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def llama_untied(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama with its own lm_head, hidden 256: in a Q4_0/Q4_1 file llama.cpp
+    gives the output matrix Q6_K, whose 256-element blocks need K % 256 == 0."""
+    config = tiny.tiny_config("llama", intermediate_size=512)
+    config.hidden_size, config.head_dim, config.tie_word_embeddings = 256, 64, False
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("untied") / "src", "llama",
+                                dtype=torch.float32, tokenizer_dir=tokenizer_dir, config=config)
+
+
+@pytest.fixture(scope="module")
+def untied_q4_0(tmp_path_factory, llama_untied):
+    """The untied Llama with every linear in Q4_0, imported: what exact codes look like."""
+    root = tmp_path_factory.mktemp("untied_q4_0")
+    path = tiny_gguf.write_llama_gguf(root / "all.gguf", llama_untied, linear_types={},
+                                      default_type="Q4_0")
+    convert(path, root / "q", progress=False)
+    return root / "q"
+
+
+def _stored(directory) -> dict:
+    """Every tensor of a quantized directory's shards, by key."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _half_step_bound(hidden: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """Largest logit change a re-rounded lm_head can cause: each weight moves at most half a
+    step, so |logit_v - logit'_v| <= sum over groups g of scale[v, g] / 2 * sum |h_k|, k in g.
+
+    hidden (B, T, K) is the lm_head's input, scales (V, K / group): returns (B, T, V)."""
+    hidden_per_group = hidden.abs().reshape(*hidden.shape[:2], -1, group).sum(-1)  # (B, T, G)
+    return hidden_per_group @ (scales.to(torch.float32) / 2).T
+
+
+@pytest.mark.parametrize("output_type", ["Q8_0", "F16", "Q6_K"])
+def test_other_output_type_is_requantized_and_the_rest_copied(tmp_path, llama_untied,
+                                                               untied_q4_0, output_type):
+    """llama.cpp's Q4_0 file has a Q6_K output.weight (Q8_0 and F16 are other users' files):
+    every Q4_0 linear is copied bit for bit, lm_head is quantized here with int4 g32 fp16."""
+    from transformers import AutoModelForCausalLM
+
+    from offload_engine import load
+    from offload_engine.checkpoint.sources.gguf import GGUFSource
+    from offload_engine.quant.quantize import quantize_weight
+
+    path = tiny_gguf.write_llama_gguf(tmp_path / "mixed.gguf", llama_untied,
+                                      linear_types={"output.weight": output_type},
+                                      default_type="Q4_0")
+    summary = convert(path, tmp_path / "q", progress=False)
+    assert summary.requantized == ("lm_head.weight",) and summary.quantized == 15
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == EXACT_TYPES["Q4_0"].spec and manifest.source["exact"] is False
+    assert manifest.source["requantized"] == ["lm_head.weight"]
+    ours, exact = _stored(tmp_path / "q"), _stored(untied_q4_0)
+    assert ours.keys() == exact.keys()
+    for key in ours:  # linears, norms and embedding: what the all-Q4_0 import holds
+        if not key.startswith("lm_head."):
+            assert torch.equal(ours[key], exact[key]), key
+    # lm_head went through convert's one quantizer, from the file's own dequantized values
+    dense_head = GGUFSource(path).read_tensor("lm_head.weight")
+    expected = quantize_weight(dense_head, manifest.spec, name="lm_head.weight")
+    for part, value in expected.components().items():
+        assert torch.equal(ours[f"lm_head.weight.{part}"], value), part
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                     dtype=torch.float32).eval()
+    with load(tmp_path / "q", progress=False) as engine, torch.no_grad():
+        ids = engine.tokenizer("The class statement defines", return_tensors="pt")["input_ids"]
+        logits = engine.model(ids).logits
+        output = reference(ids, output_hidden_states=True)
+        theirs, hidden = output.logits, output.hidden_states[-1]
+        # everything but lm_head is exact: with our lm_head, transformers computes ours
+        requantized_head = dequantize_weight(expected)
+        torch.testing.assert_close(logits, hidden @ requantized_head.T, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden @ dense_head.T, theirs, rtol=0, atol=1e-5)
+    bound = _half_step_bound(hidden, expected.scales, manifest.group_size)
+    difference = (logits - theirs).abs()
+    assert bool((difference <= bound + 1e-5).all())
+    print(f"{output_type} output: max |logit difference| {difference.max():.4f}, "
+          f"largest half-step bound {bound.max():.4f}, "
+          f"top-1 agreement {(logits.argmax(-1) == theirs.argmax(-1)).float().mean():.3f}")
+
+
 @pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
 def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_name):
     from transformers import AutoModelForCausalLM
@@ -112,23 +215,69 @@ def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_
     assert greedy == expected.tolist()
 
 
-def test_mixed_types_are_refused_before_work_unless_requantized(tmp_path, llama_f32):
+def test_mixed_types_import_the_majority_type_and_refuse_without_one(tmp_path, llama_f32):
+    # One Q8_0 ffn_down among Q4_1 linears (what llama.cpp's quantizer does to a few
+    # tensors): the Q4_1 linears are copied, the Q8_0 one is quantized here as int4-min.
     path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.1.ffn_down.weight": "Q8_0"})
-    with pytest.raises(SourceError, match=r"cannot be imported exactly.*Q4_1: 13.*Q8_0: 1.*"
-                                          r"--requantize"):
-        convert(path, tmp_path / "q", progress=False)
-    assert not (tmp_path / "q").exists()
-    summary = convert(path, tmp_path / "q", QuantSpec("int4-asym", 32), progress=False,
+    summary = convert(path, tmp_path / "q", progress=False)
+    assert summary.requantized == ("model.layers.1.mlp.down_proj.weight",)
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == EXACT_TYPES["Q4_1"].spec and manifest.source["exact"] is False
+    assert manifest.source["requantized"] == ["model.layers.1.mlp.down_proj.weight"]
+    # No exact type holds more than half of the parameters (attention 37.5% Q4_1, each
+    # layer's MLP 31.25%): refused before any work, unless everything is re-quantized.
+    split = {f"blk.{layer}.ffn_{name}.weight": kind for layer, kind in ((0, "Q8_0"), (1, "Q4_0"))
+             for name in ("gate", "up", "down")}
+    path = _gguf_file(tmp_path, llama_f32, linear_types=split)
+    with pytest.raises(SourceError, match=r"cannot be imported exactly \(no exact type holds "
+                                          r"more than half.*Q4_1: 8 tensors, 37.5%.*Q8_0: 3 "
+                                          r"tensors, 31.2%.*--requantize"):
+        convert(path, tmp_path / "q2", progress=False)
+    assert not (tmp_path / "q2").exists()
+    summary = convert(path, tmp_path / "q2", QuantSpec("int4-asym", 32), progress=False,
                       requantize=True)
     assert summary.imported == "" and summary.scheme == "int4-asym"
-    manifest = read_manifest(tmp_path / "q")
+    manifest = read_manifest(tmp_path / "q2")
     assert manifest.source["exact"] is False and manifest.scale_dtype == "bf16"
+    assert manifest.source["requantized"] == []
 
 
-def test_k_quant_linears_say_what_to_do(tmp_path, llama_f32):
-    path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type="F32")
-    with pytest.raises(SourceError, match="F32.*no exact import.*--requantize"):
+def test_majority_is_counted_in_parameters_not_tensors(tmp_path, llama_f32):
+    """8 attention tensors in Q4_1 hold 37.5% of the parameters, 6 MLP tensors in Q8_0 the
+    rest: the import is int8, the MLP codes are those of an all-Q8_0 file."""
+    attention = {f"blk.{layer}.attn_{name}.weight": "Q4_1" for layer in range(2)
+                 for name in ("q", "k", "v", "output")}
+    path = _gguf_file(tmp_path, llama_f32, linear_types=attention, default_type="Q8_0")
+    convert(path, tmp_path / "q", progress=False)
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == EXACT_TYPES["Q8_0"].spec and manifest.source["exact"] is False
+    assert sorted(manifest.source["requantized"]) == sorted(
+        f"model.layers.{layer}.self_attn.{name}_proj.weight" for layer in range(2)
+        for name in ("q", "k", "v", "o"))
+    all_q8 = tiny_gguf.write_llama_gguf(tmp_path / "all.gguf", llama_f32, linear_types={},
+                                        default_type="Q8_0")
+    convert(all_q8, tmp_path / "all", progress=False)
+    ours, reference = _stored(tmp_path / "q"), _stored(tmp_path / "all")
+    mlp = [key for key in reference if ".mlp." in key]
+    assert len(mlp) == 12  # qweight and scales of 6 linears
+    assert all(torch.equal(ours[key], reference[key]) for key in mlp)
+
+
+@pytest.mark.parametrize("case", ["Q6_K", "F32"])
+def test_k_quant_linears_say_what_to_do(tmp_path, llama_f32, llama_untied, case):
+    if case == "F32":  # nothing exact at all
+        path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type="F32")
+        expected = r"types F32 have no exact import.*--requantize"
+    else:  # mostly K-quant, as a Q4_K_M file is: a few exact linears do not make an import
+        path = tiny_gguf.write_llama_gguf(
+            tmp_path / "k.gguf", llama_untied, default_type="Q6_K",
+            linear_types={"blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "Q4_0"})
+        expected = (r"no exact type holds more than half of their parameters; types Q6_K have "
+                    r"no exact import; linears by type: Q6_K: 13 tensors, 90.0% of the "
+                    r"parameters .*Q4_0: 2 tensors, 10.0%.*--requantize")
+    with pytest.raises(SourceError, match=expected):
         convert(path, tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 def test_peak_memory_stays_bounded(tmp_path):
@@ -233,14 +382,21 @@ def test_prequantized_safetensors_are_refused_before_work(tmp_path, llama_f32):
     assert not (tmp_path / "q").exists()
 
 
-def test_cli_requantize_flag(tmp_path, llama_f32, capsys):
+def test_cli_names_requantized_linears_and_requantize_flag(tmp_path, llama_f32, capsys):
     from offload_engine.cli import main
 
     path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.0.attn_v.weight": "Q4_0"})
-    assert main(["quantize", str(path), str(tmp_path / "q"), "--no-progress"]) == 2
-    assert "--requantize" in capsys.readouterr().err
-    assert main(["quantize", str(path), str(tmp_path / "q"), "--requantize", "--scheme",
+    v_proj = "model.layers.0.self_attn.v_proj.weight"
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--no-progress"]) == 0
+    assert f"imported exactly from gguf Q4_0/Q4_1, except 1 linear(s) quantized here: {v_proj}" \
+        in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert f"quantized here, from float: {v_proj}" in capsys.readouterr().out
+    assert main(["quantize", str(path), str(tmp_path / "r"), "--requantize", "--scheme",
                  "int4", "--group-size", "32", "--no-progress"]) == 0
-    manifest = read_manifest(tmp_path / "q")
+    manifest = read_manifest(tmp_path / "r")
     assert manifest.spec == QuantSpec("int4", 32) and manifest.source["exact"] is False
-    assert manifest.source["format"] == "gguf Q4_0/Q4_1"
+    assert manifest.source["format"] == "gguf Q4_0/Q4_1" and manifest.source["requantized"] == []
+    nothing_exact = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type="F32")
+    assert main(["quantize", str(nothing_exact), str(tmp_path / "s"), "--no-progress"]) == 2
+    assert "--requantize" in capsys.readouterr().err

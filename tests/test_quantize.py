@@ -32,6 +32,24 @@ def test_symmetric_error_is_at_most_half_a_step(scheme, qmax, group):
     assert bool((quantized.scales.to(torch.float32) * qmax >= absmax).all())
 
 
+@pytest.mark.parametrize("scale_dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("group", layout.GROUP_SIZES)
+def test_float_minimum_error_is_at_most_half_a_step(scale_dtype, group):
+    """int4-min (what a GGUF Q4_1 import holds) quantizes the linears the file holds in
+    another type: the minimum rounds down and the scale up, so nothing is clipped."""
+    weight = torch.randn(48, 300, generator=torch.Generator().manual_seed(5)) * 0.05 + 0.3
+    quantized = quantize_weight(weight, QuantSpec("int4-min", group, scale_dtype))
+    assert quantized.zeros is None and quantized.mins.dtype == quantized.scales.dtype
+    error = (dequantize_weight(quantized) - weight).abs()
+    steps = quantized.scales.to(torch.float32).repeat_interleave(group, dim=1)[:, :300]
+    assert bool((error <= steps / 2 * (1 + 1e-5)).all())
+    padded = torch.nn.functional.pad(weight, (0, quantized.spec.padded_in(300) - 300))
+    groups = padded.reshape(48, -1, group)
+    mins, scales = quantized.mins.to(torch.float32), quantized.scales.to(torch.float32)
+    assert bool((mins <= groups.amin(-1)).all())
+    assert bool((mins + 15 * scales >= groups.amax(-1)).all())
+
+
 def test_asymmetric_is_no_worse_on_shifted_weights():
     weight = torch.rand(64, 256, generator=torch.Generator().manual_seed(2)) * 0.1 + 0.3
     errors = {}
@@ -41,7 +59,7 @@ def test_asymmetric_is_no_worse_on_shifted_weights():
     assert errors["int4-asym"] < errors["int4"] / 2
 
 
-@pytest.mark.parametrize("scheme", layout.SCHEMES)
+@pytest.mark.parametrize("scheme", layout.STORED_SCHEMES)
 def test_all_zero_groups_round_trip_to_zero(scheme):
     weight = torch.zeros(8, 256)
     weight[:, 128:] = torch.linspace(-1, 1, 128)
@@ -51,7 +69,7 @@ def test_all_zero_groups_round_trip_to_zero(scheme):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 576), (7, 33), (130, 129)])
-@pytest.mark.parametrize("scheme", layout.SCHEMES)
+@pytest.mark.parametrize("scheme", layout.STORED_SCHEMES)
 def test_odd_shapes_keep_true_size_and_layout(shape, scheme):
     spec = QuantSpec(scheme, 64)
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16)
@@ -67,11 +85,14 @@ def test_chunked_quantization_equals_one_piece(monkeypatch):
     from offload_engine.quant import quantize
 
     weight = torch.randn(100, 200, generator=torch.Generator().manual_seed(4))
-    whole = quantize_weight(weight, QuantSpec("int4-asym", 32))
+    specs = (QuantSpec("int4-asym", 32), QuantSpec("int4-min", 32, "fp16"))
+    wholes = [quantize_weight(weight, spec) for spec in specs]
     monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 7 * 224)
-    chunked = quantize_weight(weight, QuantSpec("int4-asym", 32))
-    for part in ("qweight", "scales", "zeros"):
-        assert torch.equal(whole.components()[part], chunked.components()[part])
+    for spec, whole in zip(specs, wholes, strict=True):
+        chunked = quantize_weight(weight, spec)
+        assert whole.components().keys() == chunked.components().keys()
+        for part, value in whole.components().items():
+            assert torch.equal(value, chunked.components()[part])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -5,6 +5,8 @@ gguf-py's tensor name map (``blk.N.attn_q.weight`` ...), q and k projections per
 for llama.cpp's rotary layout (``LlamaModel.permute``: rows reshaped to
 (heads, 2, head_dim / 2) and the two inner axes swapped), weights quantized with
 gguf-py's own ``gguf.quants.quantize``, the tokenizer as a "gpt2" BPE vocabulary.
+gguf-py (0.19) cannot quantize to Q6_K, the type llama.cpp gives the output matrix of a
+Q4_0/Q4_1 file, so :func:`quantize_q6_k` writes that block here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,42 @@ def llama_permute(weights: np.ndarray, n_head: int, n_head_kv: Optional[int]) ->
         n_head = n_head_kv
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
             .swapaxes(1, 2).reshape(weights.shape))
+
+
+def quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    """(N, K) float32, K a multiple of 256 -> (N, K / 256 * 210) uint8 Q6_K blocks.
+
+    The block layout is gguf-py's ``Q6_K.dequantize_blocks`` read backwards (llama.cpp
+    ``block_q6_K``): 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8
+    sub-block scales, one fp16 ``d``; value = d * scale[i // 16] * (q - 32). The rounding
+    is plain round-to-nearest (llama.cpp searches its scales): any valid block serves tests
+    that compare with the file's own dequantized values.
+    """
+    rows = values.shape[0]
+    sub = values.astype(np.float32).reshape(-1, 16, 16)  # (blocks, sub-blocks, 16)
+    sub_scale = np.abs(sub).max(axis=-1) / 31  # (blocks, 16): q - 32 in -32..31
+    d = (sub_scale.max(axis=-1) / 127).astype(np.float16)  # (blocks,)
+    d32 = d.astype(np.float32)
+    scales = np.round(sub_scale / np.where(d32 > 0, d32, 1)[:, None]).clip(0, 127)
+    step = d32[:, None] * scales  # (blocks, 16), the effective scale as gguf-py computes it
+    q = np.round(sub / np.where(step > 0, step, 1)[..., None]).clip(-32, 31) + 32
+    q = q.reshape(-1, 256).astype(np.uint8)
+    low = (q & 0x0F).reshape(-1, 2, 2, 64)  # element 128h + 64s + j
+    high = (q >> 4).reshape(-1, 2, 4, 32)  # element 128h + 32t + j
+    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6))
+    blocks = np.concatenate([ql, qh.reshape(-1, 64), scales.astype(np.int8).view(np.uint8),
+                             d.reshape(-1, 1).view(np.uint8)], axis=1)  # (blocks, 210)
+    return blocks.reshape(rows, -1)
+
+
+def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
+    """GGUF bytes of ``values`` in ``type_name``: gguf-py's quantizer, ours for Q6_K."""
+    import gguf
+
+    if type_name == "Q6_K":
+        return quantize_q6_k(values)
+    return gguf.quants.quantize(values, gguf.GGMLQuantizationType[type_name])
 
 
 def _tokenizer_fields(writer, tokenizer_dir: Path) -> None:
@@ -92,7 +130,7 @@ def write_llama_gguf(path: Path, hf_dir: Path, linear_types: Dict[str, str],
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, values)
         else:
-            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, quantize(values, type_name), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

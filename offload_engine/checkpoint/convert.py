@@ -48,7 +48,9 @@ class ConversionSummary:
     method: str = "rtn"
     calibration_seconds: float = 0.0  # awq's layer-by-layer pass, included in seconds
     calibration_layers: int = 0
-    requantized: tuple = ()  # linears the source held in float, quantized here (AWQ lm_head)
+    # linears the import could not copy, quantized here (AWQ's float lm_head, a GGUF's Q6_K
+    # output matrix)
+    requantized: tuple = ()
 
     def lines(self) -> list:
         ratio = self.bytes_before / max(self.bytes_after, 1)
@@ -72,7 +74,7 @@ class ConversionSummary:
         if not self.requantized:
             return f"imported exactly from {self.imported}"
         return (f"imported exactly from {self.imported}, except {len(self.requantized)} "
-                f"float linear(s) quantized here: {', '.join(self.requantized[:3])}")
+                f"linear(s) quantized here: {', '.join(self.requantized[:3])}")
 
 
 class ShardWriter:
@@ -139,7 +141,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             "model_type": getattr(source.config, "model_type", None),
             "architectures": getattr(source.config, "architectures", None),
             "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
-            # codes copied, nothing re-rounded; float linears of an AWQ/GPTQ import are not
+            # codes copied, nothing re-rounded; the requantized linears (an AWQ float
+            # lm_head, a GGUF's Q6_K output) are not
             "exact": source.import_spec is not None and not getattr(source, "requantized", ()),
             "requantized": list(getattr(source, "requantized", ())),
             "quantization_method": None if source.import_spec else prepared.describe(),

@@ -50,7 +50,7 @@ class Case:
 def random_weight(spec: QuantSpec, out_features: int, in_features: int,
                   gen: torch.Generator) -> QuantizedWeight:
     """Random codes, scales and offsets in every code's range: what an imported checkpoint
-    may hold (our quantizer writes neither int4-min nor fp16 scales)."""
+    may hold, not only what our quantizer would choose."""
     shapes = spec.component_shapes(out_features, in_features)
     parts = {}
     for name, (shape, dtype) in shapes.items():

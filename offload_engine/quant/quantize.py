@@ -95,12 +95,9 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
             f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
-    # fp16 scales are written too: the float linears (lm_head) of an imported AWQ/GPTQ
-    # checkpoint share its fp16 spec, as one manifest holds one spec.
-    if spec.scheme not in layout.SCHEMES:
-        raise QuantizationError(
-            f"tensor {name!r}: scheme {spec.scheme} is only imported from checkpoints that "
-            f"hold it; quantize with one of {', '.join(layout.SCHEMES)}")
+    # Every stored scheme and fp16 scales are written too: one manifest holds one spec, so
+    # the linears an import cannot copy (an AWQ/GPTQ float lm_head, a GGUF Q4_1 model's
+    # Q6_K output) are quantized here with the imported spec (int4-min for GGUF Q4_1).
     check_finite(name, weight)
     out_features, in_features = weight.shape
     rows_per_chunk = max(1, CHUNK_ELEMENTS // spec.padded_in(in_features))
@@ -108,21 +105,22 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
         _quantize_rows(weight[start : start + rows_per_chunk], spec)
         for start in range(0, out_features, rows_per_chunk)
     ]
-    qweight, scales, zeros = (
-        torch.cat([part[i] for part in parts]) if parts[0][i] is not None else None
-        for i in range(3)
-    )
-    return QuantizedWeight(qweight, scales, zeros, spec, out_features, in_features)
+    components = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return QuantizedWeight.from_parts(components, spec, out_features, in_features)
 
 
-def _quantize_rows(weight: torch.Tensor, spec: QuantSpec):
-    """Quantize a block of rows: (qweight, scales, zeros-or-None)."""
+def _quantize_rows(weight: torch.Tensor, spec: QuantSpec) -> dict:
+    """Quantize a block of rows: its components (qweight, scales, and zeros or mins)."""
     groups = grouped(weight, spec)  # (rows, G, gs)
     if spec.scheme == "int4-asym":
-        return _quantize_asym(groups, spec.scale_torch_dtype)
+        qweight, scales, zeros = _quantize_asym(groups, spec.scale_torch_dtype)
+        return {"qweight": qweight, "scales": scales, "zeros": zeros}
+    if spec.scheme == "int4-min":
+        qweight, scales, mins = _quantize_min(groups, spec.scale_torch_dtype)
+        return {"qweight": qweight, "scales": scales, "mins": mins}
     qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
     qweight, scales = _quantize_sym(groups, qmax, spec)
-    return qweight, scales, None
+    return {"qweight": qweight, "scales": scales}
 
 
 def _quantize_sym(groups: torch.Tensor, qmax: int, spec: QuantSpec):
@@ -152,6 +150,27 @@ def _quantize_asym(groups: torch.Tensor, scale_dtype: torch.dtype = layout.SCALE
     codes = torch.round(groups / scales_f32.unsqueeze(-1)) + zeros.unsqueeze(-1)
     codes = codes.clamp_(0, layout.INT4_CODE_MAX).reshape(out_features, -1)
     return layout.pack_int4(codes), scales, zeros.to(torch.uint8)
+
+
+def _quantize_min(groups: torch.Tensor, scale_dtype: torch.dtype):
+    """int4-min (GGUF Q4_1's form): value = code * scale + min, a float minimum per group.
+
+    The minimum is rounded down to the scale dtype and the scale up, so the grid
+    min .. min + 15 * scale still spans the group and no element is clipped: the error
+    stays at most half a step, as for the other schemes.
+    """
+    out_features = groups.shape[0]
+    low = groups.amin(dim=-1)  # (N, G)
+    mins = low.to(scale_dtype)
+    above = mins.to(torch.float32) > low
+    mins = torch.where(above, torch.nextafter(mins, torch.full_like(mins, float("-inf"))), mins)
+    mins_f32 = mins.to(torch.float32)
+    needed = (groups.amax(dim=-1) - mins_f32) / layout.INT4_CODE_MAX
+    scales = _round_scale_up(torch.where(needed > 0, needed, torch.ones_like(needed)), needed,
+                             scale_dtype)
+    codes = torch.round((groups - mins_f32.unsqueeze(-1)) / scales.to(torch.float32).unsqueeze(-1))
+    codes = codes.clamp_(0, layout.INT4_CODE_MAX).reshape(out_features, -1)
+    return layout.pack_int4(codes), scales, mins
 
 
 def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -3,9 +3,11 @@
 Every source answers the same questions: is this path mine (``claims``)? which tensors
 (``tensor_list``)? and, one at a time (``iter_tensors``), either a float tensor for us
 to quantize or, when the file already holds codes our layout can represent
-(``import_spec`` is not None), a QuantizedWeight copied exactly. Each also writes its
-config and tokenizer files beside ours (``write_side_files``) and names its format
-(``source_format``) for the manifest.
+(``import_spec`` is not None), a QuantizedWeight copied exactly. An importing source
+lists in ``requantized`` the linears it yields as float all the same (an AWQ float
+``lm_head``, a GGUF's Q6_K output matrix): convert quantizes them with ``import_spec``.
+Each also writes its config and tokenizer files beside ours (``write_side_files``) and
+names its format (``source_format``) for the manifest.
 
 A source that cannot import its weights exactly says so when it is opened, before any
 work starts, unless ``requantize`` asks for the lossy road explicitly.

@@ -2,8 +2,12 @@
 
 Linear weights whose GGUF type maps onto our layout (Q4_0, Q4_1, Q8_0: see
 :mod:`offload_engine.quant.gguf_blocks`) are imported exactly: their codes, fp16 scales
-and minimums are copied, never re-rounded. Every other tensor (norms, embeddings, and
-with ``--requantize`` the linears of other types) is dequantized with
+and minimums are copied, never re-rounded. One manifest holds one spec, so the import
+takes the exact type that holds most of the linear parameters; llama.cpp's quantizer
+gives a few tensors another type (the output matrix is Q6_K in a Q4_0 or Q4_1 file),
+and those linears are dequantized and quantized here with the import's spec, listed in
+``requantized`` as the AWQ/GPTQ sources list their float ``lm_head``. Every other tensor
+(norms, embeddings, and with ``--requantize`` every linear) is dequantized with
 ``gguf.quants.dequantize``, one tensor at a time, so peak RAM stays about twice the
 largest tensor in float32 plus the shard buffer, not 4 bytes per parameter.
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +29,6 @@ import torch
 from ...errors import SourceError
 from ...model import architecture
 from ...quant.gguf_blocks import EXACT_TYPES, import_rows
-from ...quant.layout import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,12 @@ class GGUFSource:
             raise SourceError(f"{self.path}: cannot read this GGUF file ({exc})") from exc
         self._processor = _tensor_processor(self._reader, self.config)
         self.plans = self._plan_tensors()
-        linear_types = sorted({p.type_name for p in self.plans if p.is_linear})
-        self.linear_types = linear_types
-        self.import_spec = None if requantize else _exact_spec(self.path, self.plans)
+        self.linear_types = sorted({p.type_name for p in self.plans if p.is_linear})
+        # the GGML type whose linears are copied exactly (None: --requantize, none are)
+        self.exact_type = None if requantize else _majority_exact_type(self.path, self.plans)
+        self.import_spec = None if requantize else EXACT_TYPES[self.exact_type].spec
+        # linears of other types: dequantized here and quantized with import_spec
+        self.requantized = [] if requantize else self._other_type_linears()
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -70,6 +76,21 @@ class GGUFSource:
     @property
     def source_format(self) -> str:
         return f"gguf {'/'.join(self.linear_types)}"
+
+    def _imports_exactly(self, plan: GGUFTensorPlan) -> bool:
+        return plan.is_linear and plan.type_name == self.exact_type
+
+    def _other_type_linears(self) -> List[str]:
+        """Linears not of the import's type, named and logged once: they are quantized here."""
+        others = [p for p in self.plans if p.is_linear and not self._imports_exactly(p)]
+        if others:
+            spec = self.import_spec
+            logger.warning("%s: %d of %d linear weights are not %s (%s); they are dequantized "
+                           "and quantized here as %s g%d with %s scales, not imported exactly",
+                           self.path, len(others), sum(p.is_linear for p in self.plans),
+                           self.exact_type, _names_by_type(others), spec.scheme,
+                           spec.group_size, spec.scale_dtype)
+        return [p.hf_name for p in others]
 
     def _plan_tensors(self) -> List[GGUFTensorPlan]:
         from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
@@ -125,7 +146,7 @@ class GGUFSource:
             for plan in self.plans:
                 tensor = tensors[plan.gguf_name]
                 raw = _read_raw(file, tensor, self.path)
-                if plan.is_linear and self.import_spec is not None:
+                if self._imports_exactly(plan):
                     rows = raw if plan.row_order is None else raw[plan.row_order]
                     yield plan.hf_name, import_rows(plan.type_name, rows, plan.shape[1],
                                                     plan.hf_name)
@@ -199,23 +220,60 @@ def _tensor_processor(reader, config):
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
 
 
-def _exact_spec(path: Path, plans: List[GGUFTensorPlan]) -> QuantSpec:
-    """The one spec every linear imports exactly as, or a SourceError before any work."""
-    by_type: dict = {}
+def _linear_parameters_by_type(plans: List[GGUFTensorPlan]) -> Dict[str, int]:
+    """GGML type -> parameters of the model's linears stored in it."""
+    counts: Dict[str, int] = {}
     for plan in plans:
         if plan.is_linear:
-            by_type.setdefault(plan.type_name, []).append(plan.gguf_name)
-    inexact = {t: names for t, names in by_type.items() if t not in EXACT_TYPES}
-    if inexact or len(by_type) > 1:
-        listing = "; ".join(f"{t}: {len(n)} ({n[0]}{', ...' if len(n) > 1 else ''})"
-                            for t, n in sorted(by_type.items()))
-        why = (f"types {', '.join(sorted(inexact))} have no exact import" if inexact
-               else "one model holds one quantization type and this file mixes several")
-        raise SourceError(
-            f"{path}: its linear weights cannot be imported exactly ({why}; linears by type: "
-            f"{listing}). Exact types: {', '.join(EXACT_TYPES)}. Pass --requantize to "
-            "dequantize them and quantize again with --scheme/--group-size (lossy: see "
-            "docs/import.md for what it costs)")
-    if not by_type:
+            counts[plan.type_name] = counts.get(plan.type_name, 0) + int(np.prod(plan.shape))
+    return counts
+
+
+def _names_by_type(plans: List[GGUFTensorPlan], shown: int = 4) -> str:
+    """"Q6_K: lm_head.weight; Q4_1: a, b, ... (+3)": what a message names, type by type."""
+    by_type: Dict[str, List[str]] = {}
+    for plan in plans:
+        by_type.setdefault(plan.type_name, []).append(plan.hf_name)
+    parts = []
+    for type_name, names in by_type.items():
+        more = f" ... (+{len(names) - shown})" if len(names) > shown else ""
+        parts.append(f"{type_name}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)
+
+
+def _majority_exact_type(path: Path, plans: List[GGUFTensorPlan]) -> str:
+    """The exact type holding more than half of the linear parameters, or a SourceError
+    before any work.
+
+    Parameters, not tensors, decide: what is copied exactly is the bulk of the weights
+    (llama.cpp's Q4_0 of Qwen2.5-7B: 196 Q4_0 linears and one Q6_K output matrix, 8% of
+    the linear parameters). Below half (a Q4_K_M file: Q4_K and Q6_K linears),
+    re-quantizing most of the model is no import, and ``--requantize`` is its name.
+    """
+    counts = _linear_parameters_by_type(plans)
+    if not counts:
         raise SourceError(f"{path}: no linear weights of the model were found in this file")
-    return EXACT_TYPES[next(iter(by_type))].spec
+    exact = [t for t in counts if t in EXACT_TYPES]
+    best = max(exact, key=counts.get) if exact else None
+    if best is not None and 2 * counts[best] > sum(counts.values()):
+        return best
+    raise _no_majority_error(path, plans, counts)
+
+
+def _no_majority_error(path: Path, plans: List[GGUFTensorPlan],
+                       counts: Dict[str, int]) -> SourceError:
+    """The refusal: every linear type with its tensors and share of the parameters."""
+    total = sum(counts.values())
+    listing = []
+    for type_name, parameters in sorted(counts.items(), key=lambda kv: -kv[1]):
+        names = [p.gguf_name for p in plans if p.is_linear and p.type_name == type_name]
+        listing.append(f"{type_name}: {len(names)} tensors, {100 * parameters / total:.1f}% "
+                       f"of the parameters ({names[0]}{', ...' if len(names) > 1 else ''})")
+    inexact = sorted(t for t in counts if t not in EXACT_TYPES)
+    why = "no exact type holds more than half of their parameters" + (
+        f"; types {', '.join(inexact)} have no exact import" if inexact else "")
+    return SourceError(
+        f"{path}: its linear weights cannot be imported exactly ({why}; linears by type: "
+        f"{'; '.join(listing)}). Exact types: {', '.join(EXACT_TYPES)}. Pass --requantize to "
+        "dequantize all of them and quantize again with --scheme/--group-size (lossy: see "
+        "docs/import.md for what it costs)")
