@@ -56,13 +56,10 @@ class BatchedCache:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def join(self, cache, mask: Optional[torch.Tensor] = None) -> None:
-        """Append a prefilled cache's rows as the last rows; ``mask`` (B, T) marks its own
-        left padding (None: one row without padding)."""
+    def join(self, cache, mask: torch.Tensor) -> None:
+        """Append a prefilled cache's rows as the last rows; ``mask`` (B, T) marks their own
+        left padding."""
         length = cache.get_seq_length()
-        if mask is None:
-            device = self.mask.device if self.mask is not None else _device(cache)
-            mask = torch.ones((1, length), dtype=torch.long, device=device)
         if self.cache is None:
             self.cache, self.mask = cache, mask
             return
@@ -109,8 +106,3 @@ class BatchedCache:
         """After a decode step the cache grew one column; the step's mask now describes it."""
         self.mask = attention_mask
 
-
-def _device(cache) -> torch.device:
-    """Where a prefilled cache lives (dense layers hold keys; quantized ones, parts)."""
-    layer = cache.layers[0]
-    return layer.device if isinstance(cache, QuantizedKVCache) else layer.keys.device

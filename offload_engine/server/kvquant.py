@@ -3,7 +3,7 @@
 The dense batched cache (server/kvbatch.py) left-pads and concatenates key/value tensors.
 A quantized layer (runtime/kv_cache.py) instead holds, per side, codes, float16 scales and
 float16 minimums of shape (B, H, capacity, width), with ``length`` columns in use. These
-functions give it the same two operations: join a prefilled row left-padded to the batch's
+functions give it the same two operations: join prefilled rows left-padded to the batch's
 width, and keep some rows while trimming columns that are padding in all of them.
 
 Padding columns added by a join are zero codes with zero scale and minimum, so they
