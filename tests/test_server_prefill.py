@@ -145,3 +145,28 @@ def test_a_failed_prefill_fails_its_requests_only_and_serving_goes_on(qwen2_q, m
     assert scheduler.metrics.snapshot()["requests_failed"] == 2
     assert any("prefill of 2 request(s) failed" in r.message for r in caplog.records)
 
+
+
+class _BrokenConstraint:
+    """A response_format constraint whose mask fails, to fail one row after the forward."""
+
+    finished = False
+
+    def mask(self, scores):
+        raise RuntimeError("injected constraint failure")
+
+
+def test_a_row_failing_at_its_first_token_fails_alone(qwen2_q):
+    with load(qwen2_q, progress=False, device="cpu") as engine:
+        alone = _serve(engine, {0: [0]})[0][0].token_ids
+        scheduler, events = Scheduler(engine), {0: [], 1: []}
+        good = Sequence(_ids(engine, PROMPTS[0]), SamplingParams(LIMITS[0], temperature=0),
+                        events[0].append)
+        broken = Sequence(_ids(engine, PROMPTS[2]), SamplingParams(LIMITS[2], temperature=0),
+                          events[1].append, constraint=_BrokenConstraint())
+        scheduler.submit(good), scheduler.submit(broken)
+        while scheduler._active or scheduler._waiting:
+            scheduler.step()
+    assert scheduler.metrics.snapshot()["prefill_passes"] == 1  # they shared the forward
+    assert len(events[1]) == 1 and "injected constraint failure" in events[1][0].message
+    assert good.token_ids == alone and isinstance(events[0][-1], DoneEvent)
