@@ -40,6 +40,8 @@ def test_metrics_parse_as_prometheus_text_and_count_requests(live):
     assert after[served] - before[served] == 2
     tokens = ("offload_engine_tokens_generated_total", ())
     assert after[tokens] - before[tokens] == 8
+    for name in ("prefills_total", "prefill_passes_total"):  # one at a time: a pass each
+        assert after[(f"offload_engine_{name}", ())] - before[(f"offload_engine_{name}", ())] == 2
     assert after[("offload_engine_model_info", (("model", model),))] == 1
     for name in ("queue_depth", "active_sequences", "decode_tokens_per_second",
                  "h2d_bytes_total", "cache_hit_rate", "stall_seconds_total",
@@ -49,3 +51,4 @@ def test_metrics_parse_as_prometheus_text_and_count_requests(live):
         assert ("offload_engine_requests_total", (("outcome", outcome),)) in after
     json_view = httpx.get(f"{live.url}/metrics/json", timeout=TIMEOUT).json()
     assert json_view["tokens_generated"] == after[tokens]
+    assert json_view["prefill_passes"] == after[("offload_engine_prefill_passes_total", ())]

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from offload_engine.decode.api import load
+from offload_engine.errors import ConfigError
 from offload_engine.server import app as app_module
 from offload_engine.server.app import ServerConfig
 from tests.test_server import TIMEOUT, LiveServer, httpx, openai  # also skips without the extra
@@ -269,6 +270,11 @@ def test_serve_flags_build_the_config(monkeypatch):
     args = build_parser().parse_args(["serve", "m"])
     assert (args.api_key, args.max_body_size, args.default_max_tokens) == \
         (None, 8 * 1024**2, 1024)
+    assert args.max_prefill_tokens == ServerConfig().max_prefill_tokens == 8192
+    args = build_parser().parse_args(["serve", "m", "--max-prefill-tokens", "512"])
+    assert args.max_prefill_tokens == 512
+    with pytest.raises(ConfigError, match="--max-prefill-tokens must be at least 1"):
+        ServerConfig(max_prefill_tokens=0)
     args = build_parser().parse_args(["serve", "m", "--max-body-size", "1MiB", "--api-key", "k"])
     assert args.max_body_size == 1024**2
     monkeypatch.setenv(API_KEY_ENV, "from-env")

@@ -3,7 +3,8 @@
 Loads MODEL, serves it on a free loopback port (nothing leaves this machine), and for each
 concurrency sends ``--requests`` chat requests through that many concurrent clients, each
 streaming, then stops. Prints a markdown table: requests/s, generated tokens/s, p50/p99
-latency and time to first token, errors. Example (the demo model on CPU):
+latency and time to first token, prefill forwards and weight MiB copied host->device per
+request (from /metrics/json before and after), errors. Example (the demo model on CPU):
 
     OMP_WAIT_POLICY=PASSIVE python tools/load_test.py \
         ~/.cache/offload-engine/smollm2-135m-instruct-int4-asym-g64 --device cpu
@@ -37,6 +38,8 @@ class Run:
     first_tokens: List[float] = field(default_factory=list)
     tokens: int = 0
     errors: int = 0
+    prefill_passes: int = 0  # prefill forwards the server ran for this concurrency
+    h2d_bytes: int = 0  # weight bytes it copied host->device meanwhile
 
 
 def percentile(values: List[float], share: float) -> float:
@@ -74,6 +77,21 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
     run.tokens += usage["completion_tokens"] if usage else 0
 
 
+def server_counters(url: str) -> tuple:
+    """(prefill forwards, weight bytes copied host->device) the server has counted so far."""
+    metrics = httpx.get(f"{url}/metrics/json", timeout=60).json()
+    return metrics["prefill_passes"], metrics["cache"].get("h2d_bytes", 0)
+
+
+def measured(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> Run:
+    """One load run, with the server's counters for it (each run starts from an idle server)."""
+    passes, h2d = server_counters(url)
+    run = asyncio.run(load_at(url, model, concurrency, requests, max_tokens))
+    passes_after, h2d_after = server_counters(url)
+    run.prefill_passes, run.h2d_bytes = passes_after - passes, h2d_after - h2d
+    return run
+
+
 async def load_at(url: str, model: str, concurrency: int, requests: int,
                   max_tokens: int) -> Run:
     run, queue = Run(concurrency), asyncio.Queue()
@@ -94,14 +112,15 @@ async def load_at(url: str, model: str, concurrency: int, requests: int,
 
 def table(runs: List[Run], requests: int, max_tokens: int) -> str:
     lines = ["| concurrency | requests | requests/s | tokens/s | latency p50 / p99 (s) | "
-             "first token p50 / p99 (s) | errors |", "|---|---|---|---|---|---|---|"]
+             "first token p50 / p99 (s) | prefill passes | MiB host->device / request | "
+             "errors |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         lines.append(
             f"| {run.concurrency} | {requests} x {max_tokens} tokens | "
             f"{len(run.latencies) / run.wall_s:.2f} | {run.tokens / run.wall_s:.1f} | "
             f"{percentile(run.latencies, .5):.2f} / {percentile(run.latencies, .99):.2f} | "
             f"{percentile(run.first_tokens, .5):.2f} / {percentile(run.first_tokens, .99):.2f} | "
-            f"{run.errors} |")
+            f"{run.prefill_passes} | {run.h2d_bytes / requests / 2**20:.1f} | {run.errors} |")
     return "\n".join(lines)
 
 
@@ -111,17 +130,22 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply")
+    parser.add_argument("--max-prefill-tokens", type=int, default=ServerConfig.max_prefill_tokens,
+                        metavar="N", help="the server's cap on one padded prefill forward "
+                        "(default %(default)s; 1 prefills each prompt alone)")
     add_engine_args(parser)
     args = parser.parse_args(argv)
     with load(args.model, engine_config_from_args(args)) as engine:
         app = create_app(engine, ServerConfig(max_batch=max(args.concurrency),
-                                              max_queue=max(args.requests, 64)))
+                                              max_queue=max(args.requests, 64),
+                                              max_prefill_tokens=args.max_prefill_tokens))
         model = app.state.service.model_id
         with BackgroundServer(app) as server:  # loopback only
-            runs = [asyncio.run(load_at(server.url, model, n, args.requests, args.max_tokens))
+            runs = [measured(server.url, model, n, args.requests, args.max_tokens)
                     for n in args.concurrency]
     device = engine.stats.get("device_name", "?")
-    print(f"model {model}, device {device}, greedy, {args.max_tokens} tokens per reply")
+    print(f"model {model}, device {device}, greedy, {args.max_tokens} tokens per reply, "
+          f"--max-prefill-tokens {args.max_prefill_tokens}")
     print(table(runs, args.requests, args.max_tokens))
     return 1 if any(run.errors for run in runs) else 0
 

@@ -28,6 +28,11 @@ def register(commands) -> None:
     group.add_argument("--max-queue", type=int, default=64, metavar="N",
                        help="requests waiting for a batch slot before new ones get 429 "
                             "(default 64)")
+    group.add_argument("--max-prefill-tokens", type=int, default=8192, metavar="N",
+                       help="prompts admitted together are prefilled in one forward, "
+                            "left-padded to the longest: at most N = rows x longest prompt "
+                            "per forward; the rest wait for the next step, and a longer prompt "
+                            "runs alone (default 8192)")
     parser.set_defaults(handler=run)
 
 
@@ -59,6 +64,7 @@ def run(args) -> int:
 
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch,
                           max_queue=args.max_queue,
+                          max_prefill_tokens=args.max_prefill_tokens,
                           api_key=ServerConfig.key_from_env(args.api_key),
                           max_body_bytes=args.max_body_size,
                           default_max_tokens=args.default_max_tokens)

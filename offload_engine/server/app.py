@@ -57,7 +57,7 @@ class ModelService:
         self.created = int(time.time())
         self.tokenizer_lock = threading.Lock()  # shared with the scheduler's decoding
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue,
-                                   self.tokenizer_lock)
+                                   self.tokenizer_lock, config.max_prefill_tokens)
         self.context = getattr(engine.model.config, "max_position_embeddings", None)
         self.grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size,
                                  self.scheduler.eos_ids)

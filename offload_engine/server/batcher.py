@@ -1,8 +1,9 @@
 """Continuous batching: one scheduler thread owns the engine and decodes every request together.
 
 Each step the thread (1) drops cancelled requests, (2) admits waiting requests up to
-``max_batch``, prefilling each alone and sampling its first token, then (3) runs ONE forward
-over all active rows and samples one token per row. Requests join and leave between steps.
+``max_batch``, prefilling them together in ONE forward (server/prefill.py) and sampling each
+one's first token, then (3) runs ONE forward over all active rows and samples one token per
+row. Requests join and leave between steps.
 The engine is not thread-safe, so nothing else touches it while the scheduler runs.
 """
 
@@ -23,6 +24,7 @@ from . import speculative_step
 from .kv_capacity import KVCapacity
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
+from .prefill import group_size, padded_inputs
 from .sampling import (
     SamplingParams,
     TextTracker,
@@ -83,12 +85,14 @@ class Scheduler:
     """The background thread that owns the engine and batches requests."""
 
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64,
-                 tokenizer_lock: Optional[threading.Lock] = None):
+                 tokenizer_lock: Optional[threading.Lock] = None,
+                 max_prefill_tokens: int = 8192):
         check_batchable(engine.model.config)
         speculative_step.check_server_speculation(engine.config)
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens  # rows x longest prompt per prefill
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.metrics = Metrics()
         self.kv_capacity = KVCapacity(engine.kv_layout, engine.config.kv_budget_bytes())
@@ -181,9 +185,7 @@ class Scheduler:
                 self._fail_active(f"{type(exc).__name__}: {exc}")
 
     def _fail_active(self, cause: str) -> None:
-        self.metrics.count("requests_failed", len(self._active))
-        for sequence in self._active:
-            _safe_emit(sequence, ErrorEvent(cause))
+        self._fail(self._active, cause)
         self._active, self._batch = [], BatchedCache()
 
     @torch.inference_mode()
@@ -196,8 +198,8 @@ class Scheduler:
             self.metrics.count("requests_failed")
             _safe_emit(sequence, ErrorEvent(self.kv_capacity.refusal(
                 len(sequence.prompt_ids), sequence.params.max_tokens), status=400))
-        for sequence in admitted:
-            self._prefill(sequence)
+        if admitted:
+            self._prefill(admitted)
         if self._active:
             self._decode()
         self.metrics.add_busy(time.perf_counter() - started)
@@ -206,13 +208,17 @@ class Scheduler:
             self.metrics.set_queue(len(self._waiting), len(self._active))
 
     def _take_waiting(self) -> tuple:
-        """(sequences to prefill now, sequences refused because they never fit --kv-budget)."""
+        """(sequences to prefill now, sequences refused because they never fit --kv-budget).
+
+        Those prefilled now fit beside the running rows under --kv-budget and, padded to the
+        longest, within --max-prefill-tokens; the rest keep their place in the queue."""
         with self._wake:
             live = [s for s in self._waiting if not s.cancelled]
             for sequence in self._waiting:
                 if sequence.cancelled:
                     self.metrics.count("requests_cancelled")
             room = self._kv_room(live[:max(self.max_batch - len(self._active), 0)])
+            room = group_size([len(s.prompt_ids) for s in live[:room]], self.max_prefill_tokens)
             refused = live[:1] if room == 0 and live and not self._active else []
             self._waiting = collections.deque(live[room + len(refused):])
         return live[:room], refused
@@ -236,23 +242,55 @@ class Scheduler:
         self._active = [self._active[i] for i in keep]
         self._batch.keep(keep)
 
-    def _prefill(self, sequence: Sequence) -> None:
-        """Run the prompt alone, sample the first token, and join the batch if not done."""
-        sequence.generator = make_generator(sequence.params, self.engine.device)
-        sequence.tracker = TextTracker(self.engine.tokenizer, sequence.params.stop)
+    def _prefill(self, group: List[Sequence]) -> None:
+        """Prefill ``group`` in one forward, sample each first token, join those not done."""
+        for sequence in group:
+            sequence.generator = make_generator(sequence.params, self.engine.device)
+            sequence.tracker = TextTracker(self.engine.tokenizer, sequence.params.stop)
         try:
-            input_ids = torch.tensor([sequence.prompt_ids], device=self.engine.device)
-            output = self.engine.model(input_ids=input_ids, attention_mask=torch.ones_like(
-                input_ids), past_key_values=self.engine.new_kv_cache(), use_cache=True,
-                logits_to_keep=1)  # new_kv_cache: None (dense) or the --kv-cache int8/int4
-            self.metrics.count("prefills")
-            if not self._advance(sequence, output.logits[0, -1]):
-                self._batch.join(output.past_key_values)
-                self._active.append(sequence)
+            inputs = padded_inputs([s.prompt_ids for s in group], self.engine.device)
+            # new_kv_cache: None (dense) or the --kv-cache int8/k8v4/int4 cache for the rows
+            output = self.engine.model(**inputs, past_key_values=self.engine.new_kv_cache(
+                len(group)))
+        except Exception as exc:  # noqa: BLE001 - every request in it fails with the cause
+            logger.exception("prefill of %d request(s) failed", len(group))
+            self._fail(group, f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        self.metrics.count("prefill_passes")
+        self.metrics.count("prefills", len(group))
+        going_on = [row for row, sequence in enumerate(group)
+                    if self._first_token(sequence, output.logits[row, -1])]
+        if going_on:
+            self._join(group, going_on, output.past_key_values, inputs["attention_mask"])
+
+    def _first_token(self, sequence: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the first token; True when the request goes on to decode."""
+        try:
+            return not self._advance(sequence, logits)
         except Exception as exc:  # noqa: BLE001 - reported to the request, logged, not swallowed
-            logger.exception("prefill of request %d failed", sequence.id)
-            self.metrics.count("requests_failed")
-            _safe_emit(sequence, ErrorEvent(f"prefill failed: {type(exc).__name__}: {exc}"))
+            logger.exception("first token of request %d failed", sequence.id)
+            self._fail([sequence], f"prefill failed: {type(exc).__name__}: {exc}")
+            return False
+
+    def _join(self, group: List[Sequence], rows: List[int], cache, mask: torch.Tensor) -> None:
+        """Add ``rows`` of the prefilled ``group`` to the running batch."""
+        try:
+            prefilled = BatchedCache.prefilled(cache, mask)
+            if len(rows) < len(group):
+                prefilled.keep(rows)  # rows that finished at once leave; trim their padding
+            self._batch.join(prefilled.cache, prefilled.mask)
+        except Exception as exc:  # noqa: BLE001 - a half-joined cache serves no row
+            logger.exception("joining %d prefilled request(s) to the batch failed", len(rows))
+            self._fail([group[row] for row in rows], f"prefill failed: {type(exc).__name__}: "
+                                                     f"{exc}")
+            self._fail_active(f"joining new requests failed: {type(exc).__name__}: {exc}")
+            return
+        self._active.extend(group[row] for row in rows)
+
+    def _fail(self, sequences: List[Sequence], cause: str) -> None:
+        self.metrics.count("requests_failed", len(sequences))
+        for sequence in sequences:
+            _safe_emit(sequence, ErrorEvent(cause))
 
     def _decode(self) -> None:
         if speculative_step.applies(self):  # a lone sequence under --speculate lookup

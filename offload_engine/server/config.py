@@ -19,6 +19,10 @@ class ServerConfig:
     port: int = 8000  # TCP port; 0 picks a free one
     max_batch: int = 8  # sequences decoded together in one forward
     max_queue: int = 64  # requests waiting for a batch slot before new ones get 429
+    # prompts admitted in one step are prefilled in one forward, left-padded to the longest;
+    # this caps rows x longest prompt per forward (activation memory, padding compute). A
+    # prompt longer than this still runs, alone
+    max_prefill_tokens: int = 8192
     # clients must send "Authorization: Bearer KEY" to /v1/ routes; None: no key needed
     api_key: Optional[str] = None
     # request bodies above this get 413 before they are parsed or tokenized: tokenizing
@@ -33,7 +37,8 @@ class ServerConfig:
     shutdown_grace_s: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_body_bytes", "default_max_tokens"):
+        for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_body_bytes",
+                     "default_max_tokens"):
             if getattr(self, name) < 1:
                 flag = "--max-body-size" if name == "max_body_bytes" else \
                     f"--{name.replace('_', '-')}"

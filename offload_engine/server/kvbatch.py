@@ -1,10 +1,11 @@
 """One left-padded KV cache shared by every sequence being decoded.
 
-Each sequence is prefilled alone (no padding, so its prefill equals a batch-of-one run);
-its cache then joins the batched cache, left-padded to the longest row, with an attention
-mask marking the padding. A decode step feeds one token per row with position ids counted
-from each row's own real tokens, so a row computes what it would compute alone. Rows
-leave by index, and columns that became padding in every row are trimmed away.
+The prompts admitted in one step are prefilled together, left-padded to the longest
+(server/prefill.py); their cache, with its padding mask, then joins the batched cache as
+new rows, everything left-padded to the longest row. A decode step feeds one token per row
+with position ids counted from each row's own real tokens, so a row computes what it would
+compute alone. Rows leave by index, and columns that became padding in every row are
+trimmed away.
 With --kv-cache int8/int4/k8v4 the rows are quantized caches, joined and split the same
 way by server/kvquant.py.
 """
@@ -43,15 +44,22 @@ class BatchedCache:
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None  # (B, T) long: 1 real token, 0 padding
 
+    @classmethod
+    def prefilled(cls, cache, mask: torch.Tensor) -> BatchedCache:
+        """The rows of one padded prefill forward (``mask`` (B, T) marks their padding),
+        so that rows finishing at once can leave before the rest join the running batch."""
+        rows = cls()
+        rows.cache, rows.mask = cache, mask
+        return rows
+
     @property
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def join(self, cache) -> None:
-        """Append one prefilled sequence's cache (batch of one, no padding) as the last row."""
+    def join(self, cache, mask: torch.Tensor) -> None:
+        """Append a prefilled cache's rows as the last rows; ``mask`` (B, T) marks their own
+        left padding."""
         length = cache.get_seq_length()
-        device = self.mask.device if self.mask is not None else _device(cache)
-        mask = torch.ones((1, length), dtype=torch.long, device=device)
         if self.cache is None:
             self.cache, self.mask = cache, mask
             return
@@ -98,8 +106,3 @@ class BatchedCache:
         """After a decode step the cache grew one column; the step's mask now describes it."""
         self.mask = attention_mask
 
-
-def _device(cache) -> torch.device:
-    """Where a prefilled cache lives (dense layers hold keys; quantized ones, parts)."""
-    layer = cache.layers[0]
-    return layer.device if isinstance(cache, QuantizedKVCache) else layer.keys.device

@@ -3,12 +3,14 @@
 The dense batched cache (server/kvbatch.py) left-pads and concatenates key/value tensors.
 A quantized layer (runtime/kv_cache.py) instead holds, per side, codes, float16 scales and
 float16 minimums of shape (B, H, capacity, width), with ``length`` columns in use. These
-functions give it the same two operations: join a prefilled row left-padded to the batch's
+functions give it the same two operations: join prefilled rows left-padded to the batch's
 width, and keep some rows while trimming columns that are padding in all of them.
 
-Padding columns are zero codes with zero scale and minimum, so they dequantize to exact
-zeros: the attention mask hides them, and zeros (unlike uninitialised memory, which may
-hold NaN) stay harmless when multiplied by a masked-out weight of 0.
+Padding columns added by a join are zero codes with zero scale and minimum, so they
+dequantize to exact zeros: the attention mask hides them, and zeros (unlike uninitialised
+memory, which may hold NaN) stay harmless when multiplied by a masked-out weight of 0.
+Padding columns from a padded prefill of several prompts (server/prefill.py) hold the
+quantized keys and values the model computed at those positions: finite, and hidden too.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _padded(layer: QuantizedKVLayer, width: int, capacity: int) -> dict:
 
 
 def join_rows(mine: QuantizedKVCache, theirs: QuantizedKVCache, width: int) -> None:
-    """Append ``theirs`` (one prefilled row) to ``mine``, both left-padded to ``width``."""
+    """Append ``theirs`` (the rows of one prefill) to ``mine``, all left-padded to ``width``."""
     rows = mine.layers[0].batch + theirs.layers[0].batch
     _set_cap(mine, rows)
     for ours, new in zip(mine.layers, theirs.layers, strict=True):

@@ -17,7 +17,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: Counter = Counter()  # requests_*, tokens_generated, prefills
+        self._counts: Counter = Counter()  # requests_*, tokens_generated, prefill*
         self._batches = 0  # decode forwards run
         self._batch_rows = 0  # rows over all decode forwards (for the mean batch size)
         self._max_batch_seen = 0
@@ -69,7 +69,10 @@ class Metrics:
                 # streamed weights serves the whole batch, so this falls as batches grow
                 "h2d_bytes_per_token": h2d / tokens if tokens else 0.0,
                 "uptime_seconds": time.monotonic() - self._started,
-                "prefills": self._counts["prefills"],
+                "prefills": self._counts["prefills"],  # requests prefilled
+                # prefill forwards: the prompts admitted in one step share one (each pass
+                # streams the non-resident weights once), so this stays below prefills
+                "prefill_passes": self._counts["prefill_passes"],
                 # --speculate lookup, lone sequences only (server/speculative_step.py)
                 "speculative_proposed": self._counts["speculative_proposed"],
                 "speculative_accepted": self._counts["speculative_accepted"],

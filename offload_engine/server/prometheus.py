@@ -16,6 +16,8 @@ SERVER_METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("tokens_generated_total", "counter", "Tokens generated for all requests.",
      "tokens_generated"),
     ("prefills_total", "counter", "Prompts prefilled.", "prefills"),
+    ("prefill_passes_total", "counter",
+     "Prefill forwards run; the prompts admitted in one step share one.", "prefill_passes"),
     ("decode_steps_total", "counter", "Batched decode forwards run.", "batches_run"),
     ("busy_seconds_total", "counter", "Seconds the scheduler spent in steps.", "busy_seconds"),
     ("queue_depth", "gauge", "Requests waiting for a batch slot.", "queue_depth"),
