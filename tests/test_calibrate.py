@@ -51,3 +51,24 @@ def test_disk_measurement_names_a_missing_directory(tmp_path):
         disk_read_bandwidth(tmp_path / "absent", 1 << 20)
     assert disk_read_bandwidth(tmp_path, 2 << 20, repeats=1) > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_per_step_time_is_the_difference_of_paired_runs(monkeypatch):
+    from offload_engine.runtime import calibrate
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock["now"])
+
+    def generate(tokens, setup=0.010, per_token=0.002):
+        def run():
+            clock["now"] += setup + per_token * tokens
+        return run
+
+    cpu = calibrate.torch.device("cpu")
+    assert calibrate.seconds_per_step(generate, cpu, steps=4, repeats=3) == \
+        pytest.approx(0.002)
+    # A machine so busy that the longer run never looks longer: steps double, then the
+    # long run's time per token is reported, an upper bound, never 0.
+    flat = calibrate.seconds_per_step(lambda tokens: generate(1), cpu, steps=4, repeats=3,
+                                      attempts=3)
+    assert flat == pytest.approx(0.012 / (1 + 16))
