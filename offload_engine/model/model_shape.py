@@ -73,7 +73,7 @@ def shape_from_config(hf_config, spec: QuantSpec, source: str, quantized: bool =
                 if name not in weight_names and id(p) not in embeddings)
     heads = text.num_attention_heads
     if host_dense_bytes is None:
-        source_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+        source_dtype = getattr(text, "dtype", None)  # transformers 5 renamed torch_dtype
         itemsize = source_dtype.itemsize if isinstance(source_dtype, torch.dtype) else 2
         host_dense_bytes = (embedding.numel() + other) * itemsize
     return ModelShape(
