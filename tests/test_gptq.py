@@ -1,14 +1,25 @@
 """GPTQ rounding (quant/gptq.py): beats round-to-nearest on the output of a linear with
 correlated inputs, equals it when the inputs are uncorrelated, stays on each group's grid,
-and refuses bad Hessians with the tensor's name."""
+refuses bad Hessians with the tensor's name; a `quantize --method gptq` conversion decodes
+like transformers holding its dequantized weights."""
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from offload_engine import load
+from offload_engine.checkpoint.calibrate import CalibrationSettings
+from offload_engine.checkpoint.calibration_data import CalibrationData
+from offload_engine.checkpoint.convert import convert
+from offload_engine.checkpoint.format import read_manifest
+from offload_engine.checkpoint.methods import MethodSettings
+from offload_engine.cli import main
 from offload_engine.errors import QuantizationError
 from offload_engine.quant.gptq import gptq_quantize
 from offload_engine.quant.layout import QuantSpec
 from offload_engine.quant.quantize import dequantize_weight, quantize_weight
+from offload_engine.runtime.store import read_dense_tensors
+from tests.test_methods import PROMPT_IDS, _model_from_directory
 
 SCHEMES = ("int4", "int4-asym", "int8")
 
@@ -93,3 +104,44 @@ def test_non_finite_hessian_names_the_tensor():
                       name="model.layers.3.mlp.down_proj.weight")
     with pytest.raises(QuantizationError, match="'w'.*Hessian has shape"):
         gptq_quantize(weight, torch.eye(32), QuantSpec("int4", 32), name="w")
+
+
+def test_cli_gptq_conversion_loads_and_decodes_like_its_dequantized_weights(tmp_path,
+                                                                           qwen2_src, capsys):
+    """The engine invariant for a GPTQ conversion (untied lm_head: GPTQ'd too): greedy
+    tokens equal those of transformers holding the dequantized weights."""
+    dst = tmp_path / "q"
+    status = main(["quantize", str(qwen2_src), str(dst), "--method", "gptq", "--scheme",
+                   "int4", "--group-size", "32", "--calib-samples", "4",
+                   "--calib-seq-len", "32", "--no-progress"])
+    assert status == 0
+    output = capsys.readouterr().out
+    assert "method gptq" in output and "calibration:" in output
+    info = read_manifest(dst).source["quantization_method"]
+    assert info["name"] == "gptq" and info["calibration_samples"] == 4
+    assert info["damping"] == 0.01 and info["act_order"] is False
+    with load(dst, progress=False) as engine:
+        assert "lm_head" in engine.store
+        reference = _model_from_directory(dst, engine)
+        settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            ours = engine.model.generate(PROMPT_IDS, **settings)
+            theirs = reference.generate(PROMPT_IDS, **settings)
+    assert torch.equal(ours, theirs)
+    assert len(set(ours[0, PROMPT_IDS.shape[1]:].tolist())) > 1  # not one token repeated
+
+
+def test_awq_gptq_folds_the_norms_and_records_both_methods(tmp_path, llama_src):
+    """awq-gptq stores the AWQ-folded norms (the float model is unchanged: test_methods
+    checks the folds, and that the engine matches the stored weights)."""
+    dst = tmp_path / "q"
+    convert(llama_src, dst, QuantSpec("int4-asym", 64), progress=False,
+            method=MethodSettings("awq-gptq", calibration=CalibrationSettings(
+                CalibrationData(samples=4, seq_len=32))))
+    info = read_manifest(dst).source["quantization_method"]
+    assert info["name"] == "awq-gptq" and info["damping"] == 0.01
+    assert all("o_proj" in reason for reason in info["skipped"])  # grouped-query attention
+    stored = dict(read_dense_tensors(dst))
+    source = AutoModelForCausalLM.from_pretrained(llama_src, dtype=torch.float32).state_dict()
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.allclose(stored[norm].float(), source[norm])
