@@ -51,7 +51,7 @@ class MethodSettings:
     # to DEFAULT_METHOD.
     name: str = "rtn"
     search: SearchSettings = SearchSettings()  # clip and awq: the per-group range search
-    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # awq, gptq
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # calibrated
     gptq: GPTQSettings = GPTQSettings()  # gptq, awq-gptq: dampening and block size
 
     def __post_init__(self) -> None:
@@ -60,8 +60,8 @@ class MethodSettings:
 
 
 class PreparedMethod:
-    """A method ready to run: folds to apply (awq), or the weights GPTQ already quantized
-    (gptq), and the per-linear quantizer."""
+    """A method ready to run: folds to apply (awq, awq-gptq), the weights GPTQ already
+    quantized (gptq, awq-gptq), and the per-linear quantizer."""
 
     def __init__(self, settings: MethodSettings, plan: Optional[FoldPlan] = None,
                  calibration_seconds: float = 0.0, gptq: Optional[GPTQResult] = None):
