@@ -145,3 +145,33 @@ def test_awq_gptq_folds_the_norms_and_records_both_methods(tmp_path, llama_src):
     source = AutoModelForCausalLM.from_pretrained(llama_src, dtype=torch.float32).state_dict()
     norm = "model.layers.0.input_layernorm.weight"
     assert not torch.allclose(stored[norm].float(), source[norm])
+
+
+def test_gptq_feeds_each_layer_the_outputs_of_the_quantized_layer_before(monkeypatch,
+                                                                          qwen2_src):
+    """Layer 1's calibration input is layer 0's output with its GPTQ weights, as in the
+    reference (feeding the float outputs instead fails this test: checked)."""
+    from offload_engine.checkpoint import gptq_calibrate
+    from offload_engine.checkpoint.sources import open_source
+    from offload_engine.model import architecture
+
+    inputs, layers = [], []
+    record = gptq_calibrate._record_hessians
+
+    def spy(run, layer, batch):
+        inputs.append(run.hidden.clone())
+        layers.append(layer)
+        spy.run = run
+        return record(run, layer, batch)
+
+    monkeypatch.setattr(gptq_calibrate, "_record_hessians", spy)
+    source = open_source(qwen2_src)
+    skeleton = architecture.build_skeleton(source.config)
+    result = gptq_calibrate.calibrate_gptq(
+        source, skeleton, QuantSpec("int4", 32),
+        CalibrationSettings(CalibrationData(samples=2, seq_len=16)), progress=False)
+    first = layers[0]  # by now it holds its dequantized GPTQ weights
+    stored = dequantize_weight(result.weights["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(first.mlp.down_proj.weight.detach(), stored)
+    spy.run.hidden = inputs[0]
+    torch.testing.assert_close(spy.run.run(first, 4), inputs[1], rtol=0, atol=0)
