@@ -52,7 +52,7 @@ def _model_from_directory(directory, engine):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-@pytest.mark.parametrize("method", ["clip", "awq"])
+@pytest.mark.parametrize("method", ["clip", "awq", "gptq", "awq-gptq"])
 def test_method_round_trips_and_engine_matches_dequantized_model(request, tmp_path, arch,
                                                                    method):
     src = request.getfixturevalue(f"{arch}_src")
@@ -173,7 +173,7 @@ def test_cli_quantize_with_method_and_calibration_flags(tmp_path, llama_src, cap
     info = read_manifest(dst).source["quantization_method"]
     assert info["name"] == "awq" and info["calibration_samples"] == 2
     with pytest.raises(SystemExit):
-        main(["quantize", str(llama_src), str(tmp_path / "r"), "--method", "gptq"])
+        main(["quantize", str(llama_src), str(tmp_path / "r"), "--method", "bogus"])
 
 
 def test_cli_default_is_awq_and_library_default_is_rtn():

@@ -6,7 +6,7 @@ Converts the shipped SmolLM2-135M-Instruct GGUF with every method x scheme x gro
 ROWS (`quantize --method ...` with its default settings; conversions are cached under
 embedded.cache_root() with their measured conversion time beside them, and reused), then
 runs `offload-engine eval`'s measurements for each against the GGUF itself (loaded once)
-on eval's default text, which the awq calibration text never overlaps
+on eval's default text, which the awq/gptq calibration text never overlaps
 (checkpoint/calibration_data.py). Rows print as they finish, then the table.
 """
 
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 SPECS = (("int4-asym", 128), ("int4-asym", 64), ("int4", 128), ("int4", 64))
-METHODS = ("rtn", "clip", "awq")
+METHODS = ("rtn", "clip", "awq", "gptq", "awq-gptq")
+CALIBRATED = ("awq", "gptq", "awq-gptq")  # methods with a layer-by-layer calibration pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,8 +66,10 @@ def converted(method: str, spec, progress: bool):
     if target.is_dir() and timing.is_file():
         saved = json.loads(timing.read_text())
         return target, saved["seconds"], saved["seconds_per_layer"]
+    # requantize: the GGUF's Q4_1 linears would otherwise be imported exactly, and no
+    # method would run at all (every row would read KL 0)
     summary = convert(embedded_gguf(), target, spec, force=True, progress=progress,
-                      method=MethodSettings(method))
+                      requantize=True, method=MethodSettings(method))
     per_layer = summary.calibration_seconds / max(summary.calibration_layers, 1)
     timing.write_text(json.dumps({"seconds": summary.seconds, "seconds_per_layer": per_layer}))
     print(f"converted {target.name} in {summary.seconds:.0f} s", file=sys.stderr)
@@ -82,7 +85,7 @@ def markdown_table(rows) -> str:
     for r in rows:
         base = rtn_kl.get((r["scheme"], r["group_size"]))
         ratio = f"{r['mean_kl'] / base:.2f}" if base else "-"
-        per_layer = f"{r['seconds_per_layer']:.1f}" if r["method"] == "awq" else "-"
+        per_layer = f"{r['seconds_per_layer']:.1f}" if r["method"] in CALIBRATED else "-"
         lines.append(
             f"| {r['method']} | {r['scheme']} | {r['group_size']} "
             f"| {r['linear_bytes_per_param']:.4f} | {r['perplexity_increase']:+.1%} "

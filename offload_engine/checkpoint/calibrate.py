@@ -1,6 +1,7 @@
 """Layer-by-layer AWQ calibration: run calibration text through the source checkpoint one
 decoder layer at a time and decide, per group of linears sharing an input, the scale to
-fold into what produced that input.
+fold into what produced that input. The pass itself (start_pass, LayerPass) is shared with
+GPTQ (gptq_calibrate.py).
 
 Memory holds one decoder layer's weights (float32, on ``--device``) plus the calibration
 hidden states (samples x seq_len x hidden, twice: input and output of the layer) plus, per
@@ -127,23 +128,48 @@ def load_source_tokenizer(source):
                           "clip, which needs no calibration") from exc
 
 
-def check_foldable(skeleton: nn.Module, config) -> nn.ModuleList:
-    """The decoder layers, if this architecture's scales can be folded; else a ConfigError."""
+def check_foldable(skeleton: nn.Module, config, method: str = "awq") -> nn.ModuleList:
+    """The decoder layers, if this architecture's layers run one at a time here (and their
+    scales can be folded); else a ConfigError."""
     model_type = getattr(config, "model_type", None)
     inner = getattr(skeleton, "model", None)
     layers = getattr(inner, "layers", None)
     if model_type not in FOLDABLE_MODEL_TYPES or layers is None:
         raise ConfigError(
-            f"--method awq cannot fold scales into a {model_type!r} model (supported: "
-            f"{', '.join(FOLDABLE_MODEL_TYPES)}); use --method clip, which needs no folding")
+            f"--method {method} cannot calibrate a {model_type!r} model layer by layer "
+            f"(supported: {', '.join(FOLDABLE_MODEL_TYPES)}); use --method clip, which "
+            "needs no calibration")
     return layers
 
 
-def calibrate(source, skeleton: nn.Module, spec: QuantSpec,
-              settings: CalibrationSettings = CalibrationSettings(),
-              progress: bool = True) -> FoldPlan:
-    """Run the layer-by-layer pass and return what to fold and how to weigh errors."""
-    layers = check_foldable(skeleton, source.config)
+@dataclass
+class LayerPass:
+    """The state of a layer-by-layer pass: what feeds the next decoder layer."""
+
+    layers: nn.ModuleList  # the skeleton's decoder layers (on meta)
+    prefix: str  # their checkpoint name prefix, e.g. "model.layers"
+    read: Callable[[str], torch.Tensor]  # checkpoint name -> tensor
+    device: torch.device
+    hidden: torch.Tensor  # (S, L, H) float32: the next layer's input
+    mask: torch.Tensor  # (1, 1, L, L) additive causal mask
+    position_embeddings: tuple  # the rotary (cos, sin) of positions 0..L-1
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` with its checkpoint weights, float32 on the device."""
+        return materialize(self.layers[index], f"{self.prefix}.{index}.", self.read,
+                           self.device)
+
+    def run(self, layer: nn.Module, batch: int) -> torch.Tensor:
+        """``layer``'s outputs for the current hidden states (which it leaves as they are)."""
+        with torch.no_grad():
+            return forward_layer(layer, self.hidden, self.mask, self.position_embeddings,
+                                 batch)
+
+
+def start_pass(source, skeleton: nn.Module, settings: CalibrationSettings,
+               method: str) -> LayerPass:
+    """Embed the calibration text and get ready to run the decoder layers one by one."""
+    layers = check_foldable(skeleton, source.config, method)
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -153,19 +179,25 @@ def calibrate(source, skeleton: nn.Module, spec: QuantSpec,
     rotary = copy.deepcopy(skeleton.model.rotary_emb).to(device)
     positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
     position_embeddings = rotary(hidden[:1], positions)
-    mask = _causal_mask(ids.shape[1], device)
+    return LayerPass(layers, _layers_prefix(skeleton, layers), read, device, hidden,
+                     _causal_mask(ids.shape[1], device), position_embeddings)
+
+
+def calibrate(source, skeleton: nn.Module, spec: QuantSpec,
+              settings: CalibrationSettings = CalibrationSettings(),
+              progress: bool = True) -> FoldPlan:
+    """Run the layer-by-layer pass and return what to fold and how to weigh errors."""
+    run = start_pass(source, skeleton, settings, "awq")
     plan = FoldPlan()
-    prefix = _layers_prefix(skeleton, layers)
-    for index in tqdm(range(len(layers)), desc="calibrating", unit="layer",
+    for index in tqdm(range(len(run.layers)), desc="calibrating", unit="layer",
                       disable=not progress):
-        layer = _materialize(layers[index], f"{prefix}.{index}.", read, device)
-        stats = _attach_recorders(layer, hidden.shape[0] * hidden.shape[1],
+        layer = run.layer(index)
+        stats = attach_recorders(layer, run.hidden.shape[0] * run.hidden.shape[1],
                                   settings.search_tokens)
-        with torch.no_grad():
-            hidden = _forward(layer, hidden, mask, position_embeddings, settings.batch)
+        run.hidden = run.run(layer, settings.batch)
         for handle in stats.handles:
             handle.remove()
-        _plan_layer(plan, layer, f"{prefix}.{index}.", stats, spec, settings)
+        plan_layer(plan, layer, f"{run.prefix}.{index}.", stats, spec, settings)
         plan.layers += 1
         del layer, stats
     logger.info("AWQ: alphas chosen %s; skipped: %s", plan.alphas, plan.skipped or "none")
@@ -195,7 +227,7 @@ def _causal_mask(length: int, device) -> torch.Tensor:
     return mask.masked_fill(blocked, torch.finfo(torch.float32).min)[None, None]
 
 
-def _materialize(meta_layer: nn.Module, prefix: str, read, device) -> nn.Module:
+def materialize(meta_layer: nn.Module, prefix: str, read, device) -> nn.Module:
     layer = copy.deepcopy(meta_layer).to_empty(device=device)
     state = {key: read(prefix + key).to(device, torch.float32)
              for key in layer.state_dict()}
@@ -203,7 +235,7 @@ def _materialize(meta_layer: nn.Module, prefix: str, read, device) -> nn.Module:
     return layer.float().eval()
 
 
-def _forward(layer, hidden, mask, position_embeddings, batch: int) -> torch.Tensor:
+def forward_layer(layer, hidden, mask, position_embeddings, batch: int) -> torch.Tensor:
     outputs = torch.empty_like(hidden)
     for start in range(0, hidden.shape[0], batch):
         chunk = hidden[start: start + batch]
@@ -243,7 +275,7 @@ class _LayerStats:
     handles: list
 
 
-def _attach_recorders(layer: nn.Module, tokens: int, search_tokens: int) -> _LayerStats:
+def attach_recorders(layer: nn.Module, tokens: int, search_tokens: int) -> _LayerStats:
     stride = max(1, tokens // search_tokens)
     recorders, handles = {}, []
     for group in LLAMA_GROUPS:
@@ -255,7 +287,7 @@ def _attach_recorders(layer: nn.Module, tokens: int, search_tokens: int) -> _Lay
 
 
 @torch.no_grad()
-def _plan_layer(plan: FoldPlan, layer: nn.Module, prefix: str, stats: _LayerStats,
+def plan_layer(plan: FoldPlan, layer: nn.Module, prefix: str, stats: _LayerStats,
                 spec: QuantSpec, settings: CalibrationSettings) -> None:
     """Search each group's scale, record folds and per-linear importance."""
     for group in LLAMA_GROUPS:

@@ -112,44 +112,61 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
 def _quantize_rows(weight: torch.Tensor, spec: QuantSpec) -> dict:
     """Quantize a block of rows: its components (qweight, scales, and zeros or mins)."""
     groups = grouped(weight, spec)  # (rows, G, gs)
-    if spec.scheme == "int4-asym":
-        qweight, scales, zeros = _quantize_asym(groups, spec.scale_torch_dtype)
-        return {"qweight": qweight, "scales": scales, "zeros": zeros}
     if spec.scheme == "int4-min":
         qweight, scales, mins = _quantize_min(groups, spec.scale_torch_dtype)
         return {"qweight": qweight, "scales": scales, "mins": mins}
-    qmax = layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
-    qweight, scales = _quantize_sym(groups, qmax, spec)
-    return {"qweight": qweight, "scales": scales}
+    scales, zeros = group_grid(groups, spec)
+    zero_codes = None if zeros is None else zeros.unsqueeze(-1)
+    codes = grid_codes(groups, scales.to(torch.float32).unsqueeze(-1), zero_codes, spec)
+    parts = {"qweight": pack_codes(codes.reshape(groups.shape[0], -1), spec), "scales": scales}
+    if zeros is not None:
+        parts["zeros"] = zeros.to(torch.uint8)
+    return parts
 
 
-def _quantize_sym(groups: torch.Tensor, qmax: int, spec: QuantSpec):
-    out_features = groups.shape[0]
-    absmax = groups.abs().amax(dim=-1)  # (N, G)
-    needed = absmax / qmax
+def group_grid(groups: torch.Tensor, spec: QuantSpec):
+    """Round-to-nearest grid of each group (..., gs): (scales in the spec's scale dtype,
+    float32 zero-point codes or None for the symmetric schemes).
+
+    Symmetric: scale = absmax / qmax. Asymmetric: the range [min, max] widened to include
+    0 (so that 0 is exactly representable), 15 steps, an integer zero point.
+    """
+    dtype = spec.scale_torch_dtype
+    if spec.has_zeros:
+        low = groups.amin(dim=-1).clamp(max=0.0)
+        high = groups.amax(dim=-1).clamp(min=0.0)
+        needed = (high - low) / layout.INT4_CODE_MAX
+        scales = _round_scale_up(torch.where(needed > 0, needed, torch.ones_like(needed)),
+                                 needed, dtype)
+        zeros = torch.round(-low / scales.to(torch.float32)).clamp_(0, layout.INT4_CODE_MAX)
+        return scales, zeros
+    absmax = groups.abs().amax(dim=-1)
+    needed = absmax / symmetric_max(spec)
     scales = _round_scale_up(torch.where(absmax > 0, needed, torch.ones_like(needed)), needed,
-                             spec.scale_torch_dtype)
-    values = torch.round(groups / scales.to(torch.float32).unsqueeze(-1)).clamp_(-qmax, qmax)
-    values = values.reshape(out_features, -1)
+                             dtype)
+    return scales, None
+
+
+def symmetric_max(spec: QuantSpec) -> int:
+    return layout.INT8_MAX if spec.scheme == "int8" else layout.INT4_SYMMETRIC_MAX
+
+
+def grid_codes(values: torch.Tensor, scales_f32: torch.Tensor, zeros, spec: QuantSpec):
+    """Nearest grid codes (float32) of ``values``: value + zero for int4-asym, the signed
+    value otherwise. ``scales_f32`` and ``zeros`` broadcast against ``values``."""
+    if zeros is None:
+        qmax = symmetric_max(spec)
+        return torch.round(values / scales_f32).clamp_(-qmax, qmax)
+    return (torch.round(values / scales_f32) + zeros).clamp_(0, layout.INT4_CODE_MAX)
+
+
+def pack_codes(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The stored qweight of (N, padded_in) float codes from grid_codes."""
     if spec.scheme == "int8":
-        return values.to(torch.int8), scales
-    codes = (values + layout.INT4_SYMMETRIC_OFFSET).to(torch.uint8)
-    return layout.pack_int4(codes), scales
-
-
-def _quantize_asym(groups: torch.Tensor, scale_dtype: torch.dtype = layout.SCALE_DTYPE):
-    out_features = groups.shape[0]
-    low = groups.amin(dim=-1).clamp(max=0.0)  # include 0 so it is exactly representable
-    high = groups.amax(dim=-1).clamp(min=0.0)
-    span = high - low
-    needed = span / layout.INT4_CODE_MAX
-    scales = _round_scale_up(torch.where(span > 0, needed, torch.ones_like(needed)), needed,
-                             scale_dtype)
-    scales_f32 = scales.to(torch.float32)
-    zeros = torch.round(-low / scales_f32).clamp_(0, layout.INT4_CODE_MAX)
-    codes = torch.round(groups / scales_f32.unsqueeze(-1)) + zeros.unsqueeze(-1)
-    codes = codes.clamp_(0, layout.INT4_CODE_MAX).reshape(out_features, -1)
-    return layout.pack_int4(codes), scales, zeros.to(torch.uint8)
+        return codes.to(torch.int8)
+    if not spec.has_zeros:
+        codes = codes + layout.INT4_SYMMETRIC_OFFSET
+    return layout.pack_int4(codes)
 
 
 def _quantize_min(groups: torch.Tensor, scale_dtype: torch.dtype):

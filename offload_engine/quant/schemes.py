@@ -13,7 +13,7 @@ DEFAULT_GROUP_SIZE = 128
 
 # Quantization methods (checkpoint/methods.py) and awq's calibration defaults
 # (checkpoint/calibration_data.py); the CLI reads them from here to keep --help light.
-METHODS = ("rtn", "clip", "awq")
+METHODS = ("rtn", "clip", "awq", "gptq", "awq-gptq")
 # `quantize`'s default, chosen from docs/quality.md: on SmolLM2 at int4-asym g128 awq's
 # mean KL is 0.154 against round-to-nearest's 0.340.
 DEFAULT_METHOD = "awq"
