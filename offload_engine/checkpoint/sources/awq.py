@@ -12,9 +12,7 @@ from typing import Dict
 
 import torch
 
-from ...errors import SourceError
 from ...quant.awq_pack import unpack_awq
-from ...quant.schemes import GROUP_SIZES
 from .packed import PackedSource
 
 SUPPORTED_VERSIONS = ("gemm",)
@@ -31,20 +29,12 @@ class AWQSource(PackedSource):
         bits = settings.get("bits", settings.get("w_bit"))
         group_size = settings.get("group_size", settings.get("q_group_size"))
         version = str(settings.get("version", "gemm")).lower()
-        problems = []
-        if bits != 4:
-            problems.append(f"bits {bits} (4 is supported)")
-        if group_size not in GROUP_SIZES:
-            problems.append(f"group_size {group_size} (supported: "
-                            f"{', '.join(map(str, GROUP_SIZES))})")
+        problems = self.size_problems(bits, group_size)
         if version not in SUPPORTED_VERSIONS:
             problems.append(f"version {version!r} (only 'gemm' packing is imported)")
         if settings.get("zero_point", True) is not True:
             problems.append("zero_point false (only asymmetric AWQ is imported)")
-        if problems:
-            raise SourceError(f"{self.path}: this AWQ checkpoint cannot be imported exactly "
-                              f"({self.settings_file}): {'; '.join(problems)}. Convert the "
-                              "unquantized original instead")
+        self.refuse_settings("AWQ", problems)
         self.version = version
         return int(group_size)
 

@@ -17,7 +17,6 @@ import torch
 
 from ...errors import QuantizationError, SourceError
 from ...quant.gptq_pack import check_g_idx, unpack_gptq, unpack_zeros
-from ...quant.schemes import GROUP_SIZES
 from .packed import PackedSource
 
 # checkpoint_format -> the packing version gptq_pack unpacks; Marlin, BitBLAS and other
@@ -36,22 +35,14 @@ class GPTQSource(PackedSource):
     def read_settings(self, settings: dict) -> int:
         bits = settings.get("bits")
         group_size = settings.get("group_size")
-        problems = []
-        if bits != 4:
-            problems.append(f"bits {bits} (4 is supported)")
-        if group_size not in GROUP_SIZES:
-            problems.append(f"group_size {group_size} (supported: "
-                            f"{', '.join(map(str, GROUP_SIZES))}; -1 is per-channel)")
+        problems = self.size_problems(bits, group_size, "; -1 is per-channel")
         fmt = str(settings.get("checkpoint_format", "gptq")).lower()
         if settings.get("is_marlin_format"):  # AutoGPTQ's older spelling of "marlin"
             fmt = "marlin"
         if fmt not in PACKINGS:
             problems.append(f"checkpoint_format {fmt!r} (its codes are laid out for one "
                             f"kernel; imported: {', '.join(PACKINGS)})")
-        if problems:
-            raise SourceError(f"{self.path}: this GPTQ checkpoint cannot be imported exactly "
-                              f"({self.settings_file}): {'; '.join(problems)}. Convert the "
-                              "unquantized original instead")
+        self.refuse_settings("GPTQ", problems)
         self.packing_version = PACKINGS[fmt]
         self.desc_act = bool(settings.get("desc_act", False))
         return int(group_size)

@@ -23,6 +23,7 @@ from ...errors import QuantizationError, SourceError
 from ...model import architecture
 from ...quant.layout import QuantSpec
 from ...quant.quantize import dequantize_weight
+from ...quant.schemes import GROUP_SIZES
 from .. import stfile
 from ..hfconfig import quantization_settings, read_hf_config
 from .dense import FLOAT_DTYPES, SafetensorsSource
@@ -70,6 +71,25 @@ class PackedSource(SafetensorsSource):
 
     def check_before_work(self) -> None:
         """Refuse, before any work, what cannot be imported exactly (default: nothing)."""
+
+    # --- shared by the format modules' read_settings -----------------------------------
+
+    def size_problems(self, bits, group_size, per_channel_note: str = "") -> List[str]:
+        """What keeps ``bits`` and ``group_size`` from an exact import (empty: nothing)."""
+        problems = []
+        if bits != 4:
+            problems.append(f"bits {bits} (4 is supported)")
+        if group_size not in GROUP_SIZES:
+            problems.append(f"group_size {group_size} (supported: "
+                            f"{', '.join(map(str, GROUP_SIZES))}{per_channel_note})")
+        return problems
+
+    def refuse_settings(self, label: str, problems: List[str]) -> None:
+        """SourceError naming the settings file and every problem, when there are any."""
+        if problems:
+            raise SourceError(f"{self.path}: this {label} checkpoint cannot be imported exactly "
+                              f"({self.settings_file}): {'; '.join(problems)}. Convert the "
+                              "unquantized original instead")
 
     @classmethod
     def claims(cls, path: Path) -> bool:
