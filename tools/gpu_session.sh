@@ -39,8 +39,12 @@ install_wheels() {
   # The wheels go to their own folder ahead of the image's packages on sys.path.
   [ -d .whl ] || { echo "no .whl/ here: using the image's packages as they are"; return 0; }
   # after the checkout, before the image: our pins win over the image's versions
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$WORK/site" .whl/*.whl && export PYTHONPATH="$(pwd):$WORK/site"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WORK/site" .whl/*.whl; then
+    export PYTHONPATH="$(pwd):$WORK/site"
+  else  # e.g. cp312 wheels on another Python: say so, the environment step shows versions
+    echo "the wheels in .whl/ did not install (above): using the image's packages"
+  fi
 }
 
 pack() {
