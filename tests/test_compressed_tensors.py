@@ -13,7 +13,7 @@ from offload_engine.errors import SourceError
 from offload_engine.quant import ct_pack
 from offload_engine.quant.layout import QuantSpec
 from offload_engine.quant.quantize import dequantize_weight
-from tests import tiny_ct
+from tests import tiny, tiny_ct
 
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.helpers import (  # noqa: E402
@@ -96,7 +96,6 @@ def _reference_model(dense_src, ct, names):
 @pytest.mark.parametrize("strategy,symmetric,group_size", [CASES[1], CASES[2]])
 def test_engine_logits_equal_transformers_with_decompressed_weights(
         tmp_path, qwen2_src, strategy, symmetric, group_size):
-    from offload_engine import load
 
     ct = tiny_ct.make_ct_checkpoint(qwen2_src, tmp_path / "ct", strategy, symmetric,
                                     group_size, dtype=torch.float16)
@@ -104,17 +103,7 @@ def test_engine_logits_equal_transformers_with_decompressed_weights(
     assert summary.imported.startswith("compressed-tensors") and summary.quantized == 15
     reference = _reference_model(qwen2_src, ct,
                                  _module_names(json.loads((ct / "config.json").read_text())))
-    prompt = "The class statement defines"
-    with load(tmp_path / "q", progress=False, gpu_budget="256KiB") as engine, torch.no_grad():
-        ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ours = engine.model(ids).logits
-        theirs = reference(ids).logits
-        greedy = engine.generate(prompt, greedy=True, max_new_tokens=8).token_ids
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    with torch.no_grad():
-        expected = reference.generate(ids, attention_mask=torch.ones_like(ids),
-                                      do_sample=False, max_new_tokens=8)[0, ids.shape[1]:]
-    assert greedy == expected.tolist()
+    tiny.assert_engine_matches(tmp_path / "q", reference)
 
 
 def _edit_quantization(ct, **changes):

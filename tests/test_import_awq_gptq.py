@@ -14,7 +14,7 @@ from offload_engine.quant import layout
 from offload_engine.quant.awq_pack import unpack_awq
 from offload_engine.quant.gptq_pack import unpack_gptq
 from offload_engine.quant.quantize import dequantize_weight
-from tests import tiny_packed
+from tests import tiny, tiny_packed
 
 
 def _random_group_codes(out_features=24, in_features=256, group_size=64, min_zero=0):
@@ -84,16 +84,8 @@ def test_gptq_refuses_act_order_and_ambiguous_v1_zeros():
 def _logits_equal_transformers(directory, dense):
     """The engine on DIRECTORY's import against transformers holding the decompressed
     weights."""
-    from offload_engine import load
-
-    reference = _reference_model(directory, dense)
-    prompt = "The class statement defines"
-    with load(directory.parent / "q", progress=False, gpu_budget="1MiB") as engine, \
-            torch.no_grad():
-        ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ours = engine.model(ids).logits
-        theirs = reference(ids).logits
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    tiny.assert_engine_matches(directory.parent / "q", _reference_model(directory, dense),
+                               gpu_budget="1MiB", atol=1e-4, greedy_tokens=0)
 
 
 def _reference_model(directory, dense):

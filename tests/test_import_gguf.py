@@ -190,7 +190,6 @@ def test_other_output_type_is_requantized_and_the_rest_copied(tmp_path, llama_un
 def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_name):
     from transformers import AutoModelForCausalLM
 
-    from offload_engine import load
 
     path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type=type_name)
     summary = convert(path, tmp_path / "q", progress=False)
@@ -202,17 +201,7 @@ def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_
         == "fp16"
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                      dtype=torch.float32).eval()
-    prompt = "The class statement defines"
-    with load(tmp_path / "q", progress=False, gpu_budget="256KiB") as engine, torch.no_grad():
-        ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ours = engine.model(ids).logits
-        theirs = reference(ids).logits
-        greedy = engine.generate(prompt, greedy=True, max_new_tokens=8).token_ids
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    with torch.no_grad():
-        expected = reference.generate(ids, attention_mask=torch.ones_like(ids),
-                                      do_sample=False, max_new_tokens=8)[0, ids.shape[1]:]
-    assert greedy == expected.tolist()
+    tiny.assert_engine_matches(tmp_path / "q", reference)
 
 
 def test_mixed_types_import_the_majority_type_and_refuse_without_one(tmp_path, llama_f32):

@@ -61,3 +61,25 @@ def make_checkpoint(directory: Path, arch: str = "qwen2", dtype=torch.bfloat16,
         for path in Path(tokenizer_dir).iterdir():
             (Path(directory) / path.name).write_bytes(path.read_bytes())
     return Path(directory)
+
+
+IMPORT_PROMPT = "The class statement defines"
+
+
+def assert_engine_matches(directory: Path, reference, gpu_budget: str = "256KiB",
+                          atol: float = 1e-5, greedy_tokens: int = 8) -> None:
+    """The engine on quantized DIRECTORY against a transformers ``reference`` model: logits
+    on IMPORT_PROMPT within ``atol`` and, when ``greedy_tokens``, the same greedy tokens."""
+    from offload_engine import load
+
+    with load(directory, progress=False, gpu_budget=gpu_budget) as engine, torch.no_grad():
+        ids = engine.tokenizer(IMPORT_PROMPT, return_tensors="pt")["input_ids"]
+        torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits,
+                                   rtol=0, atol=atol)
+        if not greedy_tokens:
+            return
+        greedy = engine.generate(IMPORT_PROMPT, greedy=True,
+                                 max_new_tokens=greedy_tokens).token_ids
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=greedy_tokens)[0, ids.shape[1]:]
+    assert greedy == expected.tolist()
