@@ -44,7 +44,8 @@ def test_defaults_and_short_flags_in_help(capsys):
         main(["run", "--help"])
     text = capsys.readouterr().out
     for piece in ("-p PROMPT, --prompt PROMPT", "-n N, --max-new-tokens N",
-                  "-c N, --ctx-size N", "(default: 128)", "(default: 0.7)", "PROMPT",
+                  "-c N, --ctx-size N", "(default: 128)", "--temp T, --temperature T",
+                  "--top-k K", "--min-p P", "--repeat-penalty R", "PROMPT",
                   "visible (default: auto)"):
         assert piece in text, piece
     assert "(default 2) (default" not in text  # a default the text states is not repeated

@@ -146,7 +146,7 @@ def test_json_schema_is_enforced_while_decoding(live):
     import json
 
     for seed in range(3):
-        body = dict(messages=MESSAGES, max_tokens=60, seed=seed)
+        body = dict(messages=MESSAGES, max_tokens=60, seed=seed, temperature=1.0)
         free = _post(live, "chat/completions", **body).json()["choices"][0]["message"]
         with pytest.raises(ValueError):  # a random model does not write JSON by itself
             json.loads(free["content"])
@@ -163,7 +163,7 @@ def test_json_object_replies_parse(live):
     finished = 0
     for seed in range(6):
         reply = _post(live, "completions", prompt="A list", max_tokens=120, seed=seed,
-                      response_format={"type": "json_object"}).json()
+                      temperature=1.0, response_format={"type": "json_object"}).json()
         choice = reply["choices"][0]
         assert choice["text"].startswith("{")
         if choice["finish_reason"] == "stop":  # else max_tokens ended a long string value
@@ -184,3 +184,42 @@ def test_bad_response_formats_get_400(live):
                          response_format=response_format)
         assert response.status_code == 400, (response_format, response.text)
         assert response.json()["error"]["param"] == param
+
+
+def test_top_k_min_p_repetition_penalty_are_applied_and_equal_the_cli(live, engine, capsys):
+    """Through the openai client's extra_body; top_k 1 (or min_p 1) leaves one token, so
+    the reply at temperature 2 is greedy decoding with the penalty: a written-out
+    reference, and what `run` prints with the same flags."""
+    from offload_engine.cli import main
+    from tests.test_sampling import reference_tokens
+
+    client = live.client()
+    messages = [{"role": "user", "content": "Sort a list of lists, and sort it again"}]
+    prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      return_dict=True)["input_ids"]
+    expected = engine.tokenizer.decode(reference_tokens(engine, prompt_ids, 12, 1.5),
+                                       skip_special_tokens=True)
+    plain = engine.tokenizer.decode(reference_tokens(engine, prompt_ids, 12),
+                                    skip_special_tokens=True)
+    assert expected != plain
+    for extra in ({"top_k": 1, "repetition_penalty": 1.5},
+                  {"min_p": 1.0, "repetition_penalty": 1.5, "top_k": -1}):
+        replies = {client.chat.completions.create(
+            model=live.service.model_id, messages=messages, max_tokens=12, temperature=2.0,
+            seed=seed, extra_body=extra).choices[0].message.content for seed in (1, 2)}
+        assert replies == {expected}, extra
+    unpenalized = client.chat.completions.create(
+        model=live.service.model_id, messages=messages, max_tokens=12,
+        extra_body={"top_k": 1}).choices[0].message.content
+    assert unpenalized == plain
+    assert main(["run", str(engine.directory), messages[0]["content"], "--chat", "-n", "12",
+                 "--temp", "2", "--top-k", "1", "--repeat-penalty", "1.5", "--seed", "1",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("field, value", [("top_k", -2), ("min_p", 1.5),
+                                          ("repetition_penalty", 0), ("top_k", 1.5)])
+def test_sampling_fields_out_of_range_are_refused(live, field, value):
+    response = _post(live, "completions", prompt="A list", max_tokens=2, **{field: value})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field

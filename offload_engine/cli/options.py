@@ -79,6 +79,42 @@ def add_kv_cache_arg(group) -> None:
                             "of the head dim (docs/quality.md)")
 
 
+def add_sampling_args(group) -> None:
+    """How tokens are chosen (llama.cpp's names, with transformers' as aliases). A flag left
+    out takes the model's generation_config.json value; a model that does not ask for
+    sampling decodes greedily, as transformers does."""
+    group.add_argument("--temp", "--temperature", dest="temperature", type=float, default=None,
+                       metavar="T", help="sampling temperature; 0 is greedy (default: the "
+                                         "model's generation_config.json)")
+    group.add_argument("--top-p", type=float, default=None, metavar="P",
+                       help="nucleus sampling: keep the likeliest tokens covering P")
+    group.add_argument("--top-k", type=int, default=None, metavar="K",
+                       help="keep the K likeliest tokens (0: all)")
+    group.add_argument("--min-p", type=float, default=None, metavar="P",
+                       help="drop tokens less likely than P x the likeliest one")
+    group.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty",
+                       type=float, default=None, metavar="R",
+                       help="divide the logits of tokens already in the prompt or reply by R "
+                            "(1: off; 1.1 is common)")
+    group.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                       help="OpenAI's: subtract X from tokens the reply already holds")
+    group.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                       help="OpenAI's: subtract X per time the reply holds a token")
+    group.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="end the reply before TEXT (repeat the flag for several)")
+
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "greedy", "seed", "stop")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``engine.generate`` the sampling flags describe."""
+    return {name: getattr(args, name) for name in SAMPLING_FLAGS}
+
+
 def engine_config_from_args(args: argparse.Namespace):
     """The EngineConfig the flags describe (imported here: torch stays out of --help)."""
     from ..runtime.config import EngineConfig

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, add_sampling_args, engine_config_from_args, sampling_kwargs
 
 
 def add_generation_args(parser) -> None:
@@ -18,17 +18,11 @@ def add_generation_args(parser) -> None:
     group.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                        help="tokens the prompt plus reply may use (default: the model's "
                             "context); chat drops its oldest turns to stay within it")
-    group.add_argument("--temperature", type=float, default=0.7, metavar="T",
-                       help="sampling temperature; 0 is greedy")
-    group.add_argument("--top-p", type=float, default=0.9, metavar="P",
-                       help="nucleus sampling: keep the likeliest tokens covering P")
-    group.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_sampling_args(group)
 
 
 def generation_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    return dict(max_new_tokens=args.max_new_tokens, **sampling_kwargs(args))
 
 
 def register(commands) -> None:

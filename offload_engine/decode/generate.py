@@ -5,15 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from ..errors import ConfigError, ContextLengthError
 from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
+from .sampling import (
+    SamplingSettings,
+    TextTracker,
+    hf_generate_args,
+    logits_processors,
+    model_defaults,
+    resolve,
+)
 
 
 @dataclass
@@ -83,33 +92,51 @@ class GenerationResult:
     stats: GenerationStats
 
 
-class _Streamer(TextStreamer):
-    """Hands finished text pieces to a callback and notes when the first token came."""
+class _Streamer(BaseStreamer):
+    """Hands final text to a callback as tokens arrive, cutting the reply at a stop string.
 
-    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    transformers' generate calls ``put`` with the prompt first, then with each new token
+    (several at once under speculation); ``end`` once. Text is handed out through the
+    same TextTracker the server uses: held back while it could start a stop string."""
+
+    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]], stops: List[str]):
         self.on_text = on_text
+        self.tracker = TextTracker(tokenizer, stops)
         self.first_token_at: Optional[float] = None
         self.prompt_seen = False
+        self.new_ids: List[int] = []
+        self.stopped = threading.Event()  # a stop string appeared: generation should end
 
     def put(self, value):
-        if self.prompt_seen and self.first_token_at is None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self.prompt_seen = True
-        super().put(value)
+        if self.stopped.is_set():
+            return
+        self.new_ids.extend(value.reshape(-1).tolist())
+        self._hand_out(final=False)
 
-    def on_finalized_text(self, text: str, stream_end: bool = False):
+    def end(self):
+        if not self.stopped.is_set():
+            self._hand_out(final=True)
+
+    def _hand_out(self, final: bool) -> None:
+        text, stopped = self.tracker.update(self.new_ids, final)
+        if stopped:
+            self.stopped.set()
         if self.on_text is not None and text:
             self.on_text(text)
 
 
 class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def encode_prompt(engine, prompt: Optional[str], messages: Optional[list], chat: bool):
@@ -141,28 +168,24 @@ def check_context(engine, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
-def sampling_args(temperature: float, top_p: float, greedy: bool) -> dict:
-    if greedy or temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], "
-                          f"got {temperature} and {top_p}")
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
-
-
 def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] = None,
-             chat: bool = False, max_new_tokens: int = 128, temperature: float = 0.7,
-             top_p: float = 0.9, greedy: bool = False, seed: Optional[int] = None,
+             chat: bool = False, max_new_tokens: int = 128, greedy: bool = False,
+             seed: Optional[int] = None, stop: Union[str, List[str], None] = None,
              on_text: Optional[Callable[[str], None]] = None,
              stop_event: Optional[threading.Event] = None, speculate: Optional[str] = None,
-             speculate_tokens: Optional[int] = None) -> GenerationResult:
+             speculate_tokens: Optional[int] = None, **sampling) -> GenerationResult:
     """Generate a reply; ``on_text`` receives text as it is produced.
 
-    ``speculate`` ("off", "lookup", "draft") and ``speculate_tokens`` override the engine
-    config's --speculate and --speculate-tokens for this call.
+    ``sampling``: temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
+    frequency_penalty (decode/sampling.py); each one not given (or None) takes the model's
+    generation_config.json value. ``greedy`` forces temperature 0. ``stop``: a string or
+    list; the reply ends before the first one and does not contain it. ``speculate``
+    ("off", "lookup", "draft") and ``speculate_tokens`` override the engine config's
+    --speculate and --speculate-tokens for this call.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    settings = _settings(engine, greedy, sampling)
     input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
     check_context(engine, input_ids.shape[1], max_new_tokens)
     speculation = spec.resolve(engine, speculate, speculate_tokens)
@@ -172,8 +195,9 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     cache_kwargs = {} if past is None else {"past_key_values": past}
     if seed is not None:
         torch.manual_seed(seed)
-    streamer = _Streamer(engine.tokenizer, on_text)
-    stopping = StoppingCriteriaList([_StopOnEvent(stop_event)] if stop_event else [])
+    streamer = _Streamer(engine.tokenizer, on_text, [stop] if isinstance(stop, str)
+                         else list(stop or []))
+    events = [streamer.stopped] + ([stop_event] if stop_event else [])
     before = engine.counters()
     draft_before = _draft_passes(engine)
     _reset_peak(engine.device)
@@ -181,9 +205,11 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     with torch.inference_mode(), spec.count_passes(engine.model, input_ids.shape[1]) as count:
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
+            max_new_tokens=max_new_tokens, streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopOnEvent(*events)]),
+            logits_processor=logits_processors(settings, input_ids.shape[1]),
             pad_token_id=_pad_id(engine), **cache_kwargs,
-            **sampling_args(temperature, top_p, greedy),
+            **hf_generate_args(settings, engine.model.generation_config),
             **spec.generate_kwargs(engine, speculation))
     _synchronize(engine.device)
     finished = time.perf_counter()
@@ -194,8 +220,14 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
                                                _draft_passes(engine) - draft_before).items():
         setattr(stats, name, value)
     _add_kv_stats(stats, engine, past, output.shape[1] - 1)
-    text = engine.tokenizer.decode(new_ids, skip_special_tokens=True)
-    return GenerationResult(text, new_ids, stats)
+    return GenerationResult(streamer.tracker.emitted, new_ids, stats)
+
+
+def _settings(engine, greedy: bool, sampling: dict) -> SamplingSettings:
+    unknown = set(sampling) - set(SamplingSettings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unknown)}")
+    return resolve(model_defaults(engine.model.generation_config), greedy=greedy, **sampling)
 
 
 def _pad_id(engine):

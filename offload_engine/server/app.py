@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decode.generate import check_context, encode_prompt
+from ..decode.sampling import model_defaults
 from ..errors import ConfigError, ContextLengthError
 from . import prometheus
 from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
@@ -59,6 +60,8 @@ class ModelService:
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue,
                                    self.tokenizer_lock, config.max_prefill_tokens)
         self.context = getattr(engine.model.config, "max_position_embeddings", None)
+        # what a request that sets no sampling field gets: the model's generation config
+        self.sampling_defaults = model_defaults(engine.model.generation_config)
         self.grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size,
                                  self.scheduler.eos_ids)
 
@@ -109,7 +112,7 @@ class ModelService:
     def submit(self, prompt_ids: List[int], request, constraint=None) -> tuple:
         """Queue a request; returns (sequence, asyncio queue of its events)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        params = request.sampling_params(request.max_tokens)
+        params = request.sampling_params(request.max_tokens, self.sampling_defaults)
         sequence = Sequence(prompt_ids, params,
                             lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
                             constraint)

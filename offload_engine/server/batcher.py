@@ -25,15 +25,7 @@ from .kv_capacity import KVCapacity
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
 from .prefill import group_size, padded_inputs
-from .sampling import (
-    SamplingParams,
-    TextTracker,
-    describe_logprobs,
-    make_generator,
-    penalize,
-    sample_token,
-    token_logprobs,
-)
+from .sampling import SamplingParams, TextTracker, describe_logprobs, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +67,7 @@ class Sequence:
         self.emit = emit  # called from the scheduler thread with Text/Done/ErrorEvents
         self.token_ids: List[int] = []
         self.cancelled = False  # set by the HTTP side when the client went away
-        self.generator: Optional[torch.Generator] = None
+        self.sampler = None  # decode.sampling.Sampler: transformers' processors, own generator
         self.tracker: Optional[TextTracker] = None
         self.logprobs: list = []  # (token, logprob, alternatives) not yet handed out
         self.constraint = constraint  # constrain.Constraint for response_format, or None
@@ -245,7 +237,7 @@ class Scheduler:
     def _prefill(self, group: List[Sequence]) -> None:
         """Prefill ``group`` in one forward, sample each first token, join those not done."""
         for sequence in group:
-            sequence.generator = make_generator(sequence.params, self.engine.device)
+            sequence.sampler = sequence.params.sampler(sequence.prompt_ids, self.engine.device)
             sequence.tracker = TextTracker(self.engine.tokenizer, sequence.params.stop)
         try:
             inputs = padded_inputs([s.prompt_ids for s in group], self.engine.device)
@@ -313,10 +305,8 @@ class Scheduler:
     def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
         """Sample one token for ``sequence``, hand out its text; True when it is finished."""
         params = sequence.params
-        scores = penalize(logits, sequence.token_ids, params)
-        if sequence.constraint is not None:
-            scores = sequence.constraint.mask(scores)
-        token = sample_token(scores, params, sequence.generator)
+        allowed = logits if sequence.constraint is None else sequence.constraint.mask(logits)
+        token = sequence.sampler.choose(sequence.sampler.scores(allowed, sequence.token_ids))
         if params.logprobs is not None:
             sequence.logprobs.append((token, *token_logprobs(logits, token, params.logprobs)))
         sequence.token_ids.append(token)

@@ -6,6 +6,7 @@ from typing import List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..decode.sampling import SamplingSettings, resolve
 from .sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API allows
@@ -115,16 +116,22 @@ class ResponseFormat(_Strict):
 class _Sampling(_Strict):
     model: str
     max_tokens: Optional[int] = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Sampling: a field left out takes the model's generation_config.json value (greedy
+    # when the model does not ask for sampling), then the neutral one (decode/sampling.py)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    # not OpenAI's, but sent by clients of vLLM, llama-server, TabbyAPI and LMDeploy:
+    top_k: Optional[int] = Field(None, ge=-1)  # 0 or -1 (vLLM's "off"): every token
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
     seed: Optional[int] = None
     stop: Union[str, List[str], None] = None
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # subtracted from the logits of tokens already generated: once, and per occurrence
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     user: Optional[str] = None  # an end-user id for the caller's own records; unused here
     response_format: Optional[ResponseFormat] = None  # JSON enforced while decoding
     # Not OpenAI's: prompt-lookup speculation for this request (server default: --speculate).
@@ -149,12 +156,16 @@ class _Sampling(_Strict):
                                 f"got {self.n}", param="n")
         return self.max_tokens
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop_list(),
-                              presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty,
-                              logprobs=self.logprobs_wanted(), speculate=self.speculate)
+    def sampling_params(self, max_tokens: int, defaults: SamplingSettings) -> SamplingParams:
+        """The request's parameters over the model's defaults (its generation config)."""
+        settings = resolve(defaults, temperature=self.temperature, top_p=self.top_p,
+                           top_k=0 if self.top_k == -1 else self.top_k, min_p=self.min_p,
+                           repetition_penalty=self.repetition_penalty,
+                           presence_penalty=self.presence_penalty,
+                           frequency_penalty=self.frequency_penalty)
+        return SamplingParams(max_tokens=max_tokens, seed=self.seed, stop=self.stop_list(),
+                              logprobs=self.logprobs_wanted(), speculate=self.speculate,
+                              **settings.as_dict())
 
     def logprobs_wanted(self) -> Optional[int]:
         """How many alternatives to report per token; None: no logprobs at all."""
