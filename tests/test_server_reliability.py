@@ -17,7 +17,7 @@ import pytest
 
 from offload_engine.decode.api import load
 from offload_engine.errors import ConfigError
-from offload_engine.server import app as app_module
+from offload_engine.server import service as service_module  # ModelService.encode
 from offload_engine.server.app import ServerConfig
 from tests.test_server import TIMEOUT, LiveServer, httpx, openai  # also skips without the extra
 
@@ -213,14 +213,14 @@ def test_chat_without_max_tokens_stops_at_the_default_cap(guarded):
 
 def test_health_answers_while_a_prompt_is_tokenized(guarded, monkeypatch):
     """Tokenizing a huge prompt takes seconds of CPU; the event loop must stay free."""
-    tokenizing, real_encode = threading.Event(), app_module.encode_prompt
+    tokenizing, real_encode = threading.Event(), service_module.encode_prompt
 
     def slow_encode(*args, **kwargs):  # stands in for megabytes of text through the BPE
         tokenizing.set()
         time.sleep(3)
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "encode_prompt", slow_encode)
+    monkeypatch.setattr(service_module, "encode_prompt", slow_encode)
     reply = {}
     asker = threading.Thread(target=lambda: reply.update(response=httpx.post(
         f"{guarded.url}/v1/completions", headers=_auth(), timeout=TIMEOUT,

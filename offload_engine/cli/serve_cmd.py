@@ -47,6 +47,13 @@ def add_server_args(parser) -> None:
     group.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
                        help="tokens a chat request without max_tokens may generate at most "
                             "(default 1024; the context's end comes first if sooner)")
+    group.add_argument("-c", "--ctx-size", "--max-model-len", dest="ctx_size", type=int,
+                       default=None, metavar="N",
+                       help="tokens a prompt plus its reply may take (llama.cpp's -c, vLLM's "
+                            "--max-model-len); default: the model's context")
+    group.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the model id clients see and send (default: the directory's "
+                            "name); requests may also leave model out")
 
 
 def require_server_extras() -> None:
@@ -60,14 +67,19 @@ def require_server_extras() -> None:
 def run(args) -> int:
     require_server_extras()
     from ..server.config import ServerConfig
-    from ..server.runner import serve
+    from ..server.listen import bind_socket
 
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch,
                           max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens,
                           api_key=ServerConfig.key_from_env(args.api_key),
                           max_body_bytes=args.max_body_size,
-                          default_max_tokens=args.default_max_tokens)
+                          default_max_tokens=args.default_max_tokens,
+                          ctx_size=args.ctx_size, served_model_name=args.served_model_name)
+    # bound before torch and the server's libraries are imported (seconds): a client that
+    # connects meanwhile waits in the listen queue, then gets /health's "loading"
+    sock = bind_socket(config.host, config.port)
+    from ..server.runner import serve
 
     served = []
 
@@ -77,8 +89,13 @@ def run(args) -> int:
         print(f"serving model {model_id!r} at {url} (max batch {config.max_batch}, "
               f"max queue {config.max_queue}{key}); Ctrl-C stops", flush=True)
 
+    def listening(url: str) -> None:
+        print(f"listening on {url}; loading {args.model} (GET {url}/health answers 503 "
+              "\"loading\" until the model is ready)", flush=True)
+
     try:
-        serve(args.model, engine_config_from_args(args), config, on_loaded=announce)
+        serve(args.model, engine_config_from_args(args), config, on_loaded=announce,
+              on_listening=listening, sock=sock)
     finally:
         if served:
             _ignore_ctrl_c()

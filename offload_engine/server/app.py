@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decode.generate import check_context, encode_prompt
-from ..decode.sampling import model_defaults
-from ..errors import ConfigError, ContextLengthError
 from . import prometheus
-from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
+from .batcher import DoneEvent, ErrorEvent, Sequence, TextEvent
 from .config import ServerConfig
-from .constrain import Grammars
 from .guard import RequestGuard
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
+from .service import ModelService, ServedModel
 from .tools import (
     ToolStream,
     check_template,
@@ -37,91 +31,13 @@ from .tools import (
     parse_tool_calls,
     template_message,
 )
+from .utility_routes import add_utility_routes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI does
-FALLBACK_CONTEXT = 2048  # models whose config states no context length
-RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 SHUTDOWN_MESSAGE = "the server is shutting down; retry later"
 
-__all__ = ["ServerConfig", "create_app"]
-
-
-class ModelService:
-    """The one served model: its id, its tokenizer (under a lock) and its scheduler."""
-
-    def __init__(self, engine, config: ServerConfig):
-        self.engine = engine
-        self.config = config
-        self.model_id = Path(engine.directory).name
-        self.created = int(time.time())
-        self.tokenizer_lock = threading.Lock()  # shared with the scheduler's decoding
-        self.scheduler = Scheduler(engine, config.max_batch, config.max_queue,
-                                   self.tokenizer_lock, config.max_prefill_tokens)
-        self.context = getattr(engine.model.config, "max_position_embeddings", None)
-        # what a request that sets no sampling field gets: the model's generation config
-        self.sampling_defaults = model_defaults(engine.model.generation_config)
-        self.grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size,
-                                 self.scheduler.eos_ids)
-
-    def check_model(self, name: str) -> None:
-        if name != self.model_id:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.model_id!r}", param="model", code="model_not_found")
-
-    def encode(self, text: Optional[str], messages: Optional[list]) -> List[int]:
-        try:
-            with self.tokenizer_lock:
-                ids = encode_prompt(self.engine, text, messages, chat=messages is not None)
-        except ConfigError as exc:
-            raise ApiError(400, f"{exc}; use /v1/completions",
-                           param="messages") from None
-        return ids[0].tolist()
-
-    def encode_with_tools(self, messages: list, tools: list) -> List[int]:
-        """The chat template rendered with the tools' schemas (Qwen2.5, Llama 3.x...)."""
-        with self.tokenizer_lock:
-            return list(self.engine.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=True, return_dict=True,
-            )["input_ids"])
-
-    def max_tokens(self, prompt_ids: List[int], requested: Optional[int], chat: bool,
-                   param: str) -> int:
-        """The tokens to generate: as requested, else the default capped by the context."""
-        if not prompt_ids:
-            raise ApiError(400, "the prompt is empty", param=param)
-        room = (self.context or FALLBACK_CONTEXT) - len(prompt_ids)
-        kv_room = self.scheduler.kv_capacity.room(len(prompt_ids))  # None: no --kv-budget
-        room = room if kv_room is None else min(room, max(kv_room, 1))
-        default = self.config.default_max_tokens if chat else DEFAULT_COMPLETION_TOKENS
-        wanted = requested or min(default, room)
-        try:
-            check_context(self.engine, len(prompt_ids), max(wanted, 1))
-        except ContextLengthError:
-            raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
-                                f"({max(wanted, 1)}) exceeds this model's context of "
-                                f"{self.context} tokens; shorten the prompt or lower max_tokens",
-                           param=param, code="context_length_exceeded") from None
-        try:
-            self.scheduler.kv_capacity.check_alone(len(prompt_ids), max(wanted, 1))
-        except ContextLengthError as exc:
-            raise ApiError(400, str(exc), param=param, code="context_length_exceeded") from None
-        return wanted
-
-    def submit(self, prompt_ids: List[int], request, constraint=None) -> tuple:
-        """Queue a request; returns (sequence, asyncio queue of its events)."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        params = request.sampling_params(request.max_tokens, self.sampling_defaults)
-        sequence = Sequence(prompt_ids, params,
-                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                            constraint)
-        try:
-            self.scheduler.submit(sequence)
-        except QueueFullError as exc:
-            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        return sequence, events
+__all__ = ["ModelService", "ServerConfig", "create_app"]
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -250,27 +166,29 @@ def _prepare_completion(service: ModelService, raw: bytes):
     return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 
-def _add_routes(app: FastAPI, service: ModelService) -> None:
-    def model_card() -> dict:
+def _add_routes(app: FastAPI, served: ServedModel) -> None:
+    def model_card(service: ModelService) -> dict:
         return {"id": service.model_id, "object": "model", "created": service.created,
-                "owned_by": "offload-engine"}
+                "owned_by": "offload-engine", "max_model_len": service.context}
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(served.service)]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        service.check_model(name)
-        return model_card()
+        served.service.check_model(name)
+        return model_card(served.service)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        service = served.service
         prepared = await run_in_threadpool(_prepare_chat, service, await request.body())
         return await _complete(service, prepared, True, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        service = served.service
         prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
         return await _complete(service, prepared, False, request)
 
@@ -282,18 +200,24 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
 
     @app.get("/health")
     async def health():
-        alive = service.scheduler.alive
-        return JSONResponse({"status": "ok" if alive else "scheduler stopped",
-                             "model": service.model_id}, status_code=200 if alive else 503)
+        status, service = served.status, served.service_or_none
+        body = {"status": status, "model": service.model_id if service else None}
+        if served.error is not None:
+            body["error"] = str(served.error)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
+        service = served.service
         text = prometheus.render(service.model_id, service.scheduler.metrics.snapshot())
         return Response(text, media_type=prometheus.CONTENT_TYPE)
 
     @app.get("/metrics/json")
     async def metrics_json():
+        service = served.service
         return {"model": service.model_id, **service.scheduler.metrics.snapshot()}
+
+    add_utility_routes(app, served)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -314,25 +238,32 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=500)
 
 
-def create_app(engine, config: Optional[ServerConfig] = None) -> FastAPI:
-    """The API around a loaded engine; the scheduler runs while the app is being served."""
+def create_app(engine=None, config: Optional[ServerConfig] = None) -> FastAPI:
+    """The API around an engine; the scheduler runs while the app is being served.
+
+    With ``engine=None`` the app answers at once, every model route with a 503 "loading",
+    until ``app.state.served.load(...)`` has loaded one (what ``serve`` does)."""
     config = config or ServerConfig()
-    service = ModelService(engine, config)
+    service = ModelService(engine, config) if engine is not None else None
+    served = ServedModel(config, service)
 
     @asynccontextmanager
     async def lifespan(_app):
-        service.scheduler.start()
+        if service is not None:
+            service.scheduler.start()
         try:
             yield
         finally:
-            service.scheduler.abort(SHUTDOWN_MESSAGE)
-            await asyncio.to_thread(service.scheduler.stop)  # the loop stays free meanwhile
+            served.abort(SHUTDOWN_MESSAGE)
+            running = served.service_or_none
+            if running is not None:  # the loop stays free meanwhile
+                await asyncio.to_thread(running.scheduler.stop)
 
     app = FastAPI(title="offload-engine", lifespan=lifespan)
     app.add_middleware(RequestGuard, api_key=config.api_key,
                        max_body_bytes=config.max_body_bytes)
-    app.state.service = service
-    _add_routes(app, service)
+    app.state.service = service  # None until loaded (create_app(None))
+    app.state.served = served
+    _add_routes(app, served)
     _add_error_handlers(app)
     return app
-

@@ -10,6 +10,7 @@ The engine is not thread-safe, so nothing else touches it while the scheduler ru
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -91,6 +92,7 @@ class Scheduler:
         self._eos_ids = _eos_ids(engine)
         self._wake = threading.Condition()
         self._waiting: collections.deque = collections.deque()  # guarded by _wake
+        self._jobs: list = []  # (fn, Future) to run on the engine between steps; by _wake
         self._active: List[Sequence] = []  # scheduler thread only; row i of _batch
         self._batch = BatchedCache()
         self._stopping = False
@@ -116,6 +118,17 @@ class Scheduler:
             sequence.cancelled = True
             self._wake.notify()
 
+    def run_exclusive(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the scheduler thread between two steps (the engine is not
+        thread-safe): for work that is not a generation, such as embeddings."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down")
+            self._jobs.append((fn, future))
+            self._wake.notify()
+        return future
+
     def abort(self, reason: str) -> None:
         """Take no more work and fail every queued or running request now, with a 503.
 
@@ -127,7 +140,9 @@ class Scheduler:
             doomed = list(self._waiting) + list(self._active)
             for sequence in doomed:
                 sequence.cancelled = True
+            jobs, self._jobs = self._jobs, []
             self._wake.notify()
+        _fail_jobs(jobs, reason)
         for sequence in doomed:
             _safe_emit(sequence, ErrorEvent(reason, status=503))
 
@@ -157,6 +172,8 @@ class Scheduler:
         with self._wake:
             leftover = list(self._waiting) + self._active
             self._waiting.clear()
+            jobs, self._jobs = self._jobs, []
+        _fail_jobs(jobs, "the server is shutting down")
         self._active = []
         for sequence in leftover:
             if not sequence.cancelled:  # abort() or its client already ended it
@@ -166,10 +183,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._active):
+                while not (self._stopping or self._waiting or self._active or self._jobs):
                     self._wake.wait()
                 if self._stopping:
                     return
+                jobs, self._jobs = self._jobs, []
+            _run_jobs(jobs)
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - the running requests fail with the cause
@@ -334,6 +353,23 @@ class Scheduler:
         _safe_emit(sequence, DoneEvent(reason, len(sequence.prompt_ids),
                                        len(sequence.token_ids), [] if text else reported))
         return True
+
+
+def _run_jobs(jobs: list) -> None:
+    for fn, future in jobs:
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            with torch.inference_mode():
+                future.set_result(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it
+            future.set_exception(exc)
+
+
+def _fail_jobs(jobs: list, reason: str) -> None:
+    for _fn, future in jobs:
+        if future.set_running_or_notify_cancel():
+            future.set_exception(QueueFullError(reason))
 
 
 def _safe_emit(sequence: Sequence, event) -> bool:

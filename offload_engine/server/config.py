@@ -35,6 +35,11 @@ class ServerConfig:
     # on shutdown, seconds to wait for open connections to finish after their requests
     # were failed with 503 (they normally finish in milliseconds)
     shutdown_grace_s: float = 2.0
+    # tokens a prompt plus its reply may take (llama.cpp's -c, vLLM's --max-model-len);
+    # None: the model's own context. A larger value than the model's is capped to it
+    ctx_size: Optional[int] = None
+    # the model id clients see and send (/v1/models, "model"); None: the directory's name
+    served_model_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_body_bytes",
@@ -47,6 +52,10 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.ctx_size is not None and self.ctx_size < 1:
+            raise ConfigError(f"--ctx-size must be at least 1, got {self.ctx_size}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ConfigError("--served-model-name is empty; give a name or leave the flag out")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
 

@@ -12,7 +12,8 @@ from typing import Optional
 
 from .schemas import ApiError
 
-PROTECTED_PREFIX = "/v1/"  # the API; /health, /metrics and the page stay open, as in vLLM
+# the API; /health, /metrics and the page stay open, as in vLLM
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 def _error_response(error: ApiError):
@@ -31,7 +32,8 @@ def body_too_large(limit: int) -> ApiError:
 
 
 class RequestGuard:
-    """Refuses /v1/ requests without the API key (401) and bodies over ``max_body_bytes`` (413).
+    """Refuses /v1/, /tokenize and /detokenize requests without the API key (401) and
+    bodies over ``max_body_bytes`` (413).
 
     A declared Content-Length over the limit is refused before anything is read; a body sent
     without one (chunked) is counted as it arrives and refused once it passes the limit: the
@@ -57,7 +59,7 @@ class RequestGuard:
 
     def _refusal(self, scope) -> Optional[ApiError]:
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith(PROTECTED_PREFIX):
+        if self.api_key and scope["path"].startswith(PROTECTED_PREFIXES):
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(

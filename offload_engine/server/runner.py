@@ -1,4 +1,5 @@
-"""Running the app: bind the port first, load the model, serve, and stop promptly on Ctrl-C.
+"""Running the app: bind the port, serve /health ("loading") while the model loads, serve,
+and stop promptly on Ctrl-C.
 
 uvicorn's own shutdown waits for every open request to finish before the app's shutdown
 runs; ours would decode each to its end (minutes on a big model). So the server here fails
@@ -8,7 +9,6 @@ Ctrl-C does not force an exit that would tear down tasks mid-flight with traceba
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import signal
@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import uvicorn
 
-from ..errors import ConfigError
 from .app import SHUTDOWN_MESSAGE, ServerConfig, create_app
+from .listen import bind_socket
 
 logger = logging.getLogger(__name__)
 
@@ -42,45 +42,19 @@ def warn_if_exposed(config: ServerConfig) -> None:
                        "127.0.0.1", config.host)
 
 
-LISTEN_BACKLOG = 2048  # uvicorn's default
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind (host, port) now, so a taken port fails before minutes of model loading.
-
-    The bound socket is handed to uvicorn, so nothing can take the port in between.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # as uvicorn does: a previous server's connections in TIME_WAIT do not block the port,
-    # a server still listening on it does
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        # Listening now queues a client that connects between the "serving" banner and
-        # uvicorn's start, instead of refusing it (seen as ConnectionRefused under load).
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"port {port} on {host} is already in use (another server?); "
-                              "stop it or pick a free one with --port") from None
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                          "check --host and --port") from None
-    return sock
-
-
 class EngineServer(uvicorn.Server):
-    """uvicorn's server, failing in-flight requests first when it is asked to stop."""
+    """uvicorn's server, failing in-flight requests first when it is asked to stop.
 
-    def __init__(self, config: uvicorn.Config, scheduler):
+    ``stopper`` has ``abort(reason)``: the Scheduler, or the app's ServedModel."""
+
+    def __init__(self, config: uvicorn.Config, stopper):
         super().__init__(config)
-        self.scheduler = scheduler
+        self.stopper = stopper
 
     async def shutdown(self, sockets=None) -> None:
         # the requests now get a 503 and finish at once, so uvicorn's wait for open
         # connections ends in milliseconds instead of after every reply is decoded
-        self.scheduler.abort(SHUTDOWN_MESSAGE)
+        self.stopper.abort(SHUTDOWN_MESSAGE)
         await super().shutdown(sockets)
 
     def handle_exit(self, sig, frame) -> None:
@@ -101,7 +75,7 @@ class BackgroundServer:
         self.socket = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         self.server = EngineServer(uvicorn.Config(app, log_level="warning"),
-                                   app.state.service.scheduler)
+                                   app.state.served)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -120,37 +94,64 @@ class BackgroundServer:
         self.socket.close()
 
 
-def run_app(app, sock: socket.socket, grace_s: float) -> None:
-    """Serve ``app`` on the bound ``sock`` until a signal (or should_exit) stops it."""
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=grace_s)
-    server = EngineServer(config, app.state.service.scheduler)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; we are done anyway
-        pass
-
-
 def serve(model, engine_config, config: ServerConfig,
-          on_loaded: Optional[Callable[[str, str], None]] = None) -> None:
-    """Load ``model``, serve it until interrupted, then stop the scheduler and the engine.
+          on_loaded: Optional[Callable[[str, str], None]] = None,
+          on_listening: Optional[Callable[[str], None]] = None,
+          sock: Optional[socket.socket] = None) -> None:
+    """Listen first, load ``model`` meanwhile, serve until interrupted, then stop the
+    scheduler and the engine.
 
-    ``on_loaded`` receives the served model id and the base URL once the engine is loaded.
+    While the model loads, /health answers 503 {"status": "loading"} and the model routes
+    503 with code model_loading, instead of refused connections. ``on_listening`` receives
+    the base URL once the port is bound; ``on_loaded`` the served model id and the API's
+    URL once the engine is loaded. A load that fails stops the server and is raised here.
+    ``sock``: already bound by ``listen.bind_socket`` (the CLI binds before it imports
+    torch, so early clients wait instead of being refused); closed here either way.
     """
     from ..decode.api import load
 
     warn_if_exposed(config)
-    sock = bind_socket(config.host, config.port)
+    sock = sock or bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{_url_host(host)}:{port}"
     try:
-        with load(model, engine_config) as engine:
-            app = create_app(engine, config)
+        app = create_app(None, config)
+        served = app.state.served
+        server = EngineServer(uvicorn.Config(app, log_level="info",
+                                             timeout_graceful_shutdown=config.shutdown_grace_s),
+                              served)
+
+        def loaded(service) -> None:
+            app.state.service = service
             if on_loaded is not None:
-                host, port = sock.getsockname()[:2]
-                on_loaded(app.state.service.model_id, f"http://{_url_host(host)}:{port}/v1")
-            run_app(app, sock, config.shutdown_grace_s)
-            # a forced exit skips the app's shutdown: stop the scheduler before the engine
-            app.state.service.scheduler.stop()
+                on_loaded(service.model_id, f"{url}/v1")
+
+        def failed(_exc: BaseException) -> None:
+            server.should_exit = True  # serve() raises it once uvicorn has stopped
+
+        if on_listening is not None:
+            on_listening(url)
+        served.load(lambda: load(model, engine_config), loaded, failed)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; we are done
+            pass
+        _close(served)
     finally:
         sock.close()
+
+
+def _close(served) -> None:
+    """After uvicorn stopped: stop the scheduler, then close the engine; raise a failed
+    load's error. An engine still loading is closed by its loader when it finishes."""
+    served.abort(SHUTDOWN_MESSAGE)
+    service = served.service_or_none
+    if service is not None:
+        # a forced exit skips the app's shutdown: stop the scheduler before the engine
+        service.scheduler.stop()
+        service.engine.close()
+    if served.error is not None:
+        raise served.error
 
 
 def _url_host(host: str) -> str:

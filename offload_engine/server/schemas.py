@@ -114,7 +114,7 @@ class ResponseFormat(_Strict):
 
 
 class _Sampling(_Strict):
-    model: str
+    model: Optional[str] = None  # optional: one model is served
     max_tokens: Optional[int] = None
     # Sampling: a field left out takes the model's generation_config.json value (greedy
     # when the model does not ask for sampling), then the neutral one (decode/sampling.py)
