@@ -192,11 +192,17 @@ def _add_routes(app: FastAPI, served: ServedModel) -> None:
         prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
         return await _complete(service, prepared, False, request)
 
-    page = (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
+    static = resources.files(__package__) / "static"
+    page = (static / "chat.html").read_text(encoding="utf-8")
+    markdown = (static / "markdown.js").read_text(encoding="utf-8")
 
     @app.get("/", include_in_schema=False)
     async def chat_page():  # static: it talks to the API above from the browser
         return HTMLResponse(page)
+
+    @app.get("/static/markdown.js", include_in_schema=False)
+    async def markdown_js():  # the page's Markdown renderer, shipped with the package
+        return Response(markdown, media_type="text/javascript")
 
     @app.get("/health")
     async def health():
