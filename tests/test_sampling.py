@@ -113,3 +113,23 @@ def test_generate_stops_before_a_stop_string(engine):
                              on_text=streamed.append)
     assert result.text == full[:full.find(stop)] == "".join(streamed)
     assert len(result.token_ids) < 24
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 1.0},
+    {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 1.2,
+     "presence_penalty": 0.5}])
+def test_seeded_samples_are_the_same_in_generate_and_the_server(engine, settings):
+    """One path: the same processors and the same seeded draws, token for token."""
+    from offload_engine.server.batcher import Scheduler, Sequence
+    from offload_engine.server.sampling import SamplingParams
+
+    expected = engine.generate(PROMPT, max_new_tokens=16, seed=7, **settings).token_ids
+    sequence = Sequence(engine.tokenizer(PROMPT)["input_ids"],
+                        SamplingParams(16, seed=7, **settings), lambda event: None)
+    scheduler = Scheduler(engine)
+    scheduler.submit(sequence)
+    while scheduler._waiting or scheduler._active:
+        scheduler.step()
+    assert sequence.token_ids == expected
+    assert expected != engine.generate(PROMPT, max_new_tokens=16, greedy=True).token_ids
