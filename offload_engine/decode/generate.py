@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..errors import ConfigError, ContextLengthError
+from ..model.cache_arg import cache_kwargs
 from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
@@ -169,7 +170,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
                     engine.config.kv_budget_bytes())
     past = engine.new_kv_cache()  # None: transformers' default (dense) cache
-    cache_kwargs = {} if past is None else {"past_key_values": past}
+    past_kwargs = cache_kwargs(engine.model, past)
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text)
@@ -182,7 +183,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
-            pad_token_id=_pad_id(engine), **cache_kwargs,
+            pad_token_id=_pad_id(engine), **past_kwargs,
             **sampling_args(temperature, top_p, greedy),
             **spec.generate_kwargs(engine, speculation))
     _synchronize(engine.device)
