@@ -12,6 +12,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import ConfigError, ContextLengthError
+from ..model.cache_arg import cache_kwargs
 from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
@@ -192,7 +193,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
                     engine.config.kv_budget_bytes())
     past = engine.new_kv_cache()  # None: transformers' default (dense) cache
-    cache_kwargs = {} if past is None else {"past_key_values": past}
+    past_kwargs = cache_kwargs(engine.model, past)
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text, [stop] if isinstance(stop, str)
@@ -208,7 +209,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
             max_new_tokens=max_new_tokens, streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_StopOnEvent(*events)]),
             logits_processor=logits_processors(settings, input_ids.shape[1]),
-            pad_token_id=_pad_id(engine), **cache_kwargs,
+            pad_token_id=_pad_id(engine), **past_kwargs,
             **hf_generate_args(settings, engine.model.generation_config),
             **spec.generate_kwargs(engine, speculation))
     _synchronize(engine.device)
