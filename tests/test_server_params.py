@@ -212,6 +212,11 @@ def test_top_k_min_p_repetition_penalty_are_applied_and_equal_the_cli(live, engi
         model=live.service.model_id, messages=messages, max_tokens=12,
         extra_body={"top_k": 1}).choices[0].message.content
     assert unpenalized == plain
+    # no sampling field: the model's generation_config.json, which asks for no sampling
+    defaults = {client.chat.completions.create(
+        model=live.service.model_id, messages=messages, max_tokens=12).choices[0].message.content
+        for _ in range(2)}
+    assert defaults == {plain}
     assert main(["run", str(engine.directory), messages[0]["content"], "--chat", "-n", "12",
                  "--temp", "2", "--top-k", "1", "--repeat-penalty", "1.5", "--seed", "1",
                  "--device", "cpu", "--no-progress"]) == 0
