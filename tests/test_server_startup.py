@@ -146,3 +146,13 @@ def test_serve_flags():
                                       "--served-model-name", "qwen"])
     assert (args.ctx_size, args.served_model_name) == (2048, "qwen")
     assert build_parser().parse_args(["serve", "DIR", "--max-model-len", "512"]).ctx_size == 512
+
+
+def test_api_key_guards_tokenize_too(engine):
+    with LiveServer(engine, ServerConfig(api_key="secret")) as server:
+        url = f"{server.url}/tokenize"
+        assert httpx.post(url, json={"prompt": "x"}, timeout=TIMEOUT).status_code == 401
+        allowed = httpx.post(url, json={"prompt": "x"}, timeout=TIMEOUT,
+                             headers={"Authorization": "Bearer secret"})
+        assert allowed.status_code == 200
+        assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code == 200
