@@ -25,8 +25,9 @@ from ..errors import ConfigError, ContextLengthError
 from . import prometheus
 from .batcher import DoneEvent, ErrorEvent, QueueFullError, Scheduler, Sequence, TextEvent
 from .config import ServerConfig
-from .constrain import Grammars
+from .constrain import Grammars, check_tool_schemas
 from .guard import RequestGuard
+from .prompt_size import refuse_overlong
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
 from .tools import (
@@ -68,6 +69,7 @@ class ModelService:
                                 f"{self.model_id!r}", param="model", code="model_not_found")
 
     def encode(self, text: Optional[str], messages: Optional[list]) -> List[int]:
+        self.refuse_overlong(text, messages)
         try:
             with self.tokenizer_lock:
                 ids = encode_prompt(self.engine, text, messages, chat=messages is not None)
@@ -76,8 +78,16 @@ class ModelService:
                            param="messages") from None
         return ids[0].tolist()
 
+    def refuse_overlong(self, text: Optional[str], messages: Optional[list]) -> None:
+        """400 for a prompt longer than the context, before it is tokenized whole."""
+        texts = [text or ""] if messages is None else [m["content"] for m in messages]
+        with self.tokenizer_lock:
+            refuse_overlong(self.engine.tokenizer, texts, self.context or FALLBACK_CONTEXT,
+                            "prompt" if messages is None else "messages")
+
     def encode_with_tools(self, messages: list, tools: list) -> List[int]:
         """The chat template rendered with the tools' schemas (Qwen2.5, Llama 3.x...)."""
+        self.refuse_overlong(None, messages)
         with self.tokenizer_lock:
             return list(self.engine.tokenizer.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=True, return_dict=True,
@@ -222,6 +232,8 @@ def _prepare_chat(service: ModelService, raw: bytes):
     requested = body.requested_max_tokens()
     messages = [template_message(m.as_template_message(), m.tool_calls) for m in body.messages]
     tools = body.active_tools()
+    if tools is not None:
+        check_tool_schemas(tools)
     if tools is None:
         prompt_ids = service.encode(None, messages)
     else:
@@ -247,6 +259,16 @@ def _prepare_completion(service: ModelService, raw: bytes):
     return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 
+async def _prepared(service: ModelService, prepare, request: Request) -> tuple:
+    """Read, parse and tokenize in a worker thread; a refused request (4xx) is counted as
+    requests_total{outcome="rejected"}."""
+    try:
+        return await run_in_threadpool(prepare, service, await request.body())
+    except ApiError:
+        service.scheduler.metrics.count("requests_rejected")
+        raise
+
+
 def _add_routes(app: FastAPI, service: ModelService) -> None:
     def model_card() -> dict:
         return {"id": service.model_id, "object": "model", "created": service.created,
@@ -263,12 +285,12 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        prepared = await run_in_threadpool(_prepare_chat, service, await request.body())
+        prepared = await _prepared(service, _prepare_chat, request)
         return await _complete(service, prepared, True, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
+        prepared = await _prepared(service, _prepare_completion, request)
         return await _complete(service, prepared, False, request)
 
     page = (resources.files(__package__) / "static" / "chat.html").read_text(encoding="utf-8")
@@ -325,9 +347,10 @@ def create_app(engine, config: Optional[ServerConfig] = None) -> FastAPI:
             service.scheduler.abort(SHUTDOWN_MESSAGE)
             await asyncio.to_thread(service.scheduler.stop)  # the loop stays free meanwhile
 
-    app = FastAPI(title="offload-engine", lifespan=lifespan)
-    app.add_middleware(RequestGuard, api_key=config.api_key,
-                       max_body_bytes=config.max_body_bytes)
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="offload-engine", lifespan=lifespan, **docs)
+    app.add_middleware(RequestGuard, config=config,
+                       on_refusal=lambda: service.scheduler.metrics.count("requests_rejected"))
     app.state.service = service
     _add_routes(app, service)
     _add_error_handlers(app)

@@ -84,7 +84,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass ahead of each token
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        # the likeliest token always stays (before == 0): a top_p below float32's smallest
+        # number (1e-300) would otherwise mask every token
+        sorted_probs = sorted_probs.masked_fill((before >= params.top_p) & (before > 0), 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
