@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 from ..errors import ConversionError, OffloadError
 from .format import FORMAT_NAME, MANIFEST_NAME
@@ -49,9 +49,11 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
     check_replaceable(given, force)
 
 
-def check_replaceable(dst: Path, force: bool) -> None:
-    """Raise ConversionError unless DST is absent, empty, or (with force) our own output,
-    and its place can be written. Removes staging directories of killed conversions."""
+def check_replaceable(dst: Path, force: bool, command: str = "quantize",
+                      foreign: Optional[Callable[[Path], List[str]]] = None) -> None:
+    """Raise ConversionError unless DST is absent, empty, or (with force) a previous output
+    of ``command`` (``foreign`` lists what in it is not: default, a quantize output's
+    check), and its place can be written. Removes staging directories of killed runs."""
     dst = real_destination(dst)
     remove_stale_staging(dst)
     check_writable(dst)
@@ -63,12 +65,12 @@ def check_replaceable(dst: Path, force: bool) -> None:
         return  # an empty directory: nothing to lose
     if not force:
         raise ConversionError(f"{dst} already exists; pass --force to replace it "
-                              "(only a previous output of `quantize` can be replaced)")
-    foreign = foreign_entries(dst)
-    if foreign:
-        shown = ", ".join(foreign[:FOREIGN_SHOWN]) + (" ..." if len(foreign) > 3 else "")
+                              f"(only a previous output of `{command}` can be replaced)")
+    others = (foreign or foreign_entries)(dst)
+    if others:
+        shown = ", ".join(others[:FOREIGN_SHOWN]) + (" ..." if len(others) > 3 else "")
         raise ConversionError(
-            f"{dst}: --force replaces only a previous output of `quantize`, and this "
+            f"{dst}: --force replaces only a previous output of `{command}`, and this "
             f"directory holds other files ({shown}); move them away or pick another DST")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, ContextLengthError
 from .options import add_engine_args, engine_config_from_args
-from .run_cmd import add_generation_args, generation_kwargs, not_utf8
+from .run_cmd import add_generation_args, check_generation_args, generation_kwargs, not_utf8
 
 logger = logging.getLogger(__name__)
 COMMANDS = {"/reset": "start over", "/exit": "quit", "/help": "list the commands"}
@@ -49,6 +49,7 @@ def _check_stdin() -> None:
 def run(args) -> int:
     from ..decode.api import load
 
+    check_generation_args(args)
     _check_stdin()
     with load(args.model, engine_config_from_args(args)) as engine:
         print(HELP, file=sys.stderr)

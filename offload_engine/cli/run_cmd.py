@@ -27,6 +27,14 @@ def add_generation_args(parser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
+def check_generation_args(args) -> None:
+    """-n and -c, checked before the model loads (the engine would refuse them after)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"-n/--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise ConfigError(f"-c/--ctx-size must be at least 1, got {args.ctx_size}")
+
+
 def generation_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, greedy=args.greedy, seed=args.seed)
@@ -84,6 +92,7 @@ def run(args) -> int:
     from ..runtime.profiling import trace_to
 
     prompt = prompt_from_args(args)
+    check_generation_args(args)
     for path, flag in ((args.stats_json, "--stats-json"), (args.profile_trace, "--profile-trace")):
         if path is not None:  # before the model loads and generates, not after
             check_output(path, flag)
