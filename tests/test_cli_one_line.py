@@ -3,9 +3,8 @@ gives one line and exit 2, before the work where the fault can be seen up front.
 
 from __future__ import annotations
 
-import os
+import io
 import struct
-import subprocess
 import sys
 
 import pytest
@@ -37,33 +36,20 @@ def test_run_with_a_prompt_that_is_not_utf8(qwen2_q, capsys, no_load):
         _one_line_error(capsys, "not valid UTF-8", "byte 0x")
 
 
-def _chat(model, tmp_path, stdin, *flags):
-    env = {**os.environ, "OFFLOAD_ENGINE_CACHE": str(tmp_path)}
-    return subprocess.run(
-        [sys.executable, "-m", "offload_engine", "chat", str(model), "--greedy",
-         "--no-progress", "--device", "cpu", "-n", "2", *flags],
-        stdin=stdin, capture_output=True, timeout=180, env=env)
+def test_chat_line_that_is_not_utf8_is_skipped(qwen2_q, tmp_path, capsys, monkeypatch):
+    script = b"\xff\xfe\x00binary\n" + b"hello\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(script), encoding="utf-8"))
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path))
+    assert main(["chat", str(qwen2_q), "--greedy", "-n", "2", *RUN[2:]]) == 0
+    captured = capsys.readouterr()
+    assert "(not sent: the line is not valid UTF-8 text" in captured.err
+    assert captured.out.count("bot> ") == 1  # the next line is answered
 
 
-def test_chat_line_that_is_not_utf8_is_skipped(qwen2_q, tmp_path):
-    script = tmp_path / "script"
-    script.write_bytes(b"\xff\xfe\x00binary\n" + b"hello\n/exit\n")
-    with open(script, "rb") as stdin:
-        result = _chat(qwen2_q, tmp_path, stdin)
-    err = result.stderr.decode()
-    assert result.returncode == 0, err[-2000:]
-    assert "(not sent: the line is not valid UTF-8 text" in err and "Traceback" not in err
-    assert result.stdout.decode().count("bot> ") == 1  # the next line is answered
-
-
-def test_chat_with_stdin_closed(qwen2_q, tmp_path):
-    command = (f"{sys.executable} -m offload_engine chat {qwen2_q} --device cpu "
-               "--no-progress <&-")
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "OFFLOAD_ENGINE_CACHE": str(tmp_path)})
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "standard input, which is closed" in lines[0], result.stderr
+def test_chat_with_stdin_closed(qwen2_q, capsys, monkeypatch, no_load):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets when fd 0 is closed (<&-)
+    assert main(["chat", str(qwen2_q), *RUN[2:]]) == 2
+    _one_line_error(capsys, "standard input, which is closed")
 
 
 @pytest.mark.parametrize("flag", ["--stats-json", "--profile-trace"])

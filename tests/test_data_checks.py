@@ -214,7 +214,8 @@ def test_stale_staging_of_a_killed_conversion_is_removed(qwen2_src, tmp_path):
     live.mkdir()
     other = tmp_path / ".other.partial-999999999"  # another DST's: not ours to judge
     other.mkdir()
-    assert main(["quantize", str(qwen2_src), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert main(["quantize", str(qwen2_src), str(tmp_path / "out"), "--method", "rtn",
+                 "--no-progress"]) == 0
     assert not dead.exists() and live.is_dir() and other.is_dir()
     assert (tmp_path / "out" / "offload_manifest.json").is_file()
 
@@ -227,7 +228,8 @@ def test_force_onto_a_symlink_replaces_its_target(qwen2_src, qwen2_q, tmp_path):
     link = tmp_path / "current"
     link.symlink_to(target)
     before = (target / "offload_manifest.json").stat().st_ino
-    assert main(["quantize", str(qwen2_src), str(link), "--force", "--no-progress"]) == 0
+    assert main(["quantize", str(qwen2_src), str(link), "--force", "--method", "rtn",
+                 "--no-progress"]) == 0
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert (target / "offload_manifest.json").stat().st_ino != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
