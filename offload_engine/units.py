@@ -26,11 +26,23 @@ def parse_bytes(text) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
+def parse_positive_bytes(text) -> int:
+    """parse_bytes for sizes that must hold something (--shard-size): at least 1 byte."""
+    value = parse_bytes(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, such as 2GiB; got {text!r}")
+    return value
+
+
 def parse_budget(text) -> int:
     """Like parse_bytes, for budgets where a bare number is ambiguous: "1.5" meant 1.5 GB,
     not 1 byte. Integers given from Python stay bytes; text needs a unit."""
     if isinstance(text, int) or not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", str(text)):
         return parse_bytes(text)
+    if float(text) <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{str(text).strip()} leaves no memory for weights: give a size such as 4GiB, a "
+            "share of free memory in (0, 1] such as 0.8, or 'unbounded'")
     raise argparse.ArgumentTypeError(
         f"a bare number above 1 needs a unit: write {str(text).strip()}GiB or "
         f"{str(text).strip()}GB (a number up to 1, such as 0.8, is a share of free memory)")

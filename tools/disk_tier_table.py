@@ -7,7 +7,8 @@ Each budget runs in its own process (so its peak RSS is its own): load the engin
 warm up with one token, generate --tokens greedy tokens, and report the host plan
 (weights kept in RAM, bytes read from disk per token as planned), the measured bytes
 read from disk per token, the disk reader's GB/s, decode tokens/s, the compute's and
-the prefetch worker's stall time, and the process's peak RSS growth over a baseline
+the prefetch worker's stall time, the time the disk reader spent checking each read's
+CRC-32 per token, and the process's peak RSS growth over a baseline
 taken after every import. Percentages are of the INT4 bytes the device cache streams.
 It prints a Markdown table and checks that every budget produced the same tokens.
 Shard pages are dropped from the page cache after each read, so a bounded run reads
@@ -94,8 +95,10 @@ def run_one(args) -> dict:
     with load(args.model, progress=False, gpu_budget=args.gpu_budget, host_budget=budget) as e:
         e.generate(args.prompt, max_new_tokens=1, greedy=True)  # imports, first fill
         baseline = psutil.Process().memory_info().rss  # after every import, with the model
+        checked = e.counters().get("disk_verify_seconds", 0.0)
         # The peak over the baseline while generating; the load's own peak is counted too.
         result = e.generate(args.prompt, max_new_tokens=args.tokens, greedy=True)
+        checked = e.counters().get("disk_verify_seconds", 0.0) - checked
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         stats, host = result.stats, e.host_plan
         return {"host_ram_bytes": e.store.nbytes, "weights_on_disk": len(host.on_disk),
@@ -104,19 +107,21 @@ def run_one(args) -> dict:
                 "disk_gb_s": stats.disk_read_bytes_per_s / 1e9,
                 "tokens_per_s": stats.decode_tokens_per_s, "stall_s": stats.stall_seconds,
                 "disk_stall_s": stats.disk_stall_seconds, "rss_bytes": baseline,
+                "crc_ms_per_token": 1e3 * checked / max(stats.forward_passes, 1),
                 "peak_rss_bytes": peak, "token_ids": result.token_ids}
 
 
 def table(rows: list) -> list:
     lines = ["| host budget | INT4 in RAM | weights read from disk | disk MB/token (plan) | "
-             "disk GB/s | decode tok/s | stall s (disk) | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "disk GB/s | CRC ms/token | decode tok/s | stall s (disk) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, value, r in rows:
         shown = "unbounded" if value == "unbounded" else f"{label} = {value / 2**20:.1f} MiB"
         lines.append(
             f"| {shown} | {r['host_ram_bytes'] / 2**20:.1f} MiB | {r['weights_on_disk']} of "
             f"{r['weights']} | {r['disk_bytes_per_token'] / 1e6:.2f} "
             f"({r['planned_disk_bytes'] / 1e6:.2f}) | {r['disk_gb_s']:.2f} | "
+            f"{r['crc_ms_per_token']:.2f} | "
             f"{r['tokens_per_s']:.2f} | {r['stall_s']:.2f} ({r['disk_stall_s']:.2f}) | "
             f"{r['peak_rss_bytes'] / 1e6:.0f} |")
     return lines

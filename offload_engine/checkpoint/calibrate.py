@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, SourceError
 from ..quant.awq import ScaleSearchSettings, search_scales
 from ..quant.layout import QuantSpec
-from ..quant.quantize import dequantize_weight, quantize_weight
+from ..quant.quantize import check_finite, dequantize_weight, quantize_weight
 from . import stfile
 from .calibration_data import CalibrationData, calibration_ids
 
@@ -294,6 +294,8 @@ def plan_layer(plan: FoldPlan, layer: nn.Module, prefix: str, stats: _LayerStats
         first = stats.recorders[group.linears[0]]
         mean_abs = first.abs_sum / first.count
         weights = [layer.get_submodule(p).weight for p in group.linears]
+        for path, weight in zip(group.linears, weights, strict=True):
+            check_finite(f"{prefix}{path}.weight", weight)  # named here, not in the search
         producer = layer.get_submodule(group.producer)
         if not group.producer_is_norm and producer.out_features != weights[0].shape[1]:
             plan.skipped.append(f"{prefix}{group.linears[0]} (producer {group.producer} has "

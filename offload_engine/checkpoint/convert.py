@@ -122,6 +122,9 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     """
     started = time.perf_counter()
     dst = Path(dst)
+    if (Path(src) / MANIFEST_NAME).is_file():
+        raise ConversionError(f"{src} is already quantized (it holds {MANIFEST_NAME}): use it "
+                              "as it is with run, chat or serve, or quantize the original model")
     check_destination(Path(src), dst, force)  # before reading SRC: a GGUF takes a while
     source = open_source(Path(src), requantize=requantize)
     spec = source.import_spec or spec

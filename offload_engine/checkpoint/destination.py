@@ -5,6 +5,12 @@ holds our manifest and nothing else but our shards and side files). DST may neve
 be SRC, contain SRC, or lie inside SRC. The new output is written beside DST and
 exchanged with the old one in one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it,
 so an interrupted ``--force`` leaves the old output in place and loadable.
+
+A DST that is a symlink stands for its target: ``--force`` replaces the target and the
+link keeps pointing at it; a link to nothing is refused. Whether DST can be written is
+found before any work (a probe directory is made and removed where the output will go),
+and staging directories left by a killed conversion (``.DST.partial-PID``, its process
+gone) are removed on the next run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 from ..errors import ConversionError, OffloadError
 from .format import FORMAT_NAME, MANIFEST_NAME
@@ -31,19 +39,24 @@ FOREIGN_SHOWN = 3  # foreign entries named in the error
 
 def check_destination(src: Path, dst: Path, force: bool) -> None:
     """Raise ConversionError unless writing DST can lose nothing; reads no weights."""
-    src, dst = Path(src).resolve(), Path(dst).resolve()
+    given, src, dst = Path(dst), Path(src).resolve(), Path(dst).resolve()
     if dst == src or src.is_relative_to(dst):
         raise ConversionError(
             f"{dst}: the output would replace the source {src}; pick a new directory for DST")
     if dst.is_relative_to(src):
         raise ConversionError(
             f"{dst}: the output lies inside the source {src}; write it beside the source")
-    check_replaceable(dst, force)
+    check_replaceable(given, force)
 
 
-def check_replaceable(dst: Path, force: bool) -> None:
-    """Raise ConversionError unless DST is absent, empty, or (with force) our own output."""
-    dst = Path(dst).resolve()
+def check_replaceable(dst: Path, force: bool, command: str = "quantize",
+                      foreign: Optional[Callable[[Path], List[str]]] = None) -> None:
+    """Raise ConversionError unless DST is absent, empty, or (with force) a previous output
+    of ``command`` (``foreign`` lists what in it is not: default, a quantize output's
+    check), and its place can be written. Removes staging directories of killed runs."""
+    dst = real_destination(dst)
+    remove_stale_staging(dst)
+    check_writable(dst)
     if not dst.exists() and not dst.is_symlink():
         return
     if dst.is_symlink() or not dst.is_dir():
@@ -52,13 +65,71 @@ def check_replaceable(dst: Path, force: bool) -> None:
         return  # an empty directory: nothing to lose
     if not force:
         raise ConversionError(f"{dst} already exists; pass --force to replace it "
-                              "(only a previous output of `quantize` can be replaced)")
-    foreign = foreign_entries(dst)
-    if foreign:
-        shown = ", ".join(foreign[:FOREIGN_SHOWN]) + (" ..." if len(foreign) > 3 else "")
+                              f"(only a previous output of `{command}` can be replaced)")
+    others = (foreign or foreign_entries)(dst)
+    if others:
+        shown = ", ".join(others[:FOREIGN_SHOWN]) + (" ..." if len(others) > 3 else "")
         raise ConversionError(
-            f"{dst}: --force replaces only a previous output of `quantize`, and this "
+            f"{dst}: --force replaces only a previous output of `{command}`, and this "
             f"directory holds other files ({shown}); move them away or pick another DST")
+
+
+def real_destination(dst: Path) -> Path:
+    """DST, or the directory a symlink DST points to; a link to nothing is refused."""
+    dst = Path(dst)
+    if not dst.is_symlink():
+        return dst.absolute()
+    target = Path(os.path.realpath(dst))
+    if not target.exists():
+        raise ConversionError(f"{dst} is a symlink to {os.readlink(dst)}, which does not "
+                              "exist; remove the link, or create the directory it points to")
+    return target
+
+
+def check_writable(dst: Path) -> None:
+    """Refuse a DST whose directory cannot be written, before any work: make and remove a
+    probe directory where the staging directory will go (the nearest existing parent)."""
+    parent = Path(dst).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(f"{dst}: {parent} is a file, so nothing can be created under "
+                              "it; pick another DST")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".offload-engine-probe-", dir=parent))
+    except OSError as exc:
+        raise ConversionError(f"{dst}: cannot write in {parent} ({exc.strerror or exc}); "
+                              "pick a writable destination") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_staging(dst: Path) -> None:
+    """Remove ``.DST.partial-PID`` entries beside DST whose process is gone (a killed
+    conversion's staging directory). Those of live processes are left alone."""
+    parent = Path(dst).parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(re.escape(f".{Path(dst).name}.partial-") + r"(\d+)")
+    for entry in parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or \
+                _pid_alive(int(match.group(1))):
+            continue
+        logger.info("removing %s, left by a conversion that was killed (process %s)",
+                    entry, match.group(1))
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def foreign_entries(directory: Path) -> List[str]:
@@ -95,7 +166,9 @@ def make_staging_dir(dst: Path) -> Path:
 def staged_output(dst: Path, what: str):
     """A staging directory beside DST to write into; swapped into place when the block ends
     well, removed when it fails. A failure that is not already ours becomes a
-    ConversionError saying ``what`` failed and that nothing was written to DST."""
+    ConversionError saying ``what`` failed and that nothing was written to DST.
+    A symlink DST is written through: its target is replaced, the link stays."""
+    dst = real_destination(dst)
     staging = make_staging_dir(dst)
     try:
         yield staging

@@ -22,6 +22,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import List
 
 from tqdm.auto import tqdm
 
@@ -32,6 +33,7 @@ from ..units import format_bytes
 from .convert import DEFAULT_SHARD_BYTES, ShardWriter
 from .destination import check_replaceable, staged_output
 from .format import MANIFEST_NAME, Manifest, load_component, verify_directory
+from .sources import SIDE_FILES
 
 logger = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors",)  # what `export --format` offers
@@ -90,15 +92,32 @@ def check_exportable(manifest: Manifest, where: Path) -> None:
                 "Quantize with a --group-size that divides every input size")
 
 
+def export_foreign_entries(directory: Path) -> List[str]:
+    """Names in DIRECTORY that an export did not write (all of them when it is no export:
+    no index, or a config.json without a compressed-tensors quantization_config)."""
+    names = sorted(entry.name for entry in directory.iterdir())
+    try:
+        shards = set(json.loads((directory / INDEX_NAME).read_text())["weight_map"].values())
+        config = json.loads((directory / "config.json").read_text())
+        ours = config["quantization_config"]["quant_method"] == "compressed-tensors"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return names
+    if not ours:
+        return names
+    known = shards | {INDEX_NAME, "chat_template.jinja"} | set(SIDE_FILES)
+    return [name for name in names if name not in known or (directory / name).is_dir()]
+
+
 def export_compressed_tensors(src, dst, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                              progress: bool = True) -> ExportSummary:
-    """Write the quantized directory SRC as a compressed-tensors checkpoint DST."""
+                              progress: bool = True, force: bool = False) -> ExportSummary:
+    """Write the quantized directory SRC as a compressed-tensors checkpoint DST; ``force``
+    replaces a previous export there (nothing else)."""
     src, dst = Path(src), Path(dst)
     manifest = verify_directory(src)
     check_exportable(manifest, src)
     if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
         raise ConversionError(f"{dst}: write the export beside {src}, not into it")
-    check_replaceable(dst, force=False)
+    check_replaceable(dst, force, "export", export_foreign_entries)
     with staged_output(dst, f"exporting {src}") as tmp:
         summary = _write(manifest, src, tmp, shard_bytes, progress)
     summary.destination = dst

@@ -67,11 +67,14 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..planning.planner import describe_model
     from ..planning.profiles import load_profile
+    from .outputs import check_output
 
     if args.gpu_budget is not None or args.cache_entries is not None:
         raise ConfigError("bench sweeps the budget itself: use --budgets 8GiB,unbounded")
     if args.tokens < 2:
         raise ConfigError("--tokens must be at least 2 (decode speed needs a second token)")
+    check_output(args.out_dir, "--out-dir", directory=True)  # before the sweep, not after
+    bench.check_budget_labels(bench.parse_list(args.budgets))
     if args.threads:
         torch.set_num_threads(args.threads)
     policies = [args.policy] if args.policy else bench.parse_list(args.policies)

@@ -39,6 +39,7 @@ def run(args) -> int:
     from ..planning.profiles import load_profile
     from ..runtime.calibrate import calibrate, profile_toml
     from ..runtime.config import resolve_device
+    from .outputs import check_output
 
     device = resolve_device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -46,6 +47,7 @@ def run(args) -> int:
     output = args.output or Path(f"{name}.toml")
     if output.exists() and not args.force:  # before minutes of measuring, not after
         raise ConfigError(f"{output} already exists; pass --force to replace it or -o another")
+    check_output(output, "-o/--output")
     steps = tqdm(total=4 + (args.disk_dir is not None), desc="calibrating", unit="measurement")
 
     def advance(label: str) -> None:
@@ -55,6 +57,7 @@ def run(args) -> int:
     with steps:
         result = calibrate(device, quick=args.quick, progress=advance, disk_dir=args.disk_dir)
     reserve = args.reserve or ("1GiB" if device.type == "cuda" else "2GiB")
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(profile_toml(result, name, reserve), encoding="utf-8")
     profile = load_profile(output)  # what plan/run will read: fail here, not there
     label = "CPU (these are CPU figures)" if device.type == "cpu" else result.device_name

@@ -7,9 +7,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import ContextLengthError
+from ..errors import ConfigError, ContextLengthError
 from .options import add_engine_args, engine_config_from_args
-from .run_cmd import add_generation_args, generation_kwargs
+from .run_cmd import add_generation_args, check_generation_args, generation_kwargs, not_utf8
 
 logger = logging.getLogger(__name__)
 COMMANDS = {"/reset": "start over", "/exit": "quit", "/help": "list the commands"}
@@ -36,9 +36,21 @@ def _read_line() -> str | None:
         return None
 
 
+def _check_stdin() -> None:
+    """chat reads its messages from stdin: refuse a closed one before loading the model,
+    and keep undecodable bytes (as surrogates) so that a line of them is refused alone."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise ConfigError("chat reads messages from standard input, which is closed; run it "
+                          "in a terminal or pipe the messages in")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def run(args) -> int:
     from ..decode.api import load
 
+    check_generation_args(args)
+    _check_stdin()
     with load(args.model, engine_config_from_args(args)) as engine:
         print(HELP, file=sys.stderr)
         history = _fresh_history(args)
@@ -51,6 +63,10 @@ def run(args) -> int:
                     continue
                 if line is None:
                     return 0
+                if not_utf8(line):
+                    print(f"(not sent: the line is not valid UTF-8 text, {not_utf8(line)})",
+                          file=sys.stderr)
+                    continue
                 remember(line)
                 if line.startswith("/"):
                     if line.strip() == "/exit":

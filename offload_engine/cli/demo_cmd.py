@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .options import add_engine_args, engine_config_from_args
-from .run_cmd import add_generation_args, generation_kwargs
+from .run_cmd import add_generation_args, check_generation_args, generation_kwargs
 
 DEFAULT_PROMPT = "In two sentences, why does the Moon have phases?"
 # Small enough that most of SmolLM2's weights must stream through the ring on every token.
@@ -31,6 +31,7 @@ def run(args) -> int:
     from ..decode.api import load
     from ..decode.context import check_prompt_fits
 
+    check_generation_args(args)
     print(f"demo model: {embedded_gguf().name}", file=sys.stderr)
     target, summary = ensure_demo_model(reconvert=args.reconvert,
                                         progress=not args.no_progress)

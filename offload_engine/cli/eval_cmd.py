@@ -7,6 +7,7 @@ the same engine's dense cache (no reference model needed for that part).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .options import add_engine_args, engine_config_from_args
@@ -16,6 +17,12 @@ DEFAULT_GREEDY_TOKENS = 64
 DEFAULT_WINDOW = 512
 KV_DEFAULT_TOKENS = 4096  # --kv-cache: two windows of 2048, contexts up to 2048 tokens
 KV_DEFAULT_WINDOW = 2048
+# Beyond these the reference is almost surely another model. The model's own int4 stays
+# well inside: SmolLM2-135M KL 0.25-0.61 nats, top-1 62-75% (docs/quality.md); the tiny
+# random test model KL 0.9-1.2 nats, top-1 21-38%. Unrelated models: 5.6 nats and 0% (two
+# tiny models of different seeds), 12.6 nats and 0% (the real case in issue 23)
+UNRELATED_KL = 3.0  # nats per token
+UNRELATED_TOP1 = 0.05
 
 
 def register(commands) -> None:
@@ -78,6 +85,7 @@ def run(args) -> int:
         if args.reference is not None:
             results["weights"] = evaluate(engine, load_reference(args.reference), text,
                                           weight_settings, progress=config.progress)
+            warn_if_unrelated(results["weights"])
         if kv_mode is not None:
             from ..quality.kv_eval import evaluate_kv_cache
 
@@ -89,3 +97,12 @@ def run(args) -> int:
     else:
         print("\n\n".join(report.render() for report in results.values()))
     return 0
+
+
+def warn_if_unrelated(report) -> None:
+    """Say so on stderr when the reference cannot be the model that was quantized."""
+    if report.mean_kl > UNRELATED_KL or report.top1_agreement < UNRELATED_TOP1:
+        print(f"warning: the reference disagrees with the quantized model far beyond what "
+              f"quantization does (mean KL {report.mean_kl:.2f} nats, top-1 agreement "
+              f"{report.top1_agreement:.0%}); is --reference {report.reference} the model "
+              f"{report.model} was quantized from?", file=sys.stderr)

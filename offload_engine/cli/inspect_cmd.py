@@ -12,7 +12,9 @@ def register(commands) -> None:
         "inspect",
         help="summarise a quantized directory and verify every shard",
         description="Print the manifest summary and check every shard and tensor against "
-        "it; exits non-zero naming the bad file or tensor.",
+        "it, and everything `run` checks before loading (config, tokenizer files, the "
+        "manifest's linears against the model's, NaN or Inf in float tensors); exits "
+        "non-zero naming the bad file or tensor.",
     )
     parser.add_argument("directory", type=Path, help="a directory written by `quantize`")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -25,11 +27,13 @@ def run(args) -> int:
     from ..checkpoint.checksums import verify_shards
     from ..checkpoint.format import verify_directory
     from ..checkpoint.synth import synthetic_note
+    from ..runtime.engine import check_loadable
 
     manifest = verify_directory(args.directory)
     with tqdm(total=len(manifest.shards), desc="checksums", unit="shard",
               disable=args.no_progress) as bar:
         checked = verify_shards(args.directory, manifest, progress=lambda shard: bar.update())
+    check_loadable(args.directory, manifest)
     source = manifest.source
     print(f"{args.directory}: {manifest.format} v{manifest.format_version} "
           f"({manifest.created_by})")
@@ -49,6 +53,7 @@ def run(args) -> int:
     else:
         print("  verified: shapes and sizes only (this manifest has no checksums; "
               "re-convert the model to add them)")
+    print("  loadable: config, tokenizer files, linears and finite values, as `run` checks")
     if synthetic_note(manifest):
         print(f"  {synthetic_note(manifest)}")
     return 0

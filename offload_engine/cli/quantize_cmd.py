@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
-from ..units import parse_bytes
+from ..units import parse_positive_bytes
 from .method_options import add_method_args, method_from_args
 
 
@@ -24,7 +24,7 @@ def register(commands) -> None:
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                         help=f"elements per scale along the input dimension "
                              f"(default {DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--shard-size", type=parse_bytes, default="2GiB",
+    parser.add_argument("--shard-size", type=parse_positive_bytes, default="2GiB",
                         help="largest output shard, e.g. 512MiB (default 2GiB)")
     parser.add_argument("--requantize", action="store_true",
                         help="a GGUF whose linears cannot be imported exactly (K-quants, mixed "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .options import add_engine_args, add_sampling_args, engine_config_from_args, sampling_kwargs
+from .outputs import check_output
 
 
 def add_generation_args(parser) -> None:
@@ -19,6 +20,14 @@ def add_generation_args(parser) -> None:
                        help="tokens the prompt plus reply may use (default: the model's "
                             "context); chat drops its oldest turns to stay within it")
     add_sampling_args(group)
+
+
+def check_generation_args(args) -> None:
+    """-n and -c, checked before the model loads (the engine would refuse them after)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"-n/--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise ConfigError(f"-c/--ctx-size must be at least 1, got {args.ctx_size}")
 
 
 def generation_kwargs(args) -> dict:
@@ -54,7 +63,21 @@ def prompt_from_args(args) -> str:
         raise ConfigError("no prompt: offload-engine run DIR \"your prompt\" (or -p TEXT)")
     if not prompt.strip():
         raise ConfigError("the prompt is empty; give some text to continue")
+    problem = not_utf8(prompt)
+    if problem:
+        raise ConfigError(f"the prompt is not valid UTF-8 text ({problem}); give text, not "
+                          "binary data")
     return prompt
+
+
+def not_utf8(text: str) -> str:
+    """Why ``text`` (from argv or stdin, undecodable bytes kept as surrogates) is not
+    UTF-8 text, or "" when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"byte {ord(text[exc.start]) & 0xFF:#04x} at character {exc.start}"
+    return ""
 
 
 def run(args) -> int:
@@ -63,6 +86,10 @@ def run(args) -> int:
     from ..runtime.profiling import trace_to
 
     prompt = prompt_from_args(args)
+    check_generation_args(args)
+    for path, flag in ((args.stats_json, "--stats-json"), (args.profile_trace, "--profile-trace")):
+        if path is not None:  # before the model loads and generates, not after
+            check_output(path, flag)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
@@ -80,5 +107,6 @@ def run(args) -> int:
         if args.stats_json is not None:
             payload = {**result.stats.as_dict(), "cache": engine.stats,
                        "budget_bytes": engine.config.budget_bytes()}
+            args.stats_json.parent.mkdir(parents=True, exist_ok=True)
             args.stats_json.write_text(json.dumps(payload, indent=1))
     return 0

@@ -44,6 +44,14 @@ def add_server_args(parser) -> None:
     group.add_argument("--max-body-size", type=parse_bytes, default="8MiB", metavar="B",
                        help="larger request bodies get 413 before they are parsed "
                             "(default 8MiB)")
+    group.add_argument("--allowed-hosts", type=lambda v: tuple(v.split(",")), default=(),
+                       metavar="NAMES",
+                       help="without --api-key, requests must name this server by an IP "
+                            "address, localhost or --host in their Host header (403 otherwise: "
+                            "DNS rebinding); add comma-separated names here, or '*' for any")
+    group.add_argument("--docs", action="store_true",
+                       help="serve /docs, /redoc and /openapi.json (off by default: they are "
+                            "open without the key and load scripts from a CDN)")
     group.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
                        help="tokens a chat request without max_tokens may generate at most "
                             "(default 1024; the context's end comes first if sooner)")
@@ -75,7 +83,8 @@ def run(args) -> int:
                           api_key=ServerConfig.key_from_env(args.api_key),
                           max_body_bytes=args.max_body_size,
                           default_max_tokens=args.default_max_tokens,
-                          ctx_size=args.ctx_size, served_model_name=args.served_model_name)
+                          ctx_size=args.ctx_size, served_model_name=args.served_model_name,
+                          allowed_hosts=args.allowed_hosts, docs=args.docs)
     # bound before torch and the server's libraries are imported (seconds): a client that
     # connects meanwhile waits in the listen queue, then gets /health's "loading"
     sock = bind_socket(config.host, config.port)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..model.presets import PRESETS
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
-from ..units import parse_bytes
+from ..units import parse_positive_bytes
 
 
 def register(commands) -> None:
@@ -27,7 +27,7 @@ def register(commands) -> None:
     parser.add_argument("--vocab-size", type=int, default=None, metavar="V",
                         help="override the vocabulary size (tests)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard-size", type=parse_bytes, default="2GiB",
+    parser.add_argument("--shard-size", type=parse_positive_bytes, default="2GiB",
                         help="largest output shard (default 2GiB); RAM use stays near it")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the sizes and write nothing")

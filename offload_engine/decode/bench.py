@@ -70,9 +70,17 @@ def resolve_budget(label: str, total: int, minimum: int) -> Optional[int]:
         try:
             value = parse_bytes(text)
         except Exception as exc:  # argparse.ArgumentTypeError
-            raise ConfigError(f"--gpu-budget list: {exc}") from exc
+            raise ConfigError(f"--budgets: cannot read {label!r} ({exc}); give min, N%, 0.N, "
+                              "a size such as 8GiB, card:NAME or unbounded") from None
     value = max(value, minimum)
     return None if value >= total else value
+
+
+def check_budget_labels(labels: List[str]) -> None:
+    """Refuse a --budgets item that is no budget, before any model is read."""
+    for label in labels:
+        if not label.lower().startswith("card:"):
+            resolve_budget(label, 2**62, 0)
 
 
 def sweep_points(shape, profile, base: EngineConfig, budgets: List[str], policies: List[str],

@@ -31,9 +31,13 @@ def check_prompt_fits(engine, prompt: str, chat: bool, max_new_tokens: int,
         return  # generate() checks the model's own limit
     used = encode_prompt(engine, prompt, None, chat).shape[1]
     if used + max_new_tokens > limit:
+        where = (f"--ctx-size {limit}; shorten the prompt, lower -n or raise -c"
+                 if limit == ctx_size else
+                 f"this model's context of {limit} tokens (-c {ctx_size} is more than the "
+                 "model allows); shorten the prompt or lower -n")
         raise ContextLengthError(
             f"the prompt ({used} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
-            f"--ctx-size {limit}; shorten the prompt, lower -n or raise -c")
+            f"{where}")
 
 
 def fit_history(engine, messages: List[dict], max_new_tokens: int,

@@ -7,12 +7,14 @@ scheme asked for.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
+from ..checkpoint import stfile
 from ..checkpoint.format import MANIFEST_NAME, read_manifest
 from ..checkpoint.hfconfig import read_config_file
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, FormatError, SourceError
 from ..model.model_shape import ModelShape, shape_from_config
 from ..quant.layout import QuantSpec
 from .overhead import attach_decode_ops
@@ -28,6 +30,8 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
     hf_config, manifest = _read_config(path)
     if manifest is None:
         shape = shape_from_config(hf_config, spec or QuantSpec(), str(path))
+        if path.is_dir():
+            _check_layers(path, shape.num_layers, _source_keys(path))
         return attach_decode_ops(shape, hf_config)
     if spec is not None and spec != manifest.spec:
         raise ConfigError(
@@ -38,7 +42,30 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
     host_dense = sum(b for role, b in roles.items() if role not in ("linear", "lm_head"))
     shape = shape_from_config(hf_config, manifest.spec, str(path), quantized=True,
                               host_dense_bytes=host_dense)
+    _check_layers(path, shape.num_layers, manifest.tensors)
     return attach_decode_ops(shape, hf_config)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _source_keys(directory: Path) -> list:
+    """Tensor names in a source directory's safetensors shards (headers only)."""
+    return [key for shard in sorted(directory.glob("*.safetensors"))
+            for key in stfile.read_header(shard)]
+
+
+def _check_layers(path: Path, config_layers: int, names: Iterable[str]) -> None:
+    """Refuse a config with more decoder layers than the shards hold (a config.json from
+    another model, or shards missing): planning it would plan weights that do not exist.
+    A config.json alone (no shards yet) is planned as it is."""
+    stored = {int(match.group(1)) for name in names if (match := _LAYER.search(name))}
+    if stored and len(stored) < config_layers:
+        raise FormatError(
+            f"{path}: config.json says {config_layers} layers, but the shards hold "
+            f"{len(stored)} (layers {min(stored)}..{max(stored)}); the checkpoint is incomplete "
+            "or config.json belongs to another model: download the missing shards or fix "
+            "num_hidden_layers")
 
 
 def _read_config(path: Path):

@@ -62,6 +62,15 @@ def unpack_zeros(qzeros: torch.Tensor, version: int, name: str = "<tensor>") -> 
     return stored + V1_ZERO_OFFSET
 
 
+def _run_length(g_idx: torch.Tensor):
+    """The group size a sorted, evenly grouped g_idx (not act-order) was written with."""
+    if g_idx.numel() == 0 or int(g_idx[0]) != 0 or not bool((g_idx[1:] - g_idx[:-1] >= 0).all()):
+        return None
+    size = int((g_idx == 0).sum())
+    expected = torch.arange(g_idx.numel(), dtype=torch.int64) // size
+    return size if torch.equal(g_idx, expected) else None
+
+
 def check_g_idx(g_idx: torch.Tensor, group_size: int, name: str = "<tensor>") -> None:
     """Refuse act-order: every input row k must belong to group k // group_size.
 
@@ -71,7 +80,14 @@ def check_g_idx(g_idx: torch.Tensor, group_size: int, name: str = "<tensor>") ->
     changes the product. GPTQ checkpoints quantized without desc_act pass.
     """
     expected = torch.arange(g_idx.numel(), dtype=torch.int64) // group_size
-    if not torch.equal(g_idx.to(torch.int64), expected):
+    given = g_idx.to(torch.int64)
+    if not torch.equal(given, expected):
+        runs = _run_length(given)
+        if runs is not None:
+            raise QuantizationError(
+                f"tensor {name!r}: its g_idx puts runs of {runs} consecutive inputs in a group, "
+                f"but the checkpoint's config says group_size {group_size}; the config is "
+                "wrong: fix group_size in its quantization_config (or quantize_config.json)")
         raise QuantizationError(
             f"tensor {name!r}: its g_idx is act-order (desc_act), which cannot be imported "
             "exactly: our groups are runs of consecutive inputs and the runtime does not "

@@ -42,6 +42,7 @@ class DiskStats:
     reads: int = 0
     wasted_reads: int = 0  # read ahead but dropped: the worker asked for another weight
     stall_seconds: float = 0.0  # the prefetch worker waiting for the reader
+    verify_seconds: float = 0.0  # the reader checking each read's CRC-32 (not in read_seconds)
 
     @property
     def read_bytes_per_s(self) -> float:
@@ -160,12 +161,13 @@ class DiskRing:
                 if job is None:
                     return
                 buffer, name = job
-                error, started = None, time.perf_counter()
+                error, started, checked = None, time.perf_counter(), [0.0]
                 try:
-                    weight, nbytes = self._read(buffer, name)
+                    weight, nbytes = self._read(buffer, name, checked)
                 except Exception as exc:  # handed to the worker that takes this weight
                     weight, nbytes, error = None, 0, exc
-                self._finish(buffer, weight, nbytes, time.perf_counter() - started, error)
+                self._finish(buffer, weight, nbytes, time.perf_counter() - started, error,
+                             checked[0])
         except BaseException as exc:
             logger.exception("disk reader died")
             with self._cond:
@@ -198,17 +200,23 @@ class DiskRing:
     def _advance(self) -> None:
         self._next = (self._next + 1) % len(self.order)
 
-    def _read(self, buffer: RingBuffer, name: str):
+    def _read(self, buffer: RingBuffer, name: str, checked: List[float]):
+        """Read and verify ``name``'s components; ``checked[0]`` gets the CRC seconds."""
         weight = carve(buffer.data, 0, self.layouts[name], "packed", torch.uint8)
         nbytes = 0
         for part, comp in self.components[name].items():
-            nbytes += self.files.read_into(comp, getattr(weight, part))
+            nbytes += self.files.read_into(comp, getattr(weight, part), verify=False)
+            started = time.perf_counter()
+            self.files.verify(comp, getattr(weight, part))
+            checked[0] += time.perf_counter() - started
         return weight, nbytes
 
-    def _finish(self, buffer, weight, nbytes: int, seconds: float, error) -> None:
+    def _finish(self, buffer, weight, nbytes: int, seconds: float, error,
+                verify_seconds: float = 0.0) -> None:
         with self._cond:
             self.stats.bytes_read += nbytes
-            self.stats.read_seconds += seconds
+            self.stats.read_seconds += seconds - verify_seconds
+            self.stats.verify_seconds += verify_seconds
             self.stats.reads += 1
             if buffer.stale:
                 self.stats.wasted_reads += 1

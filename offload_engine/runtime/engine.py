@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
 from .patch import load_dense, swap_linears
-from .store import HostStore, module_name, read_dense_tensors
+from .store import HostStore, check_float_components, module_name, read_dense_tensors
 from .tiered_store import default_host_budget, open_store, quantized_layouts
 
 logger = logging.getLogger(__name__)
@@ -219,13 +219,32 @@ def weight_budget(config: EngineConfig, directory: Path) -> Optional[int]:
     return budget
 
 
+def check_loadable(directory: Path, manifest) -> None:
+    """Everything :func:`load` refuses a directory for, without loading it: the config,
+    the tokenizer files, the manifest's linears against the model's, and NaN or Inf in
+    any float tensor. For ``inspect``; the shards themselves are checked by the caller."""
+    hf_config = read_hf_config(directory)
+    check_tokenizer_files(directory)
+    model = architecture.build_skeleton(hf_config)
+    _check_manifest_matches(manifest, architecture.find_linears(model, hf_config), directory)
+    check_float_components(directory, manifest)
+
+
+def _names(names: set) -> str:
+    """Up to 3 sorted names, and how many more there are."""
+    shown = sorted(names)[:3]
+    more = len(names) - len(shown)
+    return f"{shown}" + (f" and {more} more" if more else "")
+
+
 def _check_manifest_matches(manifest, linears, directory: Path) -> None:
     quantized = {module_name(n) for n, e in manifest.tensors.items() if e.quantized}
     missing, extra = set(linears) - quantized, quantized - set(linears)
     if missing or extra:
         raise FormatError(
             f"{directory}: the manifest's quantized weights do not match the model's linears "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}); re-convert it"
+            f"({len(missing)} missing: {_names(missing)}; {len(extra)} unexpected: "
+            f"{_names(extra)}); re-convert it"
         )
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..errors import ResourceError
 from .ranges import RANGE_NAMES, recording
 
 __all__ = ["RANGE_NAMES", "trace_to"]
@@ -45,5 +46,9 @@ def trace_to(path: Optional[Path]):
         yield prof
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
     prof.export_chrome_trace(str(path))
+    if not path.is_file():  # torch logs a failed write and returns
+        raise ResourceError(f"{path}: the profiler trace could not be written; check the "
+                            "path and the free disk space")
     logger.info("wrote profiler trace %s", path)

@@ -10,7 +10,9 @@ the disk, not a warm cache. O_DIRECT is not used: safetensors offsets are not al
 to the device block size, so it would need a bounce buffer and a second copy.
 
 A shard that disappears, is replaced or shrinks while the model runs is reported by
-path before any byte of it is used.
+path before any byte of it is used. Bytes changed in place are caught after the read:
+each tensor read is checked against the CRC-32 the manifest records for it (the loader's
+check, repeated on every read of the disk tier), and a mismatch names shard and tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Dict
 import torch
 
 from ..checkpoint import stfile
+from ..checkpoint.checksums import TensorVerifier
 from ..checkpoint.format import Component, Manifest
 from ..errors import FormatError
 
@@ -40,6 +43,9 @@ class ShardFiles:
         self._inodes: Dict[str, int] = {}
         self._lock = threading.Lock()
         self._sizes = dict(manifest.shards)
+        self._verifier = TensorVerifier(directory, manifest, note_missing=False)
+        self._owners = {(comp.shard, comp.key): name for name, entry in manifest.tensors.items()
+                        for comp in entry.components.values()}
 
     def _fd(self, shard: str) -> int:
         with self._lock:
@@ -60,8 +66,11 @@ class ShardFiles:
                               "re-convert the model")
         return info
 
-    def read_into(self, comp: Component, out: torch.Tensor) -> int:
-        """Fill ``out`` (a contiguous CPU tensor of the component's size); bytes read."""
+    def read_into(self, comp: Component, out: torch.Tensor, verify: bool = True) -> int:
+        """Fill ``out`` (a contiguous CPU tensor of the component's size); bytes read.
+
+        With ``verify`` the bytes are checked against the manifest's CRC-32 (else the
+        caller calls :meth:`verify`, e.g. to time it)."""
         fd, info = self._fd(comp.shard), self.info(comp)
         self._check_file(comp.shard, fd, info)
         buffer = memoryview(out.view(torch.uint8).reshape(-1).numpy())
@@ -78,7 +87,13 @@ class ShardFiles:
             got += count
         if self.drop_cache and info.nbytes:
             os.posix_fadvise(fd, info.begin, info.nbytes, os.POSIX_FADV_DONTNEED)
+        if verify:
+            self.verify(comp, out)
         return got
+
+    def verify(self, comp: Component, out: torch.Tensor) -> None:
+        """FormatError naming shard and tensor when ``out`` differs from the recorded CRC."""
+        self._verifier.check(self._owners.get((comp.shard, comp.key), comp.key), comp, out)
 
     def _check_file(self, shard: str, fd: int, info: stfile.TensorInfo) -> None:
         # An open descriptor still reads a deleted file, so the path is checked as well:

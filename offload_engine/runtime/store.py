@@ -25,7 +25,7 @@ from ..checkpoint.format import (
     verify_directory,
 )
 from ..checkpoint.stfile import DTYPES
-from ..errors import ResourceError
+from ..errors import FormatError, ResourceError
 from ..quant.quantize import QuantizedWeight
 from ..units import format_bytes
 from .pinned import HostArena, arena_nbytes
@@ -51,6 +51,26 @@ def check_host_ram(needed_bytes: int, directory: Path) -> None:
             "is available; set --host-budget to read part of the weights from disk, close "
             "other programs, or use a smaller model or scheme"
         )
+
+
+def check_finite(directory: Path, name: str, comp: Component, tensor: torch.Tensor) -> None:
+    """FormatError naming shard and tensor when a float component (a dense tensor, scales,
+    zero points) holds NaN or Inf: a checksum only proves the bytes are those written."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise FormatError(f"{Path(directory) / comp.shard}: tensor {name!r} ({comp.key!r}) has "
+                          f"{bad} non-finite values (NaN or Inf): the checkpoint is corrupt; "
+                          "re-convert the model from a good source")
+
+
+def check_float_components(directory: Path, manifest: Manifest) -> None:
+    """Read every float component (dense tensors, scales, zero points) and refuse NaN or
+    Inf, as loading does; for ``inspect``."""
+    headers: dict = {}
+    for name, entry in manifest.tensors.items():
+        for comp in entry.components.values():
+            if DTYPES[comp.dtype].is_floating_point:
+                check_finite(directory, name, comp, load_component(directory, comp, headers))
 
 
 class HostStore(Mapping):
@@ -80,6 +100,7 @@ class HostStore(Mapping):
             for part, comp in entry.components.items():
                 tensor = load_component(directory, comp, headers)
                 verifier.check(name, comp, tensor)
+                check_finite(directory, name, comp, tensor)
                 parts[part] = arena.take(tuple(comp.shape), tensor.dtype).copy_(tensor)
             weights[module_name(name)] = QuantizedWeight.from_parts(
                 parts, manifest.spec, out_features=entry.shape[0], in_features=entry.shape[1])
@@ -139,4 +160,5 @@ def read_dense_tensors(directory: Path, manifest: Manifest | None = None
             comp = entry.components["dense"]
             tensor = load_component(directory, comp, headers)
             verifier.check(name, comp, tensor)
+            check_finite(directory, name, comp, tensor)
             yield name, tensor

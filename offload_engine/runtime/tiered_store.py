@@ -29,6 +29,7 @@ from .shard_io import ShardFiles
 from .store import (
     RAM_HEADROOM_BYTES,
     HostStore,
+    check_finite,
     check_host_ram,
     component_shapes,
     module_name,
@@ -147,6 +148,7 @@ def _read_new(files: ShardFiles, layout: QuantizedWeight, components: Dict[str, 
         like = getattr(layout, part)
         parts[part] = allocate(tuple(like.shape), like.dtype)
         files.read_into(comp, parts[part])
+        check_finite(files.directory, comp.key, comp, parts[part])
     return QuantizedWeight.from_parts(parts, layout.spec, layout.out_features,
                                       layout.in_features)
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import prometheus
 from .batcher import DoneEvent, ErrorEvent, Sequence, TextEvent
 from .config import ServerConfig
+from .constrain import check_tool_schemas
 from .guard import RequestGuard
 from .render import Reply, sse
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
@@ -141,6 +142,8 @@ def _prepare_chat(service: ModelService, raw: bytes):
     requested = body.requested_max_tokens()
     messages = [template_message(m.as_template_message(), m.tool_calls) for m in body.messages]
     tools = body.active_tools()
+    if tools is not None:
+        check_tool_schemas(tools)
     if tools is None:
         prompt_ids = service.encode(None, messages)
     else:
@@ -166,6 +169,17 @@ def _prepare_completion(service: ModelService, raw: bytes):
     return body, prompt_ids, service.grammars.constraint(body.response_format)
 
 
+async def _prepared(served: ServedModel, prepare, request: Request) -> tuple:
+    """Read, parse and tokenize in a worker thread; a refused request (4xx) is counted as
+    requests_total{outcome="rejected"}."""
+    service = served.service
+    try:
+        return service, await run_in_threadpool(prepare, service, await request.body())
+    except ApiError:
+        service.scheduler.metrics.count("requests_rejected")
+        raise
+
+
 def _add_routes(app: FastAPI, served: ServedModel) -> None:
     def model_card(service: ModelService) -> dict:
         return {"id": service.model_id, "object": "model", "created": service.created,
@@ -182,14 +196,12 @@ def _add_routes(app: FastAPI, served: ServedModel) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        service = served.service
-        prepared = await run_in_threadpool(_prepare_chat, service, await request.body())
+        service, prepared = await _prepared(served, _prepare_chat, request)
         return await _complete(service, prepared, True, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        service = served.service
-        prepared = await run_in_threadpool(_prepare_completion, service, await request.body())
+        service, prepared = await _prepared(served, _prepare_completion, request)
         return await _complete(service, prepared, False, request)
 
     static = resources.files(__package__) / "static"
@@ -265,9 +277,9 @@ def create_app(engine=None, config: Optional[ServerConfig] = None) -> FastAPI:
             if running is not None:  # the loop stays free meanwhile
                 await asyncio.to_thread(running.scheduler.stop)
 
-    app = FastAPI(title="offload-engine", lifespan=lifespan)
-    app.add_middleware(RequestGuard, api_key=config.api_key,
-                       max_body_bytes=config.max_body_bytes)
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="offload-engine", lifespan=lifespan, **docs)
+    app.add_middleware(RequestGuard, config=config, on_refusal=served.count_refusal)
     app.state.service = service  # None until loaded (create_app(None))
     app.state.served = served
     _add_routes(app, served)

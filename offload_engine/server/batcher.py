@@ -195,6 +195,8 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - the running requests fail with the cause
                 logger.exception("scheduler step failed")
                 self._fail_active(f"{type(exc).__name__}: {exc}")
+                with self._wake:
+                    self.metrics.set_queue(len(self._waiting), len(self._active))
 
     def _fail_active(self, cause: str) -> None:
         self._fail(self._active, cause)
@@ -256,9 +258,9 @@ class Scheduler:
 
     def _prefill(self, group: List[Sequence]) -> None:
         """Prefill ``group`` in one forward, sample each first token, join those not done."""
-        for sequence in group:
-            sequence.sampler = sequence.params.sampler(sequence.prompt_ids, self.engine.device)
-            sequence.tracker = TextTracker(self.engine.tokenizer, sequence.params.stop)
+        group = [sequence for sequence in group if self._ready(sequence)]
+        if not group:
+            return
         try:
             inputs = padded_inputs([s.prompt_ids for s in group], self.engine.device)
             # new_kv_cache: None (dense) or the --kv-cache int8/k8v4/int4 cache for the rows
@@ -274,6 +276,17 @@ class Scheduler:
                     if self._first_token(sequence, output.logits[row, -1])]
         if going_on:
             self._join(group, going_on, output_cache(output), inputs["attention_mask"])
+
+    def _ready(self, sequence: Sequence) -> bool:
+        """Give ``sequence`` its sampler and text tracker; a failure fails it alone."""
+        try:
+            sequence.sampler = sequence.params.sampler(sequence.prompt_ids, self.engine.device)
+            sequence.tracker = TextTracker(self.engine.tokenizer, sequence.params.stop)
+        except Exception as exc:  # noqa: BLE001 - reported to the request, logged, not swallowed
+            logger.exception("preparing request %d failed", sequence.id)
+            self._fail([sequence], f"preparing the request failed: {type(exc).__name__}: {exc}")
+            return False
+        return True
 
     def _first_token(self, sequence: Sequence, logits: torch.Tensor) -> bool:
         """Sample the first token; True when the request goes on to decode."""

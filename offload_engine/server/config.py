@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -32,6 +32,12 @@ class ServerConfig:
     # so a model that never emits end-of-sequence cannot hold a batch slot for the whole
     # context; /v1/completions keeps OpenAI's 16
     default_max_tokens: int = 1024
+    # without --api-key, requests whose Host header names something else than an IP address,
+    # localhost or ``host`` get 403 (DNS rebinding); names listed here are accepted too,
+    # "*" accepts any
+    allowed_hosts: Tuple[str, ...] = ()
+    # serve /docs, /redoc and /openapi.json (FastAPI's pages, which load scripts from a CDN)
+    docs: bool = False
     # on shutdown, seconds to wait for open connections to finish after their requests
     # were failed with 503 (they normally finish in milliseconds)
     shutdown_grace_s: float = 2.0
@@ -56,6 +62,7 @@ class ServerConfig:
             raise ConfigError(f"--ctx-size must be at least 1, got {self.ctx_size}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ConfigError("--served-model-name is empty; give a name or leave the flag out")
+        self.allowed_hosts = tuple(h.strip() for h in self.allowed_hosts if h.strip())
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import threading
 from typing import Iterable, Optional
 
@@ -90,8 +91,8 @@ class Grammars:
         try:
             grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
         except Exception as exc:  # noqa: BLE001 - xgrammar raises plain errors for bad schemas
-            raise ApiError(400, f"a tool's parameters schema cannot be used: {exc}",
-                           param="tools") from None
+            raise ApiError(400, f"a tool's parameters schema cannot be used: "
+                                f"{_xgrammar_reason(exc)}", param="tools") from None
         if hermes:
             grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"'),
                                          grammar,
@@ -102,3 +103,58 @@ class Grammars:
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids or None,
                                      terminate_without_stop_token=not self.stop_ids)
         return Constraint(matcher, self.vocab_size, xgr)
+
+
+JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+_XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[11:29:59] /project/cpp/x.cc:5082: "
+
+
+def _xgrammar_reason(exc: Exception) -> str:
+    return _XGR_PREFIX.sub("", str(exc).strip())
+
+
+def _basic_problem(schema, where: str = "") -> Optional[str]:
+    """What is wrong with a JSON schema's structure (types, properties, required), if
+    anything: the check when xgrammar is not installed."""
+    if not isinstance(schema, dict):
+        return f"{where or 'the schema'} must be an object"
+    types = schema.get("type", [])
+    for name in types if isinstance(types, list) else [types]:
+        if name not in JSON_TYPES:
+            return f"unsupported type {name!r}{' at ' + where if where else ''}"
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        return "properties must be an object"
+    if not isinstance(schema.get("required", []), list):
+        return "required must be an array"
+    for key, sub in properties.items():
+        problem = _basic_problem(sub, f"{where}.{key}" if where else key)
+        if problem:
+            return problem
+    return None
+
+
+def schema_problem(schema: dict) -> Optional[str]:
+    """Why ``schema`` cannot be used as a JSON schema, or None: the same check a forced
+    call's grammar makes (xgrammar), else a structural one."""
+    if importlib.util.find_spec("xgrammar") is None:
+        return _basic_problem(schema)
+    import xgrammar as xgr
+
+    try:
+        xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception as exc:  # noqa: BLE001 - xgrammar raises plain errors for bad schemas
+        return _xgrammar_reason(exc)
+    return None
+
+
+def check_tool_schemas(tools: list) -> None:
+    """400 naming the first tool whose parameters are not a usable JSON schema: refused
+    whatever tool_choice is, not only when a call is forced."""
+    for index, tool in enumerate(tools):
+        parameters = tool.function.parameters
+        problem = None if parameters is None else schema_problem(parameters)
+        if problem:
+            raise ApiError(400, f"tools[{index}] ({tool.function.name}): parameters is not a "
+                                f"usable JSON schema: {problem}",
+                           param=f"tools.{index}.function.parameters")

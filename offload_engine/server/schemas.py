@@ -11,6 +11,8 @@ from .sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API allows
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs limit in the OpenAI API (completions: 5)
+# what torch.Generator.manual_seed takes: any signed or unsigned 64-bit integer
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class ApiError(Exception):
@@ -124,7 +126,7 @@ class _Sampling(_Strict):
     top_k: Optional[int] = Field(None, ge=-1)  # 0 or -1 (vLLM's "off"): every token
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Union[str, List[str], None] = None
     n: int = 1
     stream: bool = False
@@ -217,12 +219,13 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
     def prompt_text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ApiError(400, "this server takes one prompt per request (a string or a list "
                                 f"of one string), got {len(self.prompt)}", param="prompt")
-        return self.prompt[0]
+        text = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if not text:
+            raise ApiError(400, "prompt is empty; give some text to continue", param="prompt")
+        return text
 
 
 def parse_body(raw: bytes, model_class):

@@ -22,6 +22,7 @@ from ..errors import ConfigError, ContextLengthError
 from .batcher import QueueFullError, Scheduler, Sequence
 from .config import ServerConfig
 from .constrain import Grammars
+from .prompt_size import refuse_overlong
 from .schemas import ApiError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class ModelService:
                                 f"{self.model_id!r}", param="model", code="model_not_found")
 
     def encode(self, text: Optional[str], messages: Optional[list]) -> List[int]:
+        self.refuse_overlong(text, messages)
         try:
             with self.tokenizer_lock:
                 ids = encode_prompt(self.engine, text, messages, chat=messages is not None)
@@ -67,8 +69,16 @@ class ModelService:
                            param="messages") from None
         return ids[0].tolist()
 
+    def refuse_overlong(self, text: Optional[str], messages: Optional[list]) -> None:
+        """400 for a prompt longer than the context, before it is tokenized whole."""
+        texts = [text or ""] if messages is None else [m["content"] for m in messages]
+        with self.tokenizer_lock:
+            refuse_overlong(self.engine.tokenizer, texts, self.context or FALLBACK_CONTEXT,
+                            "prompt" if messages is None else "messages")
+
     def encode_with_tools(self, messages: list, tools: list) -> List[int]:
         """The chat template rendered with the tools' schemas (Qwen2.5, Llama 3.x...)."""
+        self.refuse_overlong(None, messages)
         with self.tokenizer_lock:
             return list(self.engine.tokenizer.apply_chat_template(
                 messages, tools=tools, add_generation_prompt=True, return_dict=True,
@@ -175,6 +185,12 @@ class ServedModel:
             service.scheduler.start()
             self.service_or_none = service
         on_loaded(service)
+
+    def count_refusal(self) -> None:
+        """A request the guard refused, counted once the model's metrics exist."""
+        service = self.service_or_none
+        if service is not None:
+            service.scheduler.metrics.count("requests_rejected")
 
     def abort(self, reason: str) -> None:
         """Fail every queued or running request with a 503 (shutdown); see Scheduler.abort."""

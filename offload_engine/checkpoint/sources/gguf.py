@@ -19,6 +19,8 @@ here is the model ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` b
 from __future__ import annotations
 
 import logging
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -31,6 +33,12 @@ from ...model import architecture
 from ...quant.gguf_blocks import EXACT_TYPES, import_rows
 
 logger = logging.getLogger(__name__)
+# the smallest header entries: a tensor info (name length 8, a 1-byte name, n_dims 4, no
+# dimension, type 4, offset 8) and a key/value (key length 8, 1-byte key, type 4, a 1-byte
+# value): a count above file size / these cannot be real
+MIN_TENSOR_INFO_BYTES = 25
+MIN_KV_BYTES = 14
+_SHORT = re.compile(r"cannot reshape array of size \d+ into shape|mmap length is greater")
 
 
 @dataclass
@@ -55,10 +63,15 @@ class GGUFSource:
         from gguf import GGUFReader
 
         self.path = Path(path)
+        _check_counts(self.path)
         try:
             self._reader = GGUFReader(self.path)
             self.config = _read_config(self.path)
-        except (ValueError, OSError, KeyError) as exc:
+        except (ValueError, OSError, KeyError, IndexError) as exc:
+            if _SHORT.search(str(exc)):
+                raise SourceError(f"{self.path}: the file is truncated (its tensor data runs "
+                                  f"past its end at {self.path.stat().st_size} bytes); "
+                                  "download it again") from None
             raise SourceError(f"{self.path}: cannot read this GGUF file ({exc})") from exc
         self._processor = _tensor_processor(self._reader, self.config)
         self.plans = self._plan_tensors()
@@ -184,6 +197,25 @@ class GGUFSource:
         GenerationConfig.from_model_config(self.config).save_pretrained(destination)
         tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         tokenizer.save_pretrained(destination)
+
+
+def _check_counts(path: Path) -> None:
+    """Refuse a header whose tensor or key/value count the file cannot hold (a corrupt
+    file would otherwise fail deep in the reader, or try to allocate the count)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read this GGUF file ({exc.strerror or exc})") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        return  # the reader says what is wrong with it
+    tensors, kvs = struct.unpack("<QQ", head[8:24])
+    for count, least, what in ((tensors, MIN_TENSOR_INFO_BYTES, "tensors"),
+                               (kvs, MIN_KV_BYTES, "metadata entries")):
+        if count * least > size:
+            raise SourceError(f"{path}: the header claims {count} {what}, more than a file of "
+                              f"{size} bytes can hold; the file is corrupt, download it again")
 
 
 def _read_raw(file, tensor, path: Path) -> np.ndarray:
