@@ -72,3 +72,20 @@ def test_per_step_time_is_the_difference_of_paired_runs(monkeypatch):
     flat = calibrate.seconds_per_step(lambda tokens: generate(1), cpu, steps=4, repeats=3,
                                       attempts=3)
     assert flat == pytest.approx(0.012 / (1 + 16))
+
+
+def test_slow_figures_keep_their_digits(tmp_path):
+    """A loaded machine measured 0.0004 GB/s once: written as 0.000 it made the profile
+    unloadable ('h2d_bandwidth_gb_s must be positive')."""
+    from offload_engine.runtime.calibrate import Calibration, profile_toml
+
+    slow = Calibration(device="cpu", device_name="test", memory_bytes=8 * 2**30,
+                       h2d_bandwidth=4e5, device_bandwidth=3e5, kernel_bandwidth=2e5,
+                       op_overhead_s=2e-6, ops_per_step=10, step_seconds=1e-3, layers=2,
+                       torch_version="x", when="today", disk_read_bandwidth=1e5)
+    path = tmp_path / "slow.toml"
+    path.write_text(profile_toml(slow, "slow", "1GiB"))
+    profile = load_profile(path)
+    assert profile.h2d_bandwidth == pytest.approx(4e5, rel=1e-3)
+    assert profile.kernel_bandwidth == pytest.approx(2e5, rel=1e-3)
+    assert profile.disk_read_bandwidth == pytest.approx(1e5, rel=1e-3)

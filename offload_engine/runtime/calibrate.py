@@ -240,6 +240,12 @@ def calibrate(device: torch.device, quick: bool = False, progress=None,
                        disk)
 
 
+def _figure(value: float) -> str:
+    """A measured figure with 4 significant digits: a fixed 3 decimals wrote a slow but
+    positive bandwidth (a loaded machine) as 0.000, which the profile loader refuses."""
+    return f"{value:.4g}"
+
+
 def profile_toml(result: Calibration, name: str, reserve: str) -> str:
     """The profile file: every figure measured here, and says so."""
     cpu = result.device.startswith("cpu")
@@ -258,12 +264,12 @@ def profile_toml(result: Calibration, name: str, reserve: str) -> str:
         f'device = "{"cpu" if cpu else "cuda"}"',
         f"memory = {result.memory_bytes}",
         "# large device copy, (read + write) / time",
-        f"device_bandwidth_gb_s = {result.device_bandwidth / GB:.3f}",
+        f"device_bandwidth_gb_s = {_figure(result.device_bandwidth / GB)}",
         f"# {h2d_note}",
-        f"h2d_bandwidth_gb_s = {result.h2d_bandwidth / GB:.3f}",
+        f"h2d_bandwidth_gb_s = {_figure(result.h2d_bandwidth / GB)}",
         f"# {kernel_note}: weight bytes / time, on real shapes",
-        f"kernel_bandwidth_gb_s = {result.kernel_bandwidth / GB:.3f}",
-        f"op_overhead_us = {result.op_overhead_s * 1e6:.3f}",
+        f"kernel_bandwidth_gb_s = {_figure(result.kernel_bandwidth / GB)}",
+        f"op_overhead_us = {_figure(result.op_overhead_s * 1e6)}",
         f'op_overhead_source = "{source}"',
         f'reserve = "{reserve}"',
     ]
@@ -271,7 +277,7 @@ def profile_toml(result: Calibration, name: str, reserve: str) -> str:
                 "kernel_bandwidth_gb_s", "op_overhead_us"]
     if result.disk_read_bandwidth is not None:
         lines += ["# cold preadv reads of a scratch file in --disk-dir (disk tier, --host-budget)",
-                  f"disk_read_gb_s = {result.disk_read_bandwidth / GB:.3f}"]
+                  f"disk_read_gb_s = {_figure(result.disk_read_bandwidth / GB)}"]
         measured.append("disk_read_gb_s")
     lines += [
         "measured = [" + ", ".join(f'"{key}"' for key in measured) + "]",
