@@ -11,7 +11,7 @@ import pytest
 from offload_engine.decode.api import load
 from offload_engine.server.app import ServerConfig
 from offload_engine.server.batcher import DoneEvent, ErrorEvent, Sequence
-from offload_engine.server.sampling import SamplingParams, sample_token
+from offload_engine.server.sampling import SamplingParams
 from tests.test_server import TIMEOUT, LiveServer, held, httpx  # also skips without the extra
 
 JSON = {"Content-Type": "application/json"}
@@ -74,8 +74,8 @@ def test_a_request_that_fails_to_prepare_fails_alone(live):
 
 def test_tiny_top_p_keeps_the_likeliest_token(live):
     logits = torch_logits()
-    params = SamplingParams(max_tokens=1, top_p=1e-300)
-    assert sample_token(logits, params, None) == int(logits.argmax())
+    sampler = SamplingParams(max_tokens=1, top_p=1e-300, seed=0).sampler([], logits.device)
+    assert sampler.choose(sampler.scores(logits, [])) == int(logits.argmax())
     reply = _post(live, "/v1/completions", {"prompt": "A set", "max_tokens": 3, "top_p": 1e-300,
                                             "temperature": 1.0})
     assert reply.status_code == 200, reply.text
