@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ...errors import SourceError
+from ...errors import InexactImportError, SourceError
 from ...model import architecture
 from ...quant.gguf_blocks import EXACT_TYPES, import_rows
 
@@ -58,8 +58,8 @@ class GGUFSource:
         try:
             self._reader = GGUFReader(self.path)
             self.config = _read_config(self.path)
-        except (ValueError, OSError, KeyError) as exc:
-            raise SourceError(f"{self.path}: cannot read this GGUF file ({exc})") from exc
+        except (ValueError, OSError, KeyError, IndexError) as exc:  # IndexError: truncated
+            raise SourceError(f"{self.path}: cannot read this GGUF file ({exc!r})") from exc
         self._processor = _tensor_processor(self._reader, self.config)
         self.plans = self._plan_tensors()
         self.linear_types = sorted({p.type_name for p in self.plans if p.is_linear})
@@ -261,7 +261,7 @@ def _majority_exact_type(path: Path, plans: List[GGUFTensorPlan]) -> str:
 
 
 def _no_majority_error(path: Path, plans: List[GGUFTensorPlan],
-                       counts: Dict[str, int]) -> SourceError:
+                       counts: Dict[str, int]) -> InexactImportError:
     """The refusal: every linear type with its tensors and share of the parameters."""
     total = sum(counts.values())
     listing = []
@@ -272,7 +272,7 @@ def _no_majority_error(path: Path, plans: List[GGUFTensorPlan],
     inexact = sorted(t for t in counts if t not in EXACT_TYPES)
     why = "no exact type holds more than half of their parameters" + (
         f"; types {', '.join(inexact)} have no exact import" if inexact else "")
-    return SourceError(
+    return InexactImportError(
         f"{path}: its linear weights cannot be imported exactly ({why}; linears by type: "
         f"{'; '.join(listing)}). Exact types: {', '.join(EXACT_TYPES)}. Pass --requantize to "
         "dequantize all of them and quantize again with --scheme/--group-size (lossy: see "
