@@ -198,3 +198,22 @@ def test_plan_takes_a_preset_name_and_a_real_32b_config_quietly(tmp_path, capfd)
         assert captured.err == "", captured.err
         outputs.append(captured.out.split("\n", 1)[1])  # after the model line
     assert outputs[0] == outputs[1]
+
+
+def test_a_long_calibration_announces_its_estimated_time_after_the_first_layer(monkeypatch):
+    import time
+
+    from offload_engine.checkpoint import calibrate
+
+    notes = []
+    monkeypatch.setattr(calibrate, "LONG_CALIBRATION_S", 0.5)
+    for index in calibrate.timed_layers(4, False, notes.append, "awq"):
+        if index == 0:
+            time.sleep(0.2)  # 4 layers x >= 0.2 s: longer than the threshold
+        assert len(notes) == (0 if index == 0 else 1)
+    (note,) = notes
+    assert note.startswith("awq calibration: about ") and "for 4 layers" in note
+    quiet = []
+    monkeypatch.setattr(calibrate, "LONG_CALIBRATION_S", 3600)
+    assert list(calibrate.timed_layers(3, False, quiet.append, "gptq")) == [0, 1, 2]
+    assert quiet == []
