@@ -16,6 +16,11 @@ class SourceError(OffloadError):
     """The checkpoint to convert is missing, empty or in an unsupported form."""
 
 
+class InexactImportError(SourceError):
+    """A quantized source (a GGUF of K-quants) whose codes our layout cannot hold as they
+    are; converting it means re-quantizing (``--requantize``)."""
+
+
 class QuantizationError(OffloadError, ValueError):
     """A tensor cannot be quantized (non-finite values, unsupported dtype or shape)."""
 

@@ -83,3 +83,31 @@ def test_help_of_the_measurement_commands(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: offload-engine " + command in capsys.readouterr().out
+
+
+def test_bench_plot_has_one_legend_outside_the_panels_and_plain_log_labels():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from offload_engine.cli.bench_plot import draw
+
+    rows = [{"policy": policy, "prefetch_depth": 2, "batch": 1, "budget_bytes": budget,
+             "predicted_total_bytes": 4 * 2**30, "decode_tokens_per_s": tok_s,
+             "predicted_tokens_per_s": tok_s * 1.1, "h2d_bytes_per_token": 1e8,
+             "predicted_bytes_per_token": 1e8, "hit_rate": 0.5, "predicted_hit_rate": 0.5}
+            for policy in ("static", "lru")
+            for budget, tok_s in ((2**30, 6.0), (2 * 2**30, 60.0), (None, 600.0))]
+    figure = draw(rows, "test")
+    figure.canvas.draw()
+    assert len(figure.legends) == 1 and all(axis.get_legend() is None for axis in figure.axes)
+    assert len(figure.legends[0].get_texts()) == 4  # 2 series x measured/PREDICTED
+    legend_box = figure.legends[0].get_window_extent()
+    for axis in figure.axes:  # below the panels: hides no line
+        assert legend_box.y1 <= axis.get_window_extent().y0
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()] + [
+        t.get_text() for t in figure.axes[0].get_yticklabels(minor=True)]
+    assert "60" in labels and not any("times" in label or "^" in label for label in labels)
+    plt.close(figure)

@@ -85,11 +85,15 @@ def test_flash_attention_without_flash_attn(qwen2_q, capsys):
     _one_line_error(capsys, "--attention flash_attention_2", "--attention sdpa")
 
 
-def test_run_on_a_gguf_file_says_convert_first(tmp_path, capsys):
+def test_run_on_a_broken_gguf_file_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    """`run` converts a GGUF file itself (tests/test_cli_models.py); a truncated one is
+    refused before anything is written."""
+    monkeypatch.setenv("OFFLOAD_ENGINE_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     assert main(["run", str(gguf), "hi", *RUN]) == 2
-    _one_line_error(capsys, "is a GGUF file", f"offload-engine quantize {gguf}")
+    _one_line_error(capsys, f"{gguf}: cannot read this GGUF file")
+    assert not (tmp_path / "cache" / "converted").exists()
 
 
 @pytest.mark.parametrize("command", ["run", "plan"])

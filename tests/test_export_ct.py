@@ -116,3 +116,23 @@ def test_transformers_loads_the_export_with_the_same_weights(tmp_path, qwen2_src
         loaded = model.get_parameter(name)
         assert torch.equal(loaded.view(torch.int16), weight.to(torch.bfloat16)
                            .view(torch.int16)), name
+
+
+def test_transformers_loads_the_export_of_a_tied_model(tmp_path, llama_src):
+    """A tied lm_head is the embedding: it is listed in `ignore` (not a quantized Linear
+    missing its packed weight), transformers ties it, and every linear is ours."""
+    from transformers import AutoModelForCausalLM
+
+    convert(llama_src, tmp_path / "q", QuantSpec("int4", 32), progress=False)
+    export_compressed_tensors(tmp_path / "q", tmp_path / "ct", progress=False)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert "lm_head" in config["quantization_config"]["ignore"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 30]])).logits  # decompresses every linear
+    assert torch.isfinite(logits).all()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    _, ours = _our_weights(tmp_path / "q")
+    for name, weight in ours.items():
+        assert torch.equal(model.get_parameter(name).to(torch.float32),
+                           weight.to(torch.bfloat16).to(torch.float32)), name

@@ -176,10 +176,10 @@ def test_cli_quantize_with_method_and_calibration_flags(tmp_path, llama_src, cap
         main(["quantize", str(llama_src), str(tmp_path / "r"), "--method", "bogus"])
 
 
-def test_cli_default_is_awq_and_library_default_is_rtn():
+def test_cli_default_is_auto_and_library_default_is_rtn():
     from offload_engine.checkpoint.methods import DEFAULT_METHOD
     from offload_engine.cli.main import build_parser
 
-    assert DEFAULT_METHOD == "awq" and MethodSettings().name == "rtn"
-    args = build_parser().parse_args(["quantize", "a", "b"])
-    assert args.method == "awq"
+    assert DEFAULT_METHOD == "auto" and MethodSettings().name == "rtn"
+    for command in (["quantize", "a", "b"], ["run", "a", "b"], ["serve", "a"]):
+        assert build_parser().parse_args(command).method == "auto"

@@ -1,4 +1,4 @@
-"""tools/bench.py and tools/trace_summary.py on the tiny Qwen2, for real."""
+"""tools/bench.py and `offload-engine trace-summary` on the tiny Qwen2, for real."""
 
 import csv
 import importlib.util
@@ -25,7 +25,9 @@ def _tool(name: str):
 
 @pytest.fixture(scope="module")
 def trace_summary():
-    return _tool("trace_summary")
+    from offload_engine.runtime import trace_summary
+
+    return trace_summary
 
 
 def test_bench_wrapper_writes_csv_json_and_png_from_real_runs(qwen2_q, tmp_path):
@@ -71,10 +73,20 @@ def test_trace_summary_on_a_real_trace(qwen2_q, tmp_path, capsys, trace_summary)
     assert 0.0 <= summary.hidden_fetch_ms <= summary.fetch_ms
     assert summary.stall_ms == pytest.approx(wait.total_ms)
     assert linear.mean_us == pytest.approx(linear.total_ms * 1e3 / linear.count)
-    assert trace_summary.main([str(trace)]) == 0
+    assert main(["trace-summary", str(trace)]) == 0
     out = capsys.readouterr().out
     assert "hidden under compute" in out and "total stall" in out
-    assert trace_summary.main([str(tmp_path / "missing.json")]) == 2
+    assert main(["trace-summary", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read a Chrome trace" in capsys.readouterr().err
+    # --profile-steps 1: the prefill pass alone, and nothing of the profiler's own log
+    # (its start/stop lines) inside the generated text
+    steps = tmp_path / "one.json"
+    assert main(["run", str(qwen2_q), "--prompt", "the", "--greedy", "--max-new-tokens", "3",
+                 "--cache-entries", "3", "--prefetch-depth", "1", "--device", "cpu",
+                 "--no-progress", "--profile-trace", str(steps), "--profile-steps", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "profiler" not in captured.out and "profiler" not in captured.err
+    assert trace_summary.summarise_file(steps).ranges["offload.linear"].count == 15
 
 
 def test_overlap_arithmetic_on_a_synthetic_trace(tmp_path, trace_summary):

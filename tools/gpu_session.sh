@@ -111,7 +111,7 @@ run_variants() {
   oe run "$model" "$prompt" "${args[@]}" --speculate lookup \
     --stats-json "$WORK/run-lookup.json" &&
   oe run "$model" "$prompt" "${args[@]}" --profile-trace "$WORK/run.trace.json" &&
-  "$PY" tools/trace_summary.py "$WORK/run.trace.json"
+  "$PY" -m offload_engine trace-summary "$WORK/run.trace.json"
 }
 
 # Host memory the store takes against its weight bytes (runtime/pinned.py pins exactly).

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from .calibration_data import CalibrationData, calibration_ids
 
 logger = logging.getLogger(__name__)
 FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LONG_CALIBRATION_S = 30.0  # an estimate is announced when the whole pass looks longer
 
 
 @dataclass(frozen=True)
@@ -183,14 +185,39 @@ def start_pass(source, skeleton: nn.Module, settings: CalibrationSettings,
                      _causal_mask(ids.shape[1], device), position_embeddings)
 
 
+def timed_layers(count: int, progress: bool, notify: Optional[Callable[[str], None]],
+                 method: str) -> Iterator[int]:
+    """0..count-1 under a progress bar; after the first layer, when the whole pass looks
+    longer than LONG_CALIBRATION_S, ``notify`` gets one line with the estimated time."""
+    bar = tqdm(range(count), desc="calibrating", unit="layer", disable=not progress)
+    started = time.perf_counter()
+    for index in bar:
+        yield index
+        if index == 0 and notify is not None and count > 1:
+            first = time.perf_counter() - started
+            if first * count >= LONG_CALIBRATION_S:
+                with tqdm.external_write_mode():
+                    notify(f"{method} calibration: about {_duration(first * count)} for "
+                           f"{count} layers (the first took {first:.1f} s); Ctrl-C stops it, "
+                           "--method rtn converts without calibrating")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def calibrate(source, skeleton: nn.Module, spec: QuantSpec,
               settings: CalibrationSettings = CalibrationSettings(),
-              progress: bool = True) -> FoldPlan:
+              progress: bool = True,
+              notify: Optional[Callable[[str], None]] = None) -> FoldPlan:
     """Run the layer-by-layer pass and return what to fold and how to weigh errors."""
     run = start_pass(source, skeleton, settings, "awq")
     plan = FoldPlan()
-    for index in tqdm(range(len(run.layers)), desc="calibrating", unit="layer",
-                      disable=not progress):
+    for index in timed_layers(len(run.layers), progress, notify, "awq"):
         layer = run.layer(index)
         stats = attach_recorders(layer, run.hidden.shape[0] * run.hidden.shape[1],
                                   settings.search_tokens)

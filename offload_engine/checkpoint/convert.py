@@ -8,9 +8,11 @@ or failed conversion never leaves a directory that loads.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -25,7 +27,7 @@ from ..version import __version__
 from . import checksums, stfile
 from .destination import check_destination, staged_output
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
-from .methods import MethodSettings, prepare_method
+from .methods import MethodSettings, choose_method, prepare_method
 from .sources import open_source
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class ConversionSummary:
                        "s/layer)"] if self.calibration_layers else []
         return calibration + [
             f"wrote {self.destination}",
-            f"  scheme {self.scheme}, group size {self.group_size}, " + self._how(),
+            f"  scheme {self.scheme}, group size {self.group_size}, " + self.how(),
             f"  tensors: {self.tensors} ({self.quantized} quantized)",
             f"  bytes: {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
             + (f"({ratio:.2f}x smaller)" if ratio >= 1 else
@@ -68,7 +70,7 @@ class ConversionSummary:
             f"  time: {self.seconds:.1f} s",
         ]
 
-    def _how(self) -> str:
+    def how(self) -> str:
         if not self.imported:
             return f"method {self.method}"
         if not self.requantized:
@@ -106,19 +108,34 @@ class ShardWriter:
         except OSError as exc:
             raise ConversionError(f"writing {path} failed: {exc}; free disk space or pick "
                                   "another destination, then run the conversion again") from exc
+        _make_readable(path)
         self.shards[name] = path.stat().st_size
         self.pending, self.pending_bytes = {}, 0
+
+
+def _make_readable(path: Path) -> None:
+    """safetensors creates its files mode 0600; give shards the mode every other file of
+    the directory gets (0644 under the usual umask), so a shared model folder stays
+    readable by the users it is shared with."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             requantize: bool = False,
-            method: MethodSettings = MethodSettings()) -> ConversionSummary:
+            method: MethodSettings = MethodSettings(),
+            notify: Optional[Callable[[str], None]] = None,
+            announce: str = "") -> ConversionSummary:
     """Quantize SRC (safetensors directory or .gguf) into the directory DST.
 
     A source whose weights our layout holds exactly is imported as it is (``spec`` is
     then the source's, and ``method`` does not apply: nothing is rounded); ``requantize``
-    quantizes its dequantized weights with ``spec`` and ``method``.
+    quantizes its dequantized weights with ``spec`` and ``method``. ``notify`` gets the
+    one-line notes meant for the user: which method ``auto`` chose and why, and the
+    estimated time of a long calibration; ``announce``, a line for ``notify`` once the
+    source has opened (so a source that cannot be read gets its one-line error alone).
     """
     started = time.perf_counter()
     dst = Path(dst)
@@ -127,6 +144,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                               "as it is with run, chat or serve, or quantize the original model")
     check_destination(Path(src), dst, force)  # before reading SRC: a GGUF takes a while
     source = open_source(Path(src), requantize=requantize)
+    if announce and notify is not None:
+        notify(announce)
     spec = source.import_spec or spec
     if source.import_spec is not None and method.name != "rtn":
         logger.info("%s imports exactly: --method %s does not apply", src, method.name)
@@ -134,7 +153,11 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     skeleton = architecture.build_skeleton(source.config)
     linears = architecture.find_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
-    prepared = prepare_method(method, source, skeleton, spec, progress)  # awq calibrates here
+    parameters = sum(p.numel() for p in skeleton.parameters())  # on meta: shapes only
+    method, note = choose_method(method, source.config, parameters)
+    if note and notify is not None:
+        notify(note)
+    prepared = prepare_method(method, source, skeleton, spec, progress, notify)  # calibrates
     with staged_output(dst, f"converting {src}") as tmp:
         manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress,
                                   prepared)

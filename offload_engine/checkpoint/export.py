@@ -11,6 +11,14 @@ Nothing is re-rounded: codes, scales and zero points are repacked bit for bit
   dtype).
 - config.json's dtype is set to the scale dtype, because vLLM loads the scales in the
   model dtype: with ``dtype: auto`` fp16 scales stay fp16 (and bf16 stay bf16).
+- a model whose ``lm_head`` is tied to the embeddings stores no ``lm_head``: it is listed
+  in ``ignore`` too, or transformers would make it a quantized Linear expecting packed
+  weights the checkpoint cannot have, and the tie would fail.
+
+Asymmetric (int4-asym) exports hold packed zero points as compressed-tensors' own
+compressor writes them and vLLM reads them; transformers 5.24 with compressed-tensors
+0.20.1 cannot load any such checkpoint (its meta-device compression leaves the model's
+zero points unpacked, so their shapes differ from every file's), ours included.
 
 Like ``quantize``, the output is staged beside DST and renamed into place at the end.
 """
@@ -27,12 +35,14 @@ from typing import List
 from tqdm.auto import tqdm
 
 from ..errors import ConversionError
+from ..model.architecture import ties_embeddings
 from ..quant import ct_pack
 from ..quant.quantize import QuantizedWeight, dequantize_weight
 from ..units import format_bytes
 from .convert import DEFAULT_SHARD_BYTES, ShardWriter
 from .destination import check_replaceable, staged_output
 from .format import MANIFEST_NAME, Manifest, load_component, verify_directory
+from .hfconfig import read_hf_config
 from .sources import SIDE_FILES
 
 logger = logging.getLogger(__name__)
@@ -149,6 +159,8 @@ def _write(manifest: Manifest, src: Path, tmp: Path, shard_bytes: int,
         for key, value in tensors.items():
             weight_map[key] = writer.add(key, value).shard
     writer.flush()
+    if ties_embeddings(read_hf_config(src)) and "lm_head" not in ignore:
+        ignore.append("lm_head")  # tied: stored as the embedding, never quantized
     (tmp / INDEX_NAME).write_text(json.dumps(
         {"metadata": {"total_size": sum(writer.shards.values())}, "weight_map": weight_map},
         indent=2, sort_keys=True))

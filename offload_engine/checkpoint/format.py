@@ -159,8 +159,9 @@ def read_manifest(directory: Path) -> Manifest:
 def not_a_quantized_dir(path: Path) -> str:
     """The message for a path that is no directory: a GGUF or other file must be converted."""
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return (f"{path} is a GGUF file; convert it first: offload-engine quantize {path} "
-                f"{_suggested(path)}, then use {_suggested(path)}")
+        return (f"{path} is a GGUF file: `run`, `chat` and `serve` take it as it is (converted "
+                "once into the engine's cache), or convert it with `offload-engine quantize "
+                f"{path} DIR` and pass DIR")
     if path.is_file():
         return (f"{path} is a file, not a quantized directory; convert the model with "
                 f"`offload-engine quantize SRC DST` and pass DST")

@@ -21,7 +21,6 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..model import architecture
 from ..quant.gptq import GPTQSettings, gptq_quantize
@@ -36,6 +35,7 @@ from .calibrate import (
     materialize,
     plan_layer,
     start_pass,
+    timed_layers,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class _HessianRecorder:
 def calibrate_gptq(source, skeleton: nn.Module, spec: QuantSpec,
                    settings: CalibrationSettings = CalibrationSettings(),
                    gptq: GPTQSettings = GPTQSettings(), progress: bool = True,
-                   fold: bool = False) -> GPTQResult:
+                   fold: bool = False, notify=None) -> GPTQResult:
     """Quantize every decoder linear (and an untied lm_head) of ``source`` with GPTQ.
 
     ``fold`` (awq-gptq): per layer, first search and fold AWQ's scales (calibrate.py),
@@ -78,8 +78,8 @@ def calibrate_gptq(source, skeleton: nn.Module, spec: QuantSpec,
     """
     run = start_pass(source, skeleton, settings, "awq-gptq" if fold else "gptq")
     result = GPTQResult(plan=FoldPlan() if fold else None)
-    for index in tqdm(range(len(run.layers)), desc="calibrating", unit="layer",
-                      disable=not progress):
+    for index in timed_layers(len(run.layers), progress, notify,
+                              "awq-gptq" if fold else "gptq"):
         prefix = f"{run.prefix}.{index}."
         layer = run.layer(index)
         stats = attach_recorders(layer, run.hidden.shape[0] * run.hidden.shape[1],

@@ -16,6 +16,9 @@ never know which one ran:
   they are written.
 - ``awq-gptq``: per layer, AWQ's scales are searched and folded first, then the scaled
   weights are rounded with GPTQ on the Hessians of the scaled inputs.
+- ``auto``: awq where its scales fold (FOLDABLE_MODEL_TYPES) and calibration is
+  affordable (a GPU calibrates, or the model is small), else rtn; choose_method says
+  which and why.
 
 convert.py asks prepare_method() for a PreparedMethod and calls ``adjust`` on every
 tensor and ``quantize`` on every linear weight as it streams them.
@@ -25,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
 import torch
 
@@ -34,29 +37,34 @@ from ..errors import ConfigError, ConversionError
 from ..quant.gptq import GPTQSettings
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, quantize_weight
-from ..quant.schemes import DEFAULT_METHOD, METHODS  # noqa: F401 (re-exported)
+from ..quant.schemes import AUTO_METHOD, DEFAULT_METHOD, METHODS  # noqa: F401 (re-exported)
 from ..quant.search import SearchSettings, search_quantize
-from .calibrate import CalibrationSettings, FoldPlan, calibrate
+from .calibrate import FOLDABLE_MODEL_TYPES, CalibrationSettings, FoldPlan, calibrate
 from .gptq_calibrate import GPTQResult, calibrate_gptq
 
 logger = logging.getLogger(__name__)
+# Without a GPU, `auto` calibrates (awq) only models below this many parameters: the
+# 135M demo-sized SmolLM2 took 5 min 25 s to calibrate on the 2-core CPU test machine,
+# against 10 s for rtn (issue 26), too long for a first `run`.
+AUTO_AWQ_CPU_MAX_PARAMS = 100_000_000
 
 
 @dataclass(frozen=True)
 class MethodSettings:
     """Which method quantizes the linears, and its knobs."""
 
-    # one of METHODS. The library default stays rtn: it needs no tokenizer or calibration
-    # pass (the demo's first-run conversion and the tests rely on that); the CLI defaults
-    # to DEFAULT_METHOD.
+    # one of METHODS, or AUTO_METHOD (resolved by choose_method). The library default stays
+    # rtn: it needs no tokenizer or calibration pass (the tests rely on that); the CLI and
+    # the automatic conversion of run/chat/serve/load default to AUTO_METHOD.
     name: str = "rtn"
     search: SearchSettings = SearchSettings()  # clip and awq: the per-group range search
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # calibrated
     gptq: GPTQSettings = GPTQSettings()  # gptq, awq-gptq: dampening and block size
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ConfigError(f"unknown --method {self.name!r}: use one of {', '.join(METHODS)}")
+        if self.name not in METHODS + (AUTO_METHOD,):
+            raise ConfigError(f"unknown --method {self.name!r}: use one of "
+                              f"{', '.join((AUTO_METHOD,) + METHODS)}")
 
 
 class PreparedMethod:
@@ -111,19 +119,45 @@ class PreparedMethod:
         return info
 
 
+def choose_method(settings: MethodSettings, config, parameters: int) -> tuple:
+    """(settings, note): ``auto`` resolved to awq or rtn with a one-line note saying what
+    was chosen, why, and how to ask for the other; any other method as it is, note ""."""
+    if settings.name != AUTO_METHOD:
+        return settings, ""
+    model_type = getattr(config, "model_type", None)
+    on_gpu = settings.calibration.device.startswith("cuda")
+    size = f"{parameters / 1e6:.0f}M-parameter"
+    if model_type not in FOLDABLE_MODEL_TYPES:
+        name, why = "rtn", (f"awq cannot fold a {model_type!r} model's scales (it folds "
+                            f"{', '.join(FOLDABLE_MODEL_TYPES)}); --method clip searches each "
+                            "group's range without calibration text")
+    elif not on_gpu and parameters > AUTO_AWQ_CPU_MAX_PARAMS:
+        name, why = "rtn", (f"no GPU to calibrate a {size} model on (awq is chosen on a "
+                            f"CPU below {AUTO_AWQ_CPU_MAX_PARAMS / 1e6:.0f}M); pass --method "
+                            "awq to calibrate anyway (better quality, an estimate of the time "
+                            "shows after the first layer)")
+    else:
+        name, why = "awq", ((f"calibrating on {settings.calibration.device}" if on_gpu
+                             else f"a {size} model calibrates quickly on the CPU")
+                            + "; --method rtn converts fastest")
+    return replace(settings, name=name), f"method {name}: {why}"
+
+
 def prepare_method(settings: MethodSettings, source, skeleton, spec: QuantSpec,
-                   progress: bool = True) -> PreparedMethod:
+                   progress: bool = True,
+                   notify: Optional[Callable[[str], None]] = None) -> PreparedMethod:
+    """``notify`` gets one line estimating a long calibration's time, after its first layer."""
     if settings.name not in ("awq", "gptq", "awq-gptq"):
         return PreparedMethod(settings)
     started = time.perf_counter()
     if settings.name in ("gptq", "awq-gptq"):
         result = calibrate_gptq(source, skeleton, spec, settings.calibration, settings.gptq,
-                                progress, fold=settings.name == "awq-gptq")
+                                progress, fold=settings.name == "awq-gptq", notify=notify)
         seconds = time.perf_counter() - started
         logger.info("%s calibration: %d layers in %.1f s", settings.name, result.layers,
                     seconds)
         return PreparedMethod(settings, result.plan, seconds, gptq=result)
-    plan = calibrate(source, skeleton, spec, settings.calibration, progress)
+    plan = calibrate(source, skeleton, spec, settings.calibration, progress, notify)
     seconds = time.perf_counter() - started
     logger.info("AWQ calibration: %d layers in %.1f s", plan.layers, seconds)
     return PreparedMethod(settings, plan, seconds)

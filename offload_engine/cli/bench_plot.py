@@ -1,6 +1,8 @@
 """bench.png: tok/s, bytes per token and hit rate against the budget, PREDICTED beside measured.
 
 matplotlib is optional (``pip install 'offload-engine[plot]'``) and imported only here.
+One legend, below the panels, names every line of every panel (solid: measured, dashed:
+PREDICTED), so no panel's legend hides a line; log axes are labelled in plain numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ def plot(rows: list, path, title: str) -> bool:
         print("matplotlib is not installed, so no plot was drawn (bench.csv has every number): "
               "pip install 'offload-engine[plot]'")
         return False
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.5))
+    figure = draw(rows, title)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def draw(rows: list, title: str):
+    """The figure: one panel per PANELS entry and one shared legend below them."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 5))
     series = sorted({(r["policy"], r["prefetch_depth"], r["batch"]) for r in rows})
     for axis, (measured, predicted, label, scale) in zip(axes, PANELS, strict=True):
         for index, key in enumerate(series):
@@ -42,12 +55,16 @@ def plot(rows: list, path, title: str) -> bool:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7)
+    plain = FuncFormatter(lambda value, _position: f"{value:g}")  # 60, not 6x10^1
+    axes[0].yaxis.set_major_formatter(plain)
+    axes[0].yaxis.set_minor_formatter(plain)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+                  title="every panel: solid = measured, dashed = PREDICTED", title_fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
+    rows_of_legend = -(-len(labels) // 4) + 1
+    figure.tight_layout(rect=(0, 0.05 * rows_of_legend, 1, 1))
+    return figure
 
 
 def _budget(row: dict) -> int:

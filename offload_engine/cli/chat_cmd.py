@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from pathlib import Path
 
 from ..errors import ConfigError, ContextLengthError
-from .options import add_engine_args, engine_config_from_args
-from .run_cmd import add_generation_args, check_generation_args, generation_kwargs, not_utf8
+from .options import (
+    add_engine_args,
+    add_model_args,
+    engine_config_from_args,
+    model_from_args,
+    not_utf8,
+)
+from .run_cmd import add_generation_args, check_generation_args, generation_kwargs
 
 logger = logging.getLogger(__name__)
 COMMANDS = {"/reset": "start over", "/exit": "quit", "/help": "list the commands"}
@@ -22,7 +27,7 @@ HISTORY_LINES = 1000
 def register(commands) -> None:
     parser = commands.add_parser(
         "chat", help="chat with a quantized model in the terminal", description=HELP)
-    parser.add_argument("model", type=Path, help="a directory written by `quantize`")
+    add_model_args(parser)
     parser.add_argument("--system", default=None, help="an optional system message")
     add_generation_args(parser)
     add_engine_args(parser)
@@ -51,7 +56,7 @@ def run(args) -> int:
 
     check_generation_args(args)
     _check_stdin()
-    with load(args.model, engine_config_from_args(args)) as engine:
+    with load(model_from_args(args), engine_config_from_args(args)) as engine:
         print(HELP, file=sys.stderr)
         history = _fresh_history(args)
         with _line_history() as remember:

@@ -83,8 +83,9 @@ def run(args) -> int:
     results = {}
     with load(args.model, config) as engine:
         if args.reference is not None:
-            results["weights"] = evaluate(engine, load_reference(args.reference), text,
-                                          weight_settings, progress=config.progress)
+            reference = load_reference(args.reference, config.progress)
+            results["weights"] = evaluate(engine, reference, text, weight_settings,
+                                          progress=config.progress)
             warn_if_unrelated(results["weights"])
         if kv_mode is not None:
             from ..quality.kv_eval import evaluate_kv_cache

@@ -43,6 +43,7 @@ def run(args) -> int:
           + (f" (imported exactly from {source.get('format')})" if source.get("exact") else "")
           + (f" (imported from {source.get('format')}; quantized here, from float: "
              f"{', '.join(source['requantized'])})" if source.get("requantized") else ""))
+    print(f"  method: {_method(source)}")
     quantized = sum(entry.quantized for entry in manifest.tensors.values())
     print(f"  tensors: {len(manifest.tensors)} ({quantized} quantized) "
           f"in {len(manifest.shards)} shard(s), {format_bytes(sum(manifest.shards.values()))}")
@@ -57,3 +58,21 @@ def run(args) -> int:
     if synthetic_note(manifest):
         print(f"  {synthetic_note(manifest)}")
     return 0
+
+
+def _method(source: dict) -> str:
+    """How the codes were chosen: the quantization method and its calibration, or the
+    format imported exactly (nothing rounded here)."""
+    method = source.get("quantization_method")
+    if not method:
+        if source.get("requantized"):
+            return (f"codes imported from {source.get('format')}; "
+                    f"{len(source['requantized'])} linear(s) rounded to nearest here")
+        if source.get("exact"):
+            return f"none here: codes imported from {source.get('format')}"
+        return "not recorded (converted before methods were recorded)"
+    text = method.get("name", "?")
+    if "calibration_samples" in method:
+        text += (f", calibrated on {method['calibration_samples']} x "
+                 f"{method['calibration_seq_len']} tokens of {method.get('calibration_text')}")
+    return text

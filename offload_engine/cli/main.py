@@ -15,7 +15,7 @@ from ..version import __version__
 # Subcommand modules, each with register(commands); in the order `--help` lists them.
 COMMAND_MODULES = ("quantize_cmd", "inspect_cmd", "run_cmd", "chat_cmd", "demo_cmd",
                    "plan_cmd", "eval_cmd", "serve_cmd", "synth_cmd", "bench_cmd", "calibrate_cmd",
-                   "export_cmd")
+                   "export_cmd", "trace_summary_cmd")
 
 
 class DefaultsFormatter(argparse.HelpFormatter):

@@ -6,6 +6,7 @@ The CLI subcommands, the server and the scripts in tools/ all reuse these two.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.speculation import SPECULATE_MODES
@@ -139,3 +140,139 @@ def engine_config_from_args(args: argparse.Namespace):
         kv_cache=args.kv_cache,
         kv_budget=args.kv_budget,
     )
+
+
+MODEL_HELP = ("a directory written by `quantize`, a .gguf file, a Hugging Face checkpoint "
+              "directory, id (ORG/NAME, from the local HF cache) or cache folder "
+              "(models--ORG--NAME); anything but the first is converted once into the "
+              "engine's cache and reused")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """MODEL, positionally or as llama.cpp's -m, and how a source given as MODEL is
+    converted on first use; also -ngl, which gets a pointer to --gpu-budget."""
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("-m", "--model", dest="model_flag", default=None, metavar="MODEL",
+                        help="MODEL as a flag (llama.cpp's spelling)")
+    parser.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers",
+                        default=None, metavar="N",
+                        help="not used: weights are budgeted in bytes (--gpu-budget), not "
+                             "layers")
+    from .method_options import add_method_args
+
+    add_method_args(parser, calibration_device=False)
+    parser.add_argument("--reconvert", action="store_true",
+                        help="a GGUF or HF checkpoint MODEL: convert again even if cached")
+
+
+def check_llama_cpp_flags(args: argparse.Namespace) -> None:
+    from ..errors import ConfigError
+
+    if getattr(args, "n_gpu_layers", None) is not None:
+        raise ConfigError(
+            f"-ngl {args.n_gpu_layers}: offload-engine does not place whole layers; it keeps "
+            "as many weights on the GPU as --gpu-budget allows (e.g. --gpu-budget 6GiB, or "
+            "0.8 of free memory; default: all that fit) and streams the rest")
+
+
+def model_argument(args: argparse.Namespace):
+    """MODEL from -m or the positional slot (exactly one), before any conversion."""
+    from ..errors import ConfigError
+
+    check_llama_cpp_flags(args)
+    if (args.model_flag is not None and args.model is not None
+            and getattr(args, "prompt_text", False) is None):
+        args.prompt_text, args.model = args.model, None  # run -m MODEL "prompt"
+    if args.model_flag is not None and args.model is not None:
+        raise ConfigError(f"give the model once: -m {args.model_flag} or {args.model}, "
+                          "not both")
+    model = args.model_flag if args.model_flag is not None else args.model
+    if model is None:
+        raise ConfigError("no model: pass a quantized directory, a .gguf file or a Hugging "
+                          "Face checkpoint (positionally or with -m)")
+    return model
+
+
+def model_from_args(args: argparse.Namespace):
+    """The quantized directory for MODEL, converting a GGUF or HF checkpoint on first use
+    (notes on stderr); calibration, if the method calibrates, runs on --device."""
+    from ..checkpoint.autoconvert import ConversionSettings, ensure_converted
+    from .method_options import method_from_args
+
+    model = model_argument(args)  # a missing model is refused before torch is imported
+    settings = ConversionSettings(method=method_from_args(args, args.device),
+                                  reconvert=args.reconvert)
+    return ensure_converted(model, settings, progress=not args.no_progress, notify=note)
+
+
+def note(line: str) -> None:
+    """One-line notes for the user (conversions, chosen methods) go to stderr."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """`run`'s prompt: positional, -p, -f FILE (llama.cpp's flags) or stdin; chat or raw."""
+    parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
+                        help="the prompt text (or -p TEXT, -f FILE, or piped on stdin)")
+    parser.add_argument("-p", "--prompt", default=None, help="the prompt text")
+    parser.add_argument("-f", "--file", dest="prompt_file", default=None, metavar="FILE",
+                        help="read the prompt from FILE")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the model's chat template (the default when "
+                           "the model has one)")
+    mode.add_argument("--raw", "--no-chat", dest="chat", action="store_false",
+                      help="continue the prompt as plain text, without the chat template")
+
+
+def prompt_from_args(args: argparse.Namespace) -> str:
+    """The prompt: positional, -p, -f FILE, or stdin when none is given and stdin is not a
+    terminal; exactly one, and not blank. Call model_argument first (``-m MODEL "prompt"``
+    moves the prompt into place)."""
+    from ..errors import ConfigError
+
+    given = {name: value for name, value in (("positionally", args.prompt_text),
+                                             ("-p", args.prompt), ("-f", args.prompt_file))
+             if value is not None}
+    if len(given) > 1:
+        raise ConfigError(f"give the prompt once, not {' and '.join(given)}")
+    if args.prompt_file is not None:
+        try:
+            prompt = open(args.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"-f {args.prompt_file}: cannot read the prompt ({exc})") from exc
+    elif given:
+        prompt = next(iter(given.values()))
+    else:
+        prompt = _piped_stdin()
+    if prompt is None:
+        raise ConfigError("no prompt: offload-engine run MODEL \"your prompt\" (or -p TEXT, "
+                          "-f FILE, or pipe it in)")
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; give some text")
+    problem = not_utf8(prompt)
+    if problem:
+        raise ConfigError(f"the prompt is not valid UTF-8 text ({problem}); give text, not "
+                          "binary data")
+    return prompt
+
+
+def not_utf8(text: str) -> str:
+    """Why ``text`` (from argv or stdin, undecodable bytes kept as surrogates) is not
+    UTF-8 text, or "" when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"byte {ord(text[exc.start]) & 0xFF:#04x} at character {exc.start}"
+    return ""
+
+
+def _piped_stdin():
+    """The text piped into stdin, or None when stdin is a terminal or cannot be read."""
+    stream = sys.stdin
+    try:
+        if stream is None or stream.isatty():
+            return None
+        return stream.read()
+    except (OSError, ValueError):  # closed, or a test runner's stand-in
+        return None

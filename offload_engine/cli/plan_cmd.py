@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 from ..planning.profiles import DEFAULT_PROFILE
@@ -27,9 +26,11 @@ def register(commands) -> None:
         description="Size a quantized directory, or a bare Hugging Face config.json (plan "
                     "before downloading), against a hardware profile. Speeds are PREDICTIONS "
                     f"of a bandwidth model. Exit status {DOES_NOT_FIT} when it does not fit.")
-    parser.add_argument("model", type=Path,
-                        help="a directory written by `quantize`, an HF model directory, or a "
-                             "config.json")
+    parser.add_argument("model",
+                        help="a directory written by `quantize`, an HF model directory, id "
+                             "(ORG/NAME, in the local HF cache) or cache folder "
+                             "(models--ORG--NAME), a config.json, or a built-in name as "
+                             "`synth` takes (qwen2.5-32b, llama-3-8b, ...)")
     parser.add_argument("--hw-profile", default=DEFAULT_PROFILE, metavar="NAME|PATH",
                         help=f"a preset (rtx3090, rtx4090, rtx4060ti-16gb, rtx3060-12gb, "
                              f"rtx4060-8gb, cpu) or a TOML file; default {DEFAULT_PROFILE}")
@@ -67,6 +68,8 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
+    from ..checkpoint.model_ref import resolve_model_path
+    from ..model.presets import is_preset
     from ..planning.overhead import figure_sources
     from ..planning.planner import PlanRequest, describe_model, make_plan
     from ..planning.profiles import load_profile
@@ -82,7 +85,8 @@ def run(args) -> int:
         cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
         host_budget=args.host_budget, kv_cache=args.kv_cache)
     request.draft_bytes = plan_speculation.draft_bytes(args, request)
-    shape = describe_model(args.model, spec)
+    shape = describe_model(args.model if is_preset(args.model) else
+                           resolve_model_path(args.model), spec)
     plan = make_plan(shape, request)
     report_speculation = plan_speculation.predict(args, plan, request)
     report = plan.as_dict()

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from ..units import parse_positive_bytes
 from .method_options import add_method_args, method_from_args
+from .options import note
 
 
 def register(commands) -> None:
@@ -16,7 +17,9 @@ def register(commands) -> None:
         description="Quantize every linear weight of SRC group-wise and write the "
         "quantized directory DST (manifest + safetensors shards + config/tokenizer).",
     )
-    parser.add_argument("src", type=Path, help="HF model directory (safetensors) or .gguf file")
+    parser.add_argument("src", help="HF model directory (safetensors), .gguf file, Hugging "
+                                    "Face id in the local HF cache (ORG/NAME), or HF cache "
+                                    "folder (models--ORG--NAME)")
     parser.add_argument("dst", type=Path, help="output directory (must not exist, see --force)")
     parser.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
                         help="int4-asym (zero point, default), int4 (symmetric) or int8; "
@@ -39,11 +42,13 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from ..checkpoint.convert import convert
+    from ..checkpoint.model_ref import resolve_model_path
     from ..quant.layout import QuantSpec
 
-    summary = convert(args.src, args.dst, QuantSpec(args.scheme, args.group_size),
+    summary = convert(resolve_model_path(args.src), args.dst,
+                      QuantSpec(args.scheme, args.group_size),
                       force=args.force, shard_bytes=args.shard_size,
                       progress=not args.no_progress, requantize=args.requantize,
-                      method=method_from_args(args))
+                      method=method_from_args(args), notify=note)
     print("\n".join(summary.lines()))
     return 0

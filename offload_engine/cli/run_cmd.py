@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .options import add_engine_args, add_sampling_args, engine_config_from_args, sampling_kwargs
+from .options import (
+    add_engine_args,
+    add_model_args,
+    add_prompt_args,
+    add_sampling_args,
+    engine_config_from_args,
+    model_argument,
+    model_from_args,
+    prompt_from_args,
+    sampling_kwargs,
+)
 from .outputs import check_output
 
 
@@ -37,50 +47,27 @@ def generation_kwargs(args) -> dict:
 def register(commands) -> None:
     parser = commands.add_parser(
         "run", help="generate text from a prompt with a quantized model",
-        description="Stream a reply to the prompt, then print one stats line. "
-                    "Example: offload-engine run DIR \"Hello\" -n 32")
-    parser.add_argument("model", type=Path, help="a directory written by `quantize`")
-    parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
-                        help="the prompt text (or -p/--prompt)")
-    parser.add_argument("-p", "--prompt", default=None, help="the prompt text")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap the prompt in the model's chat template")
+        description="Stream a reply to the prompt, then print one stats line. A model with "
+                    "a chat template answers the prompt as a user message (--raw continues "
+                    "the text instead). Example: offload-engine run MODEL \"Explain PCIe\" "
+                    "-n 64")
+    add_model_args(parser)
+    add_prompt_args(parser)
     add_generation_args(parser)
     add_engine_args(parser)
     parser.add_argument("--profile-trace", type=Path, default=None, metavar="FILE",
-                        help="write a torch.profiler Chrome trace of the generation")
+                        help="write a torch.profiler Chrome trace of the generation "
+                             "(quietly: the profiler's own log lines are silenced)")
+    parser.add_argument("--profile-steps", type=int, default=None, metavar="N",
+                        help="with --profile-trace: trace only the first N forward passes "
+                             "(prefill is the first; default: all)")
     parser.add_argument("--stats-json", type=Path, default=None, metavar="FILE",
                         help="write the stats (and cache layout) as JSON")
     parser.set_defaults(handler=run)
 
 
-def prompt_from_args(args) -> str:
-    """The prompt, given positionally or with -p; exactly one, and not blank."""
-    if args.prompt is not None and args.prompt_text is not None:
-        raise ConfigError("give the prompt once: either positionally or with -p/--prompt")
-    prompt = args.prompt if args.prompt is not None else args.prompt_text
-    if prompt is None:
-        raise ConfigError("no prompt: offload-engine run DIR \"your prompt\" (or -p TEXT)")
-    if not prompt.strip():
-        raise ConfigError("the prompt is empty; give some text to continue")
-    problem = not_utf8(prompt)
-    if problem:
-        raise ConfigError(f"the prompt is not valid UTF-8 text ({problem}); give text, not "
-                          "binary data")
-    return prompt
-
-
-def not_utf8(text: str) -> str:
-    """Why ``text`` (from argv or stdin, undecodable bytes kept as surrogates) is not
-    UTF-8 text, or "" when it is."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"byte {ord(text[exc.start]) & 0xFF:#04x} at character {exc.start}"
-    return ""
-
-
 def run(args) -> int:
+    model_argument(args)  # no model: refused before the prompt is read and torch imported
     from ..decode.api import load
     from ..decode.context import check_prompt_fits
     from ..runtime.profiling import trace_to
@@ -90,17 +77,21 @@ def run(args) -> int:
     for path, flag in ((args.stats_json, "--stats-json"), (args.profile_trace, "--profile-trace")):
         if path is not None:  # before the model loads and generates, not after
             check_output(path, flag)
+    model = model_from_args(args)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    with load(args.model, engine_config_from_args(args)) as engine:
-        check_prompt_fits(engine, prompt, args.chat, args.max_new_tokens, args.ctx_size)
+    with load(model, engine_config_from_args(args)) as engine:
+        # chat by default where the model has a chat template (--raw: plain completion)
+        chat = (args.chat if args.chat is not None
+                else bool(getattr(engine.tokenizer, "chat_template", None)))
+        check_prompt_fits(engine, prompt, chat, args.max_new_tokens, args.ctx_size)
         if engine.synthetic_note:
             print(f"note: {engine.synthetic_note}", file=sys.stderr)
-        with trace_to(args.profile_trace):
-            result = engine.generate(prompt, chat=args.chat, on_text=show,
+        with trace_to(args.profile_trace, args.profile_steps, engine.model):
+            result = engine.generate(prompt, chat=chat, on_text=show,
                                      **generation_kwargs(args))
         print()
         print(result.stats.line(), file=sys.stderr)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import signal
-from pathlib import Path
 
 from ..errors import ConfigError
 from ..units import parse_bytes
-from .options import add_engine_args, engine_config_from_args
+from .options import add_engine_args, add_model_args, engine_config_from_args, model_from_args
 
 
 def register(commands) -> None:
@@ -16,7 +15,7 @@ def register(commands) -> None:
         "serve", help="serve a quantized model over an OpenAI-compatible HTTP API",
         description="Serve /v1/chat/completions, /v1/completions and /v1/models; concurrent "
                     "requests are decoded together, one forward per step for the whole batch.")
-    parser.add_argument("model", type=Path, help="a directory written by `quantize`")
+    add_model_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
@@ -74,6 +73,7 @@ def require_server_extras() -> None:
 
 def run(args) -> int:
     require_server_extras()
+    model = model_from_args(args)
     from ..server.config import ServerConfig
     from ..server.listen import bind_socket
 
@@ -99,11 +99,11 @@ def run(args) -> int:
               f"max queue {config.max_queue}{key}); Ctrl-C stops", flush=True)
 
     def listening(url: str) -> None:
-        print(f"listening on {url}; loading {args.model} (GET {url}/health answers 503 "
+        print(f"listening on {url}; loading {model} (GET {url}/health answers 503 "
               "\"loading\" until the model is ready)", flush=True)
 
     try:
-        serve(args.model, engine_config_from_args(args), config, on_loaded=announce,
+        serve(model, engine_config_from_args(args), config, on_loaded=announce,
               on_listening=listening, sock=sock)
     finally:
         if served:

@@ -11,7 +11,8 @@ from typing import Optional
 
 from ..runtime import engine as runtime_engine
 from ..runtime.config import EngineConfig
-from .generate import GenerationResult, generate
+from .generate import GenerationResult, generate  # noqa: F401 (GenerationResult re-exported)
+from .stream import TextStream
 
 
 class Engine(runtime_engine.Engine):
@@ -20,8 +21,13 @@ class Engine(runtime_engine.Engine):
     draft = None  # the draft model's runtime Engine under --speculate draft, else None
     draft_bytes = 0  # device bytes the draft takes out of the weight budget
 
-    def generate(self, prompt=None, **kwargs) -> GenerationResult:
-        """Generate from a prompt string or chat ``messages=[...]``; see decode.generate."""
+    def generate(self, prompt=None, *, stream: bool = False, **kwargs):
+        """Generate from a prompt string or chat ``messages=[...]``; see decode.generate.
+
+        Returns a GenerationResult, or with ``stream=True`` a TextStream: iterate it for
+        the text pieces as they come; its ``result`` is the GenerationResult afterwards."""
+        if stream:
+            return TextStream(self, prompt, kwargs)
         return generate(self, prompt, **kwargs)
 
     def attach_draft(self, draft, draft_bytes: int) -> None:
@@ -44,12 +50,22 @@ class Engine(runtime_engine.Engine):
 
 
 def load(path, config: Optional[EngineConfig] = None, **overrides) -> Engine:
-    """Load a quantized directory for generation (see ``runtime.engine.load`` for flags).
+    """Load a model for generation (see ``runtime.engine.load`` for flags).
 
-    With ``draft_model=DIR`` the draft is loaded first, whole, and its device bytes are
-    taken out of the weight budget (decode/draft.py).
+    ``path`` is a quantized directory, or (converted once into the engine's cache, then
+    reused: checkpoint/autoconvert.py) a .gguf file or a Hugging Face checkpoint given as
+    a directory, an id in the local HF cache (``ORG/NAME``) or a ``models--ORG--NAME``
+    cache folder; ``~`` is expanded. With ``draft_model=DIR`` the draft is loaded first,
+    whole, and its device bytes are taken out of the weight budget (decode/draft.py).
     """
+    from ..checkpoint.autoconvert import ConversionSettings, ensure_converted
+    from ..checkpoint.calibrate import CalibrationSettings
+    from ..checkpoint.methods import AUTO_METHOD, MethodSettings
+
     config = replace(config or EngineConfig(), **overrides)
+    calibration = CalibrationSettings(device=config.torch_device().type)  # auto: GPU -> awq
+    path = ensure_converted(path, ConversionSettings(method=MethodSettings(
+        AUTO_METHOD, calibration=calibration)), progress=config.progress)
     if config.draft_model is not None:
         from .draft import load_with_draft
 

@@ -66,6 +66,8 @@ def tiny_config(hf_config, layers: int):
     data.pop("dtype", None)
     data.pop("torch_dtype", None)
     data.pop("quantization_config", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of the real vocabulary
+        data[key] = None  # (transformers warns about ids past the tiny one; count unchanged)
     tiny = type(text).from_dict(data)
     tiny._attn_implementation = "sdpa"  # what the engine picks without flash-attn
     return tiny

@@ -7,6 +7,7 @@ them with seeded random numbers.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict
 
 from ..errors import ConfigError
@@ -52,3 +53,8 @@ def preset_config(name: str) -> dict:
         raise ConfigError(f"{name!r} is neither a config.json nor a built-in model; "
                           f"built-in: {', '.join(sorted(PRESETS))}")
     return dict(PRESETS[key])
+
+
+def is_preset(name: str) -> bool:
+    """True for a built-in name that is not also a path on disk."""
+    return name.strip().lower() in PRESETS and not Path(name).expanduser().exists()

@@ -16,17 +16,25 @@ from ..checkpoint.format import MANIFEST_NAME, read_manifest
 from ..checkpoint.hfconfig import read_config_file
 from ..errors import ConfigError, FormatError, SourceError
 from ..model.model_shape import ModelShape, shape_from_config
+from ..model.presets import is_preset
 from ..quant.layout import QuantSpec
 from .overhead import attach_decode_ops
 
 
 def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> ModelShape:
-    """Shapes of the model at ``path``: a quantized directory, an HF directory or config.json.
+    """Shapes of the model at ``path``: a quantized directory, an HF directory or config.json,
+    or a built-in name (``qwen2.5-32b``, model/presets.py).
 
     ``spec`` is the scheme to plan for; a quantized directory has its own, and asking
     for another one is an error.
     """
     path = Path(path)
+    if is_preset(str(path)):  # as `synth` takes them
+        from ..checkpoint.synth import resolve_config
+
+        hf_config, label = resolve_config(str(path))
+        return attach_decode_ops(shape_from_config(hf_config, spec or QuantSpec(), label),
+                                 hf_config)
     hf_config, manifest = _read_config(path)
     if manifest is None:
         shape = shape_from_config(hf_config, spec or QuantSpec(), str(path))

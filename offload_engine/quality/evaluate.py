@@ -142,17 +142,25 @@ def tokenize(tokenizer, text: Optional[str], tokens: int) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def load_reference(src) -> torch.nn.Module:
-    """The unquantized model (safetensors directory or .gguf), float32 on the CPU."""
+def load_reference(src, progress: bool = True) -> torch.nn.Module:
+    """The unquantized model (safetensors directory or .gguf), float32 on the CPU;
+    ``progress`` False hides transformers' own loading bars too."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     folder, gguf_file = reference_location(Path(src))
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    already_off = not hf_logging.is_progress_bar_enabled()
     try:
+        if not progress:
+            hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     except (ValueError, OSError, KeyError) as exc:
         raise SourceError(f"--reference {src}: cannot load it as a transformers model "
                           f"({exc})") from exc
+    finally:
+        if not progress and not already_off:
+            hf_logging.enable_progress_bar()
     model.eval()
     model.reference_path = str(src)  # for the report
     return model

@@ -14,8 +14,11 @@ DEFAULT_GROUP_SIZE = 128
 # Quantization methods (checkpoint/methods.py) and awq's calibration defaults
 # (checkpoint/calibration_data.py); the CLI reads them from here to keep --help light.
 METHODS = ("rtn", "clip", "awq", "gptq", "awq-gptq")
-# `quantize`'s default, chosen from docs/quality.md: on SmolLM2 at int4-asym g128 awq's
-# mean KL is 0.154 against round-to-nearest's 0.340.
-DEFAULT_METHOD = "awq"
+# `auto` (the CLI's default) picks awq where it applies and is affordable, else rtn
+# (checkpoint/methods.py, choose_method): on SmolLM2 at int4-asym g128 awq's mean KL is
+# 0.154 against round-to-nearest's 0.340 (docs/quality.md), but awq folds only some
+# architectures and calibrating on a CPU takes minutes even for a 135M model.
+AUTO_METHOD = "auto"
+DEFAULT_METHOD = AUTO_METHOD
 DEFAULT_CALIB_SAMPLES = 16  # sequences of calibration text
 DEFAULT_CALIB_SEQ_LEN = 512  # tokens per sequence

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ...errors import SourceError
+from ...errors import InexactImportError, SourceError
 from ...model import architecture
 from ...quant.gguf_blocks import EXACT_TYPES, import_rows
 
@@ -293,7 +293,7 @@ def _majority_exact_type(path: Path, plans: List[GGUFTensorPlan]) -> str:
 
 
 def _no_majority_error(path: Path, plans: List[GGUFTensorPlan],
-                       counts: Dict[str, int]) -> SourceError:
+                       counts: Dict[str, int]) -> InexactImportError:
     """The refusal: every linear type with its tensors and share of the parameters."""
     total = sum(counts.values())
     listing = []
@@ -304,7 +304,7 @@ def _no_majority_error(path: Path, plans: List[GGUFTensorPlan],
     inexact = sorted(t for t in counts if t not in EXACT_TYPES)
     why = "no exact type holds more than half of their parameters" + (
         f"; types {', '.join(inexact)} have no exact import" if inexact else "")
-    return SourceError(
+    return InexactImportError(
         f"{path}: its linear weights cannot be imported exactly ({why}; linears by type: "
         f"{'; '.join(listing)}). Exact types: {', '.join(EXACT_TYPES)}. Pass --requantize to "
         "dequantize all of them and quantize again with --scheme/--group-size (lossy: see "

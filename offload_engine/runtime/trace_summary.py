@@ -1,23 +1,22 @@
 """Where did the time go? Summarise a trace written by ``offload-engine run --profile-trace``.
 
-  python tools/trace_summary.py trace.json [--json]
+  offload-engine trace-summary trace.json [--json]
 
 Reports, for each named range (offload.fetch, offload.wait, offload.linear): count,
 total ms and mean us; the share of copy time (offload.fetch, on the prefetch worker's
 thread) hidden under compute (offload.linear minus its offload.wait, on another
-thread); and the total stall time (offload.wait). The functions below are importable.
+thread); and the total stall time (offload.wait).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
-from offload_engine.runtime.profiling import RANGE_NAMES
+from ..errors import FormatError
+from .ranges import RANGE_NAMES
 
 FETCH, WAIT, LINEAR = "offload.fetch", "offload.wait", "offload.linear"
 Interval = Tuple[float, float]  # (start us, end us)
@@ -162,24 +161,11 @@ def format_summary(summary: TraceSummary) -> List[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("trace", type=Path, help="a Chrome trace from `run --profile-trace`")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
+def summarise_file(path: Path) -> TraceSummary:
+    """The summary of the trace file at ``path``; a FormatError when it is no Chrome trace."""
     try:
-        spans = load_spans(args.trace)
+        spans = load_spans(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"trace_summary: error: {args.trace}: cannot read a Chrome trace ({exc}); "
-              "write one with `offload-engine run MODEL --prompt ... --profile-trace FILE`",
-              file=sys.stderr)
-        return 2
-    summary = summarise(spans)
-    print(json.dumps(summary.as_dict(), indent=1) if args.json
-          else "\n".join(format_summary(summary)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise FormatError(f"{path}: cannot read a Chrome trace ({exc}); write one with "
+                          "`offload-engine run MODEL --prompt ... --profile-trace FILE`") from exc
+    return summarise(spans)
