@@ -54,8 +54,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", action="store_true",
                        help="run each decode step through torch.compile with a static-shape "
                             "KV cache (CUDA graphs on CUDA when nothing streams); the first "
-                            "steps compile (seconds to minutes), later ones reuse it. Off by "
-                            "default: on CPU it was not faster here (docs/performance.md)")
+                            "step compiles (minutes on a small CPU), later ones reuse it; "
+                            "not with --speculate or serve (docs/performance.md)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speculation_args(parser)
 
