@@ -7,6 +7,7 @@ import torch
 
 from offload_engine.decode.api import load
 from offload_engine.errors import ConfigError, ContextLengthError
+from offload_engine.model.cache_arg import cache_kwargs, output_cache
 from offload_engine.planning.kv_sizes import KV_CHUNK_TOKENS, KVLayout
 from offload_engine.planning.planner import PlanRequest, describe_model, make_plan
 from offload_engine.planning.profiles import load_profile
@@ -69,8 +70,9 @@ def test_int8_and_int4_logits_stay_close_to_the_dense_cache(qwen2_q):
         kls = {}
         for mode in ("int8", "int4"):
             layout = kv_layout_from_config(engine.model.config, mode, torch.float32)
-            logits = engine.model(input_ids=ids, past_key_values=QuantizedKVCache(layout),
-                                  use_cache=True).logits
+            cache = QuantizedKVCache(layout)
+            logits = engine.model(input_ids=ids, use_cache=True,
+                                  **cache_kwargs(engine.model, cache)).logits
             ours = torch.log_softmax(logits, -1)
             kls[mode] = (dense.exp() * (dense - ours)).sum(-1).mean().item()
     assert 0 < kls["int8"] < INT8_MAX_KL
@@ -86,8 +88,8 @@ def test_bytes_per_token_equal_the_planners_figure(qwen2_q, mode):
         ids = torch.randint(0, 512, (1, 300), generator=torch.Generator().manual_seed(1))
         cache = engine.new_kv_cache()
         with torch.inference_mode():
-            out = engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        past = out.past_key_values
+            out = engine.model(input_ids=ids, use_cache=True, **cache_kwargs(engine.model, cache))
+        past = output_cache(out)
         if mode == "bf16":
             held = sum(layer.keys.nbytes + layer.values.nbytes for layer in past.layers)
             assert held == plan.memory.kv_cache_per_token * 300 == plan.memory.kv_cache
@@ -126,7 +128,8 @@ def test_context_beyond_the_kv_budget_is_refused_with_the_numbers(qwen2_q):
         # the cache itself enforces it too, should a caller feed tokens past the check
         ids = torch.zeros((1, 41), dtype=torch.long)
         with pytest.raises(ContextLengthError, match="41 tokens"), torch.inference_mode():
-            engine.model(input_ids=ids, past_key_values=engine.new_kv_cache(), use_cache=True)
+            engine.model(input_ids=ids, use_cache=True,
+                         **cache_kwargs(engine.model, engine.new_kv_cache()))
 
 
 def test_crop_and_batch_selection_keep_the_cache_consistent():

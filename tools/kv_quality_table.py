@@ -82,6 +82,7 @@ def time_decode(engine, mode: str, context: int, steps: int) -> dict:
 
     import torch
 
+    from offload_engine.model.cache_arg import cache_kwargs, output_cache
     from offload_engine.runtime.kv_cache import new_kv_cache
 
     layout = dataclasses.replace(engine.kv_layout, mode=mode)
@@ -90,12 +91,12 @@ def time_decode(engine, mode: str, context: int, steps: int) -> dict:
     cache = new_kv_cache(layout)
     times = []
     with torch.inference_mode():
-        out = engine.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = engine.model(input_ids=ids, use_cache=True, **cache_kwargs(engine.model, cache))
+        past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         read_before = cache.counters.read_bytes if cache is not None else 0
         for _ in range(steps):
             started = time.perf_counter()
-            out = engine.model(input_ids=token, past_key_values=past, use_cache=True)
+            out = engine.model(input_ids=token, use_cache=True, **cache_kwargs(engine.model, past))
             token = out.logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - started)
     if cache is not None:  # counted by the cache

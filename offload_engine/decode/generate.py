@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..errors import ConfigError, ContextLengthError
+from ..model.cache_arg import cache_kwargs
 from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
@@ -174,9 +175,9 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
                     engine.config.kv_budget_bytes())
     compile_config = engine.compile_config()  # None unless --compile
     past = engine.new_kv_cache(tokens=input_ids.shape[1] + max_new_tokens)  # None: dense
-    cache_kwargs = {} if past is None else {"past_key_values": past}
+    past_kwargs = cache_kwargs(engine.model, past)
     if compile_config is not None:
-        cache_kwargs["compile_config"] = compile_config
+        past_kwargs["compile_config"] = compile_config
     compile_started = _compile_seconds(compile_config)
     if seed is not None:
         torch.manual_seed(seed)
@@ -190,7 +191,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, streamer=streamer, stopping_criteria=stopping,
-            pad_token_id=_pad_id(engine), **cache_kwargs,
+            pad_token_id=_pad_id(engine), **past_kwargs,
             **sampling_args(temperature, top_p, greedy),
             **spec.generate_kwargs(engine, speculation))
     _synchronize(engine.device)

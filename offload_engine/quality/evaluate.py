@@ -26,6 +26,7 @@ from ..checkpoint.calibration_data import pydoc_topics_text
 from ..checkpoint.format import MANIFEST_NAME
 from ..errors import ConfigError, SourceError
 from ..model.architecture import text_config
+from ..model.cache_arg import cache_kwargs, output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -296,9 +297,9 @@ class _GreedyStepper:
         return self._forward(torch.tensor([[token]]))
 
     def _forward(self, ids: torch.Tensor) -> int:
-        out = self.model(input_ids=ids.to(self.device), past_key_values=self.past,
-                         use_cache=True)
-        self.past = out.past_key_values
+        out = self.model(input_ids=ids.to(self.device), use_cache=True,
+                         **cache_kwargs(self.model, self.past))
+        self.past = output_cache(out)
         return int(out.logits[0, -1].argmax())
 
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..model.cache_arg import cache_kwargs
 from ..planning.kv_sizes import KV_GROUP_SIZE, KVLayout
 from ..runtime.kv_cache import QuantizedKVCache
 from .evaluate import (
@@ -104,7 +105,8 @@ def score_kv(engine, layouts: List[KVLayout], ids: torch.Tensor, window: int,
         dense = engine.model(input_ids=chunk, use_cache=False).logits.cpu()
         targets = piece[None, 1:]
         for layout, total in zip(layouts, totals, strict=True):
-            quantized = engine.model(input_ids=chunk, past_key_values=QuantizedKVCache(layout),
+            quantized = engine.model(input_ids=chunk,
+                                     **cache_kwargs(engine.model, QuantizedKVCache(layout)),
                                      use_cache=True).logits.cpu()
             for start in range(0, targets.shape[1], SCORE_SLICE):
                 end = min(start + SCORE_SLICE, targets.shape[1])

@@ -11,7 +11,7 @@ within a byte budget, and hands attention the whole layer dequantized into one s
 buffer shared by all layers. No float residual window is kept: the measurements in
 docs/quality.md did not call for one.
 
-The stock model and ``generate`` use it as any Cache: pass it as ``past_key_values``.
+The stock model and ``generate`` use it as any Cache, passed by ``model.cache_arg.cache_kwargs``.
 Sizes come from planning/kv_sizes.py, so the planner's figures are the bytes held here.
 """
 

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Set
 import torch
 
 from ..errors import OffloadError
+from ..model.cache_arg import cache_kwargs, output_cache
 from . import speculative_step
 from .kv_capacity import KVCapacity
 from .kvbatch import BatchedCache, check_batchable
@@ -250,8 +251,8 @@ class Scheduler:
         try:
             inputs = padded_inputs([s.prompt_ids for s in group], self.engine.device)
             # new_kv_cache: None (dense) or the --kv-cache int8/k8v4/int4 cache for the rows
-            output = self.engine.model(**inputs, past_key_values=self.engine.new_kv_cache(
-                len(group)))
+            model = self.engine.model
+            output = model(**inputs, **cache_kwargs(model, self.engine.new_kv_cache(len(group))))
         except Exception as exc:  # noqa: BLE001 - every request in it fails with the cause
             logger.exception("prefill of %d request(s) failed", len(group))
             self._fail(group, f"prefill failed: {type(exc).__name__}: {exc}")
@@ -261,7 +262,7 @@ class Scheduler:
         going_on = [row for row, sequence in enumerate(group)
                     if self._first_token(sequence, output.logits[row, -1])]
         if going_on:
-            self._join(group, going_on, output.past_key_values, inputs["attention_mask"])
+            self._join(group, going_on, output_cache(output), inputs["attention_mask"])
 
     def _first_token(self, sequence: Sequence, logits: torch.Tensor) -> bool:
         """Sample the first token; True when the request goes on to decode."""
@@ -296,7 +297,8 @@ class Scheduler:
         if speculative_step.applies(self):  # a lone sequence under --speculate lookup
             speculative_step.lookup_step(self)
             return
-        inputs = self._batch.decode_inputs([s.token_ids[-1] for s in self._active])
+        inputs = self._batch.decode_inputs([s.token_ids[-1] for s in self._active],
+                                           self.engine.model)
         try:
             output = self.engine.model(**inputs, logits_to_keep=1)
         except Exception as exc:  # noqa: BLE001 - every row's request fails with the cause

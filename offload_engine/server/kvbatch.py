@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
+from ..model.cache_arg import cache_kwargs
 from ..runtime.kv_cache import QuantizedKVCache
 from . import kvquant
 
@@ -93,14 +94,14 @@ class BatchedCache:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
 
-    def decode_inputs(self, last_tokens: List[int]) -> dict:
-        """Model kwargs for one step feeding ``last_tokens[i]`` to row i."""
+    def decode_inputs(self, last_tokens: List[int], model) -> dict:
+        """``model``'s kwargs for one step feeding ``last_tokens[i]`` to row i."""
         device = self.mask.device
         input_ids = torch.tensor(last_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
         positions = self.mask.sum(dim=1, keepdim=True)  # (B, 1): real tokens before this one
         attention_mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)  # (B, T+1)
         return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=self.cache, use_cache=True)
+                    use_cache=True, **cache_kwargs(model, self.cache))
 
     def advance(self, attention_mask: torch.Tensor) -> None:
         """After a decode step the cache grew one column; the step's mask now describes it."""

@@ -23,6 +23,7 @@ import torch
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 from ..errors import ConfigError
+from ..model.cache_arg import cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def lookup_step(scheduler) -> None:
     try:
         output = scheduler.engine.model(
             input_ids=torch.tensor([tokens], device=device), attention_mask=mask,
-            position_ids=positions, past_key_values=batch.cache, use_cache=True,
+            position_ids=positions, use_cache=True,
+            **cache_kwargs(scheduler.engine.model, batch.cache),
             logits_to_keep=len(tokens))
     except Exception as exc:  # noqa: BLE001 - the request fails with the cause
         logger.exception("speculative decode step failed")
