@@ -5,6 +5,9 @@ Compiling takes tens of seconds on a shared 2-core CPU, so the cases are few and
 covers one architecture with one KV cache mode and one budget.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -66,6 +69,10 @@ def test_one_compilation_per_cache_bucket_over_64_tokens(qwen2_q):
         # another prompt length in the same 256-token bucket: no new graph
         second = e.generate(PROMPT + " a longer prompt", greedy=True, max_new_tokens=64)
         after_second = compilations()
+    model = weakref.ref(e.model)
+    del e
+    gc.collect()
+    assert model() is None  # closed, the compiled model is freed (and dynamo's entries with it)
     assert first.token_ids == eager.token_ids and len(set(eager.token_ids)) > 3
     assert first.stats.new_tokens == 64 and second.stats.new_tokens == 64
     assert after_first - before == 1, "the decode step compiled more than once"

@@ -107,6 +107,9 @@ class Engine:
         """Stop the prefetch worker and free the arena. Safe to call twice."""
         if not self._closed:
             self._closed = True
+            # transformers keeps the compiled forward on the model, a cycle back to it;
+            # dropped here, the model goes with the engine and dynamo drops its guards
+            self.model.__dict__.pop("_compiled_call", None)
             _close(self.cache, self.store)
 
     def __enter__(self) -> Engine:
