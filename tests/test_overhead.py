@@ -80,3 +80,13 @@ def test_plan_output_shows_the_overhead_and_what_is_measured(config_32b, capsys)
     assert main(["plan", str(config_32b), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prediction"]["overhead_s"] > 0 and report["figures"]["estimated"]
+
+
+def test_dispatched_ops_counts_ops_called_from_python_not_their_children():
+    import torch
+
+    from offload_engine.model.op_count import dispatched_ops
+
+    linear = torch.nn.Linear(4, 4)
+    assert dispatched_ops(lambda: (torch.ones(3) + 1).sum()) == 3  # ones, add, sum
+    assert dispatched_ops(lambda: linear(torch.ones(2, 4))) == 2  # ones, linear (not addmm)

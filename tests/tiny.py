@@ -39,6 +39,10 @@ def tiny_config(arch: str = "qwen2", **overrides):
         # hidden 96 with group 64 exercises input-dim padding (96 -> 128)
         common.update(hidden_size=96, num_attention_heads=4, head_dim=24)
         return LlamaConfig(tie_word_embeddings=True, **common)
+    if arch == "qwen3":  # per-head q/k norms, no q/k/v biases, explicit head_dim
+        from transformers import Qwen3Config
+
+        return Qwen3Config(tie_word_embeddings=False, head_dim=16, **common)
     raise ValueError(arch)
 
 

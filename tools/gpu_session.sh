@@ -143,6 +143,9 @@ stage_check() {
   step "run: plain, min budget, KV int8, lookup, trace" run_variants
   step "serve: load test" "$PY" tools/load_test.py "$WORK/models/small" --device "$DEVICE" \
     --concurrency 1 4 16 --requests 16 --max-tokens 32
+  # eager against --compile (CUDA graphs: everything resident), alternating, in one process
+  step "eager vs --compile (small model)" "$PY" tools/compile_table.py "$WORK/models/small" \
+    --device "$DEVICE" --tokens 64 --rounds 3 --out "$WORK/compile-table.json"
 }
 
 stage_measure() {

@@ -27,6 +27,9 @@ TABLE = (("policy", "policy", "{}"), ("budget", "budget", "{}"),
          ("prefill tok/s", "prefill_tokens_per_s", "{:.3g}"),
          ("TTFT s", "time_to_first_token_s", "{:.3f}"), ("H2D GB/s", "h2d_gb_per_s", "{:.3f}"),
          ("stall s", "stall_seconds", "{:.2f}"), ("peak MiB", "peak_device_bytes", "mib"))
+# with --compile each point is measured eager and compiled, alternating (decode/bench.py)
+COMPILE_TABLE = (("compile", "compile", "{}"), ("warm-up s", "warmup_s", "{:.1f}"),
+                 ("runs tok/s", "runs_tokens_per_s", "{}"))
 
 
 def register(commands) -> None:
@@ -96,10 +99,13 @@ def run(args) -> int:
     prompt = args.prompt or bench.DEFAULT_PROMPT
     rows = []
     for point in tqdm(points, desc="bench", unit="run", disable=args.no_progress):
-        measured = bench.measure(model, config, point, prompt, args.tokens)
-        context = measured["prompt_tokens"] + args.tokens
-        rows.append({**vars(point), **measured,
-                     **bench.predict(shape, profile, config, point, context)})
+        measured = (bench.measure_compiled(model, config, point, prompt, args.tokens)
+                    if config.compile else [bench.measure(model, config, point, prompt,
+                                                          args.tokens)])
+        for row in measured:
+            context = row["prompt_tokens"] + args.tokens
+            rows.append({**vars(point), **row,
+                         **bench.predict(shape, profile, config, point, context)})
     print("\n".join(table(rows)))
     return finish(args, model, env, profile, rows, config)
 
@@ -137,10 +143,11 @@ def table(rows: list) -> list:
             return f"{value / 2**20:.0f}"
         return fmt.format(value)
 
-    cells = [[cell(row.get(key), fmt) for _, key, fmt in TABLE] for row in rows]
+    columns = TABLE + (COMPILE_TABLE if any("compile" in row for row in rows) else ())
+    cells = [[cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
     widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, (name, _, _) in
-              enumerate(TABLE)]
-    lines = ["  ".join(name.rjust(w) for (name, _, _), w in zip(TABLE, widths, strict=True))]
+              enumerate(columns)]
+    lines = ["  ".join(name.rjust(w) for (name, _, _), w in zip(columns, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
     return lines
 

@@ -52,6 +52,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-budget", default=None, metavar="B",
                        help="device bytes the KV cache may take (e.g. 2GiB); a longer context "
                             "is refused with the numbers (default: no cap)")
+    group.add_argument("--compile", action="store_true",
+                       help="run each decode step through torch.compile with a static-shape "
+                            "KV cache (CUDA graphs on CUDA when nothing streams); the first "
+                            "step compiles (minutes on a small CPU), later ones reuse it; "
+                            "not with --speculate or serve (docs/performance.md)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speculation_args(parser)
 
@@ -139,6 +144,7 @@ def engine_config_from_args(args: argparse.Namespace):
         draft_model=args.draft_model,
         kv_cache=args.kv_cache,
         kv_budget=args.kv_budget,
+        compile=args.compile,
     )
 
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -159,6 +159,55 @@ def measure(model: Path, config: EngineConfig, point: BenchPoint, prompt: str,
     row["h2d_gb_per_s"] = row["h2d_bytes"] / row["seconds"] / 1e9 if row["seconds"] else 0.0
     row["decode_seconds"] = decode_s
     return row
+
+
+COMPILE_ROUNDS = 3  # alternating eager/compiled runs per point under bench --compile
+
+
+def measure_compiled(model: Path, config: EngineConfig, point: BenchPoint, prompt: str,
+                     tokens: int, rounds: int = COMPILE_ROUNDS,
+                     inspect: Optional[Callable] = None) -> List[dict]:
+    """Eager and --compile at one point (batch 1): both engines loaded in this process,
+    warmed up (the compiled one compiles its decode step then, timed as warmup_s), then
+    ``rounds`` runs each, alternating, so both see the same machine load. Each row holds
+    the median run by decode tok/s and every run's tok/s, plus what ``inspect(engine)``
+    returns (a dict; tools/compile_table.py counts ops and profiles there)."""
+    if point.batch != 1:
+        raise ConfigError("bench --compile measures batch 1 (the compiled step is "
+                          "driven by generate); drop --batch-sizes")
+    run_config = replace(config, policy=point.policy, prefetch_depth=point.prefetch_depth,
+                         gpu_budget="unbounded" if point.budget_bytes is None
+                         else point.budget_bytes, cache_entries=None)
+    with load(model, replace(run_config, compile=False)) as eager, \
+            load(model, replace(run_config, compile=True)) as compiled:
+        engines = {False: eager, True: compiled}
+        warmup = {}
+        for compiled_step, engine in engines.items():  # same cache bucket as the runs below
+            started = time.perf_counter()
+            engine.generate(prompt, max_new_tokens=tokens, greedy=True)
+            warmup[compiled_step] = time.perf_counter() - started
+        runs: Dict[bool, list] = {False: [], True: []}
+        for _ in range(rounds):
+            for compiled_step, engine in engines.items():
+                runs[compiled_step].append(engine.generate(prompt, max_new_tokens=tokens,
+                                                           greedy=True))
+        extra = {step: inspect(engine) if inspect else {} for step, engine in engines.items()}
+    rows = []
+    for compiled_step, results in runs.items():
+        ordered = sorted(results, key=lambda r: r.stats.decode_tokens_per_s)
+        median = ordered[len(ordered) // 2]
+        row = dict(median.stats.as_dict())
+        row.update(token_ids=" ".join(map(str, median.token_ids)), compile=compiled_step,
+                   warmup_s=warmup[compiled_step],
+                   runs_tokens_per_s=" ".join(f"{r.stats.decode_tokens_per_s:.3g}"
+                                              for r in results), **extra[compiled_step])
+        row["decode_seconds"] = row["seconds"] - row["time_to_first_token_s"]
+        row["prefill_tokens_per_s"] = (row["prompt_tokens"] / row["time_to_first_token_s"]
+                                       if row["time_to_first_token_s"] > 0 else 0.0)
+        row["h2d_gb_per_s"] = (row["h2d_bytes"] / row["seconds"] / 1e9
+                               if row["seconds"] else 0.0)
+        rows.append(row)
+    return rows
 
 
 def measure_batch(engine, prompt: str, batch: int, tokens: int) -> dict:

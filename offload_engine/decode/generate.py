@@ -63,6 +63,8 @@ class GenerationStats:
     kv_cache: str = "bf16"  # --kv-cache mode
     kv_cache_bytes: int = 0  # KV cache bytes held at the end (int8/int4: allocated + scratch)
     kv_read_bytes_per_pass: Optional[float] = None  # quantized KV bytes read per pass (int8/4)
+    compiled: bool = False  # --compile: decode steps ran through torch.compile
+    compile_seconds: float = 0.0  # of ``seconds``, spent compiling (warm-up; 0 once warm)
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -80,7 +82,9 @@ class GenerationStats:
                    f"{self.disk_read_bytes_per_s / 1e9:.2f} GB/s, stall {self.stall_seconds:.2f} "
                    f"s (disk {self.disk_stall_seconds:.2f} s)" if self.disk_bytes else "")
                 + ("" if self.kv_cache == "bf16" else f", KV cache {self.kv_cache} "
-                   f"{format_bytes(self.kv_cache_bytes)}") + "]")
+                   f"{format_bytes(self.kv_cache_bytes)}")
+                + (f", compiled (warm-up {self.compile_seconds:.1f} s)" if self.compiled
+                   else "") + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -192,8 +196,12 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     speculation = spec.resolve(engine, speculate, speculate_tokens)
     check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
                     engine.config.kv_budget_bytes())
-    past = engine.new_kv_cache()  # None: transformers' default (dense) cache
+    compile_config = engine.compile_config()  # None unless --compile
+    past = engine.new_kv_cache(tokens=input_ids.shape[1] + max_new_tokens)  # None: dense
     past_kwargs = cache_kwargs(engine.model, past)
+    if compile_config is not None:
+        past_kwargs["compile_config"] = compile_config
+    compile_started = _compile_seconds(compile_config)
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _Streamer(engine.tokenizer, on_text, [stop] if isinstance(stop, str)
@@ -215,12 +223,18 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     _synchronize(engine.device)
     finished = time.perf_counter()
     new_ids = output[0, input_ids.shape[1]:].tolist()
+    if compile_config is not None:  # the pass hook skips compiled steps: one token each
+        count.passes, count.scored_tokens = len(new_ids), input_ids.shape[1] + len(new_ids) - 1
+        compile_seconds = _compile_seconds(compile_config) - compile_started
     stats = _stats(engine, before, input_ids.shape[1], len(new_ids), started, finished,
                    streamer.first_token_at or finished)
     for name, value in spec.speculation_fields(speculation, count, len(new_ids), stats.h2d_bytes,
                                                _draft_passes(engine) - draft_before).items():
         setattr(stats, name, value)
     _add_kv_stats(stats, engine, past, output.shape[1] - 1)
+    if compile_config is not None:  # a CUDA graph replays without the cache's Python
+        stats.compiled, stats.compile_seconds = True, compile_seconds
+        stats.forward_passes = count.passes
     return GenerationResult(streamer.tracker.emitted, new_ids, stats)
 
 
@@ -229,6 +243,14 @@ def _settings(engine, greedy: bool, sampling: dict) -> SamplingSettings:
     if unknown:
         raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unknown)}")
     return resolve(model_defaults(engine.model.generation_config), greedy=greedy, **sampling)
+
+
+def _compile_seconds(compile_config) -> float:
+    if compile_config is None:  # keeps torch._dynamo unimported without --compile
+        return 0.0
+    from ..runtime.compile_step import compile_seconds
+
+    return compile_seconds()
 
 
 def _pad_id(engine):
@@ -291,6 +313,14 @@ def _add_kv_stats(stats: GenerationStats, engine, past, cached_tokens: int) -> N
     stats.kv_cache = engine.kv_layout.mode
     if past is None:  # the last token generated is never fed back, so never cached
         stats.kv_cache_bytes = engine.kv_layout.token_bytes() * cached_tokens
+        return
+    if engine.config.compile:  # static: the whole bucket is held and read every pass
+        from ..runtime.kv_static import static_cache_bytes
+
+        stats.kv_cache_bytes = static_cache_bytes(engine.kv_layout, past, 1)
+        if engine.kv_layout.quantized:
+            stats.kv_read_bytes_per_pass = (engine.kv_layout.token_bytes()
+                                            * past.layers[0].max_cache_len)
         return
     stats.kv_cache_bytes = past.nbytes
     passes = max(1, past.counters.updates // engine.kv_layout.num_layers)

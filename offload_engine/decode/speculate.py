@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import torch
+
 from ..errors import ConfigError
 from ..planning.speculation import SPECULATE_MODES, check_speculation
 
@@ -91,6 +93,8 @@ def count_passes(model, prompt_tokens: int) -> Iterator[PassCount]:
     count = PassCount(prompt_tokens)
 
     def hook(_module, args, kwargs):
+        if torch.compiler.is_compiling():  # a traced counter would recompile every step:
+            return  # compiled steps (--compile, never speculative) are counted by the caller
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"]

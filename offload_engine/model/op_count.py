@@ -112,3 +112,20 @@ def decode_ops(hf_config) -> DecodeOps:
 
 def _jsonable(data: dict) -> dict:
     return {key: value for key, value in data.items() if not key.startswith("_")}
+
+
+def dispatched_ops(run) -> int:
+    """Torch ops that ``run()`` sends through the dispatcher from Python or from compiled
+    wrapper code: profiler events of aten and custom ops whose parent is not itself an op
+    (what an op calls inside is not counted). A compiled step's fused kernels are direct
+    calls, not dispatched ops, so this is the per-op overhead that compiling removes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for event in prof.events() if _is_op(event.name)
+               and (event.cpu_parent is None or not _is_op(event.cpu_parent.name)))
+
+
+def _is_op(name: str) -> bool:
+    return "::" in name and not name.startswith(("offload.", "##", "Torch-Compiled"))

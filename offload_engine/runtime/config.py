@@ -43,6 +43,7 @@ class EngineConfig:
     draft_model: Optional[str] = None  # quantized directory of the draft, kept resident
     kv_cache: str = "bf16"  # bf16 (the compute dtype, unquantized), int8, int4
     kv_budget: Optional[Union[str, int]] = None  # device bytes for the KV cache; None: no cap
+    compile: bool = False  # decode steps through torch.compile with a static-shape KV cache
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -69,6 +70,11 @@ class EngineConfig:
         resolve_device(self.device)
         check_speculation(self.speculate, self.speculate_tokens, self.lookup_ngram,
                           self.draft_model)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.speculate != "off":
+            raise ConfigError(f"--compile does not combine with --speculate {self.speculate} "
+                              "(its verify passes change shape every step): drop one of them")
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

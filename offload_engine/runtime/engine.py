@@ -51,9 +51,24 @@ class Engine:
         self._closed = False
         self.host_plan = None  # planning.host_policy.HostPlan, set by load()
 
-    def new_kv_cache(self, batch: int = 1):
-        """A fresh --kv-cache for one sequence (or batch); None means transformers' default."""
+    def new_kv_cache(self, batch: int = 1, tokens: Optional[int] = None):
+        """A fresh --kv-cache for one sequence (or batch); None means transformers' default.
+
+        With --compile, a static-shape cache for ``tokens`` per sequence (bucketed)."""
+        if self.config.compile and tokens is not None:
+            from .kv_static import new_static_kv_cache
+
+            return new_static_kv_cache(self.kv_layout, self.model.config, tokens, batch,
+                                       self.config.kv_budget_bytes())
         return new_kv_cache(self.kv_layout, self.config.kv_budget_bytes(), batch)
+
+    def compile_config(self):
+        """The CompileConfig of the decode step (runtime/compile_step.py), or None."""
+        if not self.config.compile:
+            return None
+        from . import compile_step
+
+        return compile_step.compile_config(self.device, self.cache.plan.streamed_bytes > 0)
 
     @property
     def plan(self):
@@ -92,6 +107,9 @@ class Engine:
         """Stop the prefetch worker and free the arena. Safe to call twice."""
         if not self._closed:
             self._closed = True
+            # transformers keeps the compiled forward on the model, a cycle back to it;
+            # dropped here, the model goes with the engine and dynamo drops its guards
+            self.model.__dict__.pop("_compiled_call", None)
             _close(self.cache, self.store)
 
     def __enter__(self) -> Engine:
@@ -169,6 +187,10 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     try:
         for module in swapped.values():
             module.attach(cache)
+        if config.compile:
+            from . import compile_step
+
+            compile_step.attach(swapped.values(), cache)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
         model.eval()

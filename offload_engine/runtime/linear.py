@@ -27,6 +27,7 @@ class OffloadedLinear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False)
                      if has_bias else None)
         self.cache = None  # set by attach(); a DeviceCache
+        self.cache_key: Optional[int] = None  # set for --compile (runtime/compiled_linear.py)
 
     def attach(self, cache) -> None:
         self.cache = cache
@@ -34,10 +35,14 @@ class OffloadedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError(f"{self.weight_name}: no cache attached (use offload_engine.load)")
+        if self.cache_key is not None and torch.compiler.is_compiling():
+            # one opaque node for torch.compile: the cache is never traced
+            return torch.ops.offload_engine.cached_linear(x, self.bias, self.cache_key,
+                                                          self.weight_name, self.out_features)
         with profiled(LINEAR):
             handle = self.cache.acquire(self.weight_name)
             try:
-                return _apply(x, handle.weight, self.bias)
+                return apply_weight(x, handle.weight, self.bias)
             finally:
                 self.cache.release(handle)
 
@@ -46,7 +51,8 @@ class OffloadedLinear(nn.Module):
                 f"bias={self.bias is not None}, weight={self.weight_name!r}")
 
 
-def _apply(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def apply_weight(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T + bias for a weight as the cache holds it (dense or packed)."""
     if isinstance(weight, torch.Tensor):  # held dequantized in the compute dtype
         return F.linear(x, weight, bias)
     return quantized_linear(x, weight, bias)

@@ -110,6 +110,11 @@ def serve(model, engine_config, config: ServerConfig,
     """
     from ..decode.api import load
 
+    if engine_config.compile:
+        raise ConfigError("serve --compile: the server's continuous batcher changes the batch "
+                          "and the KV cache's shape every step, so its step cannot be one "
+                          "compiled graph yet; drop --compile (run, chat, bench and "
+                          "offload_engine.load take it)")
     warn_if_exposed(config)
     sock = sock or bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
