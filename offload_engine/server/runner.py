@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import uvicorn
 
+from ..errors import ConfigError
 from .app import SHUTDOWN_MESSAGE, ServerConfig, create_app
 from .listen import bind_socket
 
