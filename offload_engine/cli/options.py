@@ -28,8 +28,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefetch-depth", type=int, default=2, metavar="K",
                        help="streamed weights copied ahead of the one computing (default 2)")
     group.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
-                       help="hold cached weights packed (INT4, for the fused kernel) or "
-                            "dequantized; auto: packed on CUDA, dequantized on CPU")
+                       help="hold cached weights packed (INT4, for the fused kernel), "
+                            "dequantized, or prepacked (CPU: packed plus the CPU int4 "
+                            "kernel's form); auto: packed on CUDA; on CPU prepacked with "
+                            "--dtype bfloat16 and an int4 scheme, else dequantized")
     group.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                        help="compute dtype; auto: bfloat16 on CUDA, float32 on CPU")
     group.add_argument("--attention", default="auto",

@@ -34,7 +34,7 @@ from .overhead import decode_overhead, weight_read_bandwidth
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
 from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
-from .sizes import CACHE_FORMATS, held_nbytes
+from .sizes import CACHE_FORMATS, auto_cache_format, held_nbytes
 
 logger = logging.getLogger(__name__)
 __all__ = ["Plan", "PlanRequest", "describe_model", "make_plan", "predict"]
@@ -53,7 +53,7 @@ class PlanRequest:
     batch: int = 1  # sequences decoded together
     policy: str = "static"  # cache policy, as in the runtime
     prefetch_depth: int = 2  # staging slots beyond the one computing
-    cache_format: str = "auto"  # packed, dequantized; auto: packed on cuda, else dequantized
+    cache_format: str = "auto"  # packed, dequantized, prepacked; auto: as sizes.auto_cache_format
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
     embeddings: str = "device"  # "host": the token embedding table stays in host RAM
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
@@ -82,10 +82,10 @@ class PlanRequest:
             return DTYPES[self.dtype]
         return torch.bfloat16 if self.profile.device == "cuda" else torch.float32
 
-    def resolved_cache_format(self) -> str:
+    def resolved_cache_format(self, spec=None) -> str:
         if self.cache_format != "auto":
             return self.cache_format
-        return "packed" if self.profile.device == "cuda" else "dequantized"
+        return auto_cache_format(self.profile.device, self.torch_dtype(), spec)
 
     def explicit_budget(self) -> Tuple[bool, Optional[int]]:
         """(given, bytes): bytes None means unbounded; a fraction is of usable memory."""
@@ -248,7 +248,7 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
 # ----- the plan -----------------------------------------------------------------------------
 def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     """Size everything, split the arena with the runtime's policy, predict the speed."""
-    fmt, dtype = request.resolved_cache_format(), request.torch_dtype()
+    fmt, dtype = request.resolved_cache_format(shape.spec), request.torch_dtype()
     entries = cache_entries(shape, fmt, dtype)
     memory = fixed_memory(shape, request)
     floor = plan_cache(entries, None, request.policy, request.prefetch_depth)

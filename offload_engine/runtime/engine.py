@@ -149,7 +149,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     linears = architecture.find_linears(model, hf_config)
     _check_manifest_matches(manifest, linears, directory)
     swapped = swap_linears(model, linears)
-    fmt = config.resolved_cache_format()
+    fmt = config.resolved_cache_format(manifest.spec)
     order = list(linears)
     layouts = quantized_layouts(manifest)
     plan = plan_cache([(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes)
@@ -209,7 +209,7 @@ def weight_budget(config: EngineConfig, directory: Path) -> Optional[int]:
     context = min(PlanRequest.context, shape.max_positions or PlanRequest.context)
     request = PlanRequest(load_profile(config.hw_profile), context=context,
                           policy=config.policy, prefetch_depth=config.prefetch_depth,
-                          cache_format=config.resolved_cache_format(),
+                          cache_format=config.resolved_cache_format(shape.spec),
                           embeddings=config.embeddings, kv_cache=config.kv_cache,
                           dtype=str(config.torch_dtype()).replace("torch.", ""))
     plan = make_plan(shape, request)
