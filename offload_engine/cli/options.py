@@ -9,7 +9,7 @@ import argparse
 
 from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.speculation import SPECULATE_MODES
-from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, PLACEMENTS, POLICIES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="host RAM for weights (4GiB, or 'unbounded'); the rest is read "
                             "from the shard files every token. Default: what fits in "
                             "available RAM with a margin")
+    group.add_argument("--placement", choices=PLACEMENTS, default="auto",
+                       help="where decoder layer parts run: stream (every weight through the "
+                            "device cache), cpu (every attention and MLP computed on the CPU "
+                            "from host RAM), mlp-cpu (MLPs on the CPU), auto (with "
+                            "--hw-profile on CUDA the faster prediction of `plan`; else "
+                            "stream)")
     add_kv_cache_arg(group)
     group.add_argument("--kv-budget", default=None, metavar="B",
                        help="device bytes the KV cache may take (e.g. 2GiB); a longer context "
@@ -104,4 +110,5 @@ def engine_config_from_args(args: argparse.Namespace):
         draft_model=args.draft_model,
         kv_cache=args.kv_cache,
         kv_budget=args.kv_budget,
+        placement=args.placement,
     )

@@ -31,6 +31,7 @@ from .describe import describe_model
 from .disk_plan import add_disk_tier
 from .kv_sizes import check_kv_mode, kv_layout_for
 from .overhead import decode_overhead, weight_read_bandwidth
+from .placement import Placement, check_placement, place_parts, split_parts
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
 from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
@@ -59,9 +60,11 @@ class PlanRequest:
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
     draft_bytes: int = 0  # a --draft-model kept whole on the device (planning/speculation.py)
     kv_cache: str = "bf16"  # KV cache storage: bf16 (the compute dtype), int8, int4
+    placement: str = "auto"  # where layer parts run (placement.py): auto, stream, cpu, mlp-cpu
 
     def __post_init__(self) -> None:
         check_kv_mode(self.kv_cache)
+        check_placement(self.placement)
         if self.context < 1 or self.batch < 1:
             raise ConfigError(f"--context and --batch must be at least 1, got {self.context} "
                               f"and {self.batch}")
@@ -165,10 +168,13 @@ class Plan:
     fits: bool  # everything, reserve included, within the card's memory
     weight_names: List[str] = field(default_factory=list)  # execution order (not in JSON)
     host: Dict[str, object] = field(default_factory=dict)  # host RAM / disk split (disk_plan)
+    placement: Dict[str, object] = field(default_factory=dict)  # placement.Placement.summary()
+    placement_plan: Optional[Placement] = None  # the decision itself (not in JSON)
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data.pop("weight_names")
+        data.pop("placement_plan")
         data["memory"]["total"] = self.memory.total
         data["cache"]["arena_bytes"] = self.cache.arena_bytes
         data["cache"]["streamed_bytes"] = self.cache.streamed_bytes
@@ -288,7 +294,37 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         fits=memory.total <= request.profile.memory_bytes,
         weight_names=[name for name, _, _ in entries],
     )
+    _add_placement(plan, entries, shape, request, budget)
     return add_disk_tier(plan, entries, request.host_budget, request.profile.disk_read_bandwidth)
+
+
+def _add_placement(plan: Plan, entries, shape: ModelShape, request: PlanRequest,
+                   budget: Optional[int]) -> None:
+    """Decide where layer parts run (placement.place_parts) from this plan's numbers: the
+    device room for layer parts is the arena budget less the weights outside the layers."""
+    parts = split_parts([(name, copy) for name, _, copy in entries])
+    in_parts = {name for part in parts for name in part.names}
+    outside = sum(held for name, held, _ in entries if name not in in_parts)
+    room = None if budget is None else max(budget - outside, 0)
+    profile, prediction = request.profile, plan.prediction
+    placement = place_parts(
+        parts, request.placement, room,
+        {"device": weight_read_bandwidth(profile), "h2d": profile.h2d_bandwidth,
+         "cpu": profile.cpu_bandwidth},
+        request.batch, prediction.step_s, prediction.resident_read_s + prediction.stream_s)
+    plan.placement_plan = placement
+    plan.placement = {**placement.summary(),
+                      "cpu_bandwidth_gb_s": profile.cpu_bandwidth / 1e9,
+                      "cpu_bandwidth_source": profile.cpu_bandwidth_source,
+                      "layers": placement_by_layer(parts, placement)}
+
+
+def placement_by_layer(parts, placement: Placement) -> List[str]:
+    """One word per decoder layer: 'attention:device mlp:cpu'."""
+    layers: Dict[int, List[str]] = {}
+    for part in parts:
+        layers.setdefault(part.layer, []).append(f"{part.kind}:{placement.where(part)}")
+    return [" ".join(words) for _, words in sorted(layers.items())]
 
 
 def _model_facts(shape: ModelShape) -> Dict[str, object]:

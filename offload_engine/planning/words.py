@@ -11,3 +11,6 @@ CACHE_FORMATS = ("packed", "dequantized", "prepacked")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes, see settings.py
 UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"
 EMBEDDING_PLACES = ("device", "host")  # where the token embedding table lives
+# where decoder layer parts run (placement.py): auto (the planner's faster prediction),
+# stream (all through the device cache), cpu (all on the CPU), mlp-cpu (MLPs on the CPU)
+PLACEMENTS = ("auto", "stream", "cpu", "mlp-cpu")

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..planning.kv_sizes import check_kv_mode
+from ..planning.placement import check_placement
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS, auto_cache_format
@@ -44,6 +45,8 @@ class EngineConfig:
     draft_model: Optional[str] = None  # quantized directory of the draft, kept resident
     kv_cache: str = "bf16"  # bf16 (the compute dtype, unquantized), int8, int4
     kv_budget: Optional[Union[str, int]] = None  # device bytes for the KV cache; None: no cap
+    placement: str = "auto"  # where layer parts run: auto, stream, cpu, mlp-cpu
+    # (planning/placement.py); auto: the planner's choice for --hw-profile, else stream
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -66,6 +69,7 @@ class EngineConfig:
         if self.host_budget is not None:
             self.host_bytes(lambda: 0)  # fail early on unreadable text
         check_kv_mode(self.kv_cache)
+        check_placement(self.placement)
         self.kv_budget_bytes()  # fail early on unreadable text
         if self.cache_format == "prepacked" and resolve_device(self.device).type != "cpu":
             raise ConfigError("--cache-format prepacked is the CPU int4 kernel's form: use it "
