@@ -12,9 +12,9 @@ of a float32 matrix. What it takes, checked on torch 2.13:
   ``(code - 8) * scale + zero``;
 - group sizes 32, 64, 128, 256 (all the layout holds), a contiguous activation matrix.
 
-Only bfloat16 activations are vectorized on AVX2 (float32 and float16 run a scalar loop,
-about 100x slower: 128 ms for a 2048x2048 matrix-vector product on this machine), and the
-output is bfloat16, so the path is taken for bfloat16 activations only. Our schemes map
+Only bfloat16 activations are vectorized on AVX2 (float32 and float16 run the kernel's
+non-vectorized loop), and the output is bfloat16, so the path is taken for bfloat16
+activations only. Our schemes map
 onto ``(code - 8) * scale + zero`` exactly in real numbers:
 
 - ``int4``      value = (code - 8) * s          -> zero = 0
