@@ -137,3 +137,5 @@ def test_plan_for_32b_picks_hybrid_where_faster(tmp_path, card, hybrid):
     assert len(info["layers"]) == 64
     streamed = make_plan(shape, PlanRequest(load_profile(card), placement="stream"))
     assert streamed.placement["placement_chosen"] == "stream"
+    on_cpu = make_plan(shape, PlanRequest(load_profile("cpu"), gpu_budget="6GiB"))
+    assert on_cpu.placement["placement_reason"] == "the device is the CPU"  # as the runtime

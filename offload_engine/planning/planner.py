@@ -307,11 +307,15 @@ def _add_placement(plan: Plan, entries, shape: ModelShape, request: PlanRequest,
     outside = sum(held for name, held, _ in entries if name not in in_parts)
     room = None if budget is None else max(budget - outside, 0)
     profile, prediction = request.profile, plan.prediction
-    placement = place_parts(
-        parts, request.placement, room,
-        {"device": weight_read_bandwidth(profile), "h2d": profile.h2d_bandwidth,
-         "cpu": profile.cpu_bandwidth},
-        request.batch, prediction.step_s, prediction.resident_read_s + prediction.stream_s)
+    if profile.device == "cpu" and request.placement == "auto":  # as the runtime decides
+        placement = Placement("auto", "stream", [], parts, prediction.step_s,
+                              reason="the device is the CPU")
+    else:
+        placement = place_parts(
+            parts, request.placement, room,
+            {"device": weight_read_bandwidth(profile), "h2d": profile.h2d_bandwidth,
+             "cpu": profile.cpu_bandwidth},
+            request.batch, prediction.step_s, prediction.resident_read_s + prediction.stream_s)
     plan.placement_plan = placement
     plan.placement = {**placement.summary(),
                       "cpu_bandwidth_gb_s": profile.cpu_bandwidth / 1e9,
