@@ -155,3 +155,13 @@ def test_cuda_resident_decode_is_captured_with_cuda_graphs(qwen2_q):
     with load(qwen2_q, progress=False, device="cuda:0", dtype="float32", compile=True,
               gpu_budget=STREAMING) as e:
         assert e.compile_config().mode == "default"  # a streamed slot's address changes
+
+
+def test_compile_refuses_parts_placed_on_the_cpu(qwen2_q):
+    """The compiled step holds device-cache linears only; a CPU-placed part is refused at
+    load with both flags named, not traced into the graph."""
+    from offload_engine.decode.api import load
+    from offload_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--placement cpu"):
+        load(qwen2_q, device="cpu", progress=False, compile=True, placement="cpu")

@@ -26,7 +26,11 @@ TABLE = (("policy", "policy", "{}"), ("budget", "budget", "{}"),
          ("pred ovh ms", "predicted_overhead_ms", "{:.2f}"),
          ("prefill tok/s", "prefill_tokens_per_s", "{:.3g}"),
          ("TTFT s", "time_to_first_token_s", "{:.3f}"), ("H2D GB/s", "h2d_gb_per_s", "{:.3f}"),
-         ("stall s", "stall_seconds", "{:.2f}"), ("peak MiB", "peak_device_bytes", "mib"))
+         ("stall s", "stall_seconds", "{:.2f}"), ("peak MiB", "peak_device_bytes", "mib"),
+         # the CPU side of --placement (runtime/boundary.py), per forward pass
+         ("placement", "placement", "{}"), ("CPU MB/token", "cpu_bytes_per_token", "mb"),
+         ("CPU ms/token", "cpu_seconds_per_token", "ms"),
+         ("crossings", "crossings_per_token", "{:.0f}"))
 # with --compile each point is measured eager and compiled, alternating (decode/bench.py)
 COMPILE_TABLE = (("compile", "compile", "{}"), ("warm-up s", "warmup_s", "{:.1f}"),
                  ("runs tok/s", "runs_tokens_per_s", "{}"))
@@ -141,6 +145,8 @@ def table(rows: list) -> list:
             return f"{value / 1e6:.2f}"
         if fmt == "mib":
             return f"{value / 2**20:.0f}"
+        if fmt == "ms":
+            return f"{value * 1e3:.2f}"
         return fmt.format(value)
 
     columns = TABLE + (COMPILE_TABLE if any("compile" in row for row in rows) else ())

@@ -10,7 +10,7 @@ import sys
 
 from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.speculation import SPECULATE_MODES
-from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, PLACEMENTS, POLICIES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +29,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefetch-depth", type=int, default=2, metavar="K",
                        help="streamed weights copied ahead of the one computing (default 2)")
     group.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
-                       help="hold cached weights packed (INT4, for the fused kernel) or "
-                            "dequantized; auto: packed on CUDA, dequantized on CPU")
+                       help="hold cached weights packed (INT4, for the fused kernel), "
+                            "dequantized, or prepacked (CPU: packed plus the CPU int4 "
+                            "kernel's form); auto: packed on CUDA; on CPU prepacked with "
+                            "--dtype bfloat16 and an int4 scheme, else dequantized")
     group.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                        help="compute dtype; auto: bfloat16 on CUDA, float32 on CPU")
     group.add_argument("--attention", default="auto",
@@ -48,6 +50,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="host RAM for weights (4GiB, or 'unbounded'); the rest is read "
                             "from the shard files every token. Default: what fits in "
                             "available RAM with a margin")
+    group.add_argument("--placement", choices=PLACEMENTS, default="auto",
+                       help="where decoder layer parts run: stream (every weight through the "
+                            "device cache), cpu (every attention and MLP computed on the CPU "
+                            "from host RAM), mlp-cpu (MLPs on the CPU), auto (with "
+                            "--hw-profile on CUDA the faster prediction of `plan`; else "
+                            "stream)")
     add_kv_cache_arg(group)
     group.add_argument("--kv-budget", default=None, metavar="B",
                        help="device bytes the KV cache may take (e.g. 2GiB); a longer context "
@@ -145,6 +153,7 @@ def engine_config_from_args(args: argparse.Namespace):
         kv_cache=args.kv_cache,
         kv_budget=args.kv_budget,
         compile=args.compile,
+        placement=args.placement,
     )
 
 

@@ -12,9 +12,9 @@ import re
 from typing import Dict, List, Tuple
 
 from ..planning.profiles import DEFAULT_PROFILE
-from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, POLICIES
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, PLACEMENTS, POLICIES
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
-from . import plan_speculation
+from . import plan_placement, plan_speculation
 from .options import add_kv_cache_arg
 
 DOES_NOT_FIT = 1  # exit status when the model cannot run on the profile as asked
@@ -61,6 +61,10 @@ def register(commands) -> None:
     parser.add_argument("--host-budget", default=None, metavar="B",
                         help="host RAM for weights (16GiB); the rest is read from disk every "
                              "token. Default: unbounded (every weight in RAM)")
+    parser.add_argument("--placement", choices=PLACEMENTS, default="auto",
+                        help="where decoder layer parts run: auto (the faster prediction of "
+                             "streaming and computing on the CPU what does not fit), stream, "
+                             "cpu, mlp-cpu")
     add_kv_cache_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_speculation.add_args(parser)
@@ -83,7 +87,7 @@ def run(args) -> int:
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
         cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
-        host_budget=args.host_budget, kv_cache=args.kv_cache)
+        host_budget=args.host_budget, kv_cache=args.kv_cache, placement=args.placement)
     request.draft_bytes = plan_speculation.draft_bytes(args, request)
     shape = describe_model(args.model if is_preset(args.model) else
                            resolve_model_path(args.model), spec)
@@ -164,6 +168,7 @@ def render(plan, report: dict) -> List[str]:
            if settings["batch"] > 1 else ""),
     ]
     lines[-1:-1] = _host_lines(plan)
+    lines += plan_placement.render(plan, size)
     lines += plan_speculation.render(report.get("speculation"), size)
     lines += [f"note: {text}" for text in report["advice"] + plan.host.get("notes", [])]
     return lines

@@ -119,7 +119,7 @@ def _request(shape, profile, config: EngineConfig, policy: str, depth: int,
              budget: Optional[int], batch: int, context: int) -> PlanRequest:
     return PlanRequest(profile, gpu_budget="unbounded" if budget is None else budget,
                        context=context, batch=batch, policy=policy, prefetch_depth=depth,
-                       cache_format=config.resolved_cache_format(),
+                       cache_format=config.resolved_cache_format(shape.spec),
                        dtype=str(config.torch_dtype()).replace("torch.", ""),
                        embeddings=config.embeddings)
 

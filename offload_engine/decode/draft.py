@@ -137,6 +137,6 @@ def target_minimum(config: EngineConfig, directory: Path) -> int:
     from ..planning.planner import cache_entries, describe_model
     from ..planning.policy import plan_cache
 
-    entries = cache_entries(describe_model(directory), config.resolved_cache_format(),
-                            config.torch_dtype())
+    shape = describe_model(directory)
+    entries = cache_entries(shape, config.resolved_cache_format(shape.spec), config.torch_dtype())
     return plan_cache(entries, None, config.policy, config.prefetch_depth).minimum_budget

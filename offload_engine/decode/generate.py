@@ -65,6 +65,11 @@ class GenerationStats:
     kv_read_bytes_per_pass: Optional[float] = None  # quantized KV bytes read per pass (int8/4)
     compiled: bool = False  # --compile: decode steps ran through torch.compile
     compile_seconds: float = 0.0  # of ``seconds``, spent compiling (warm-up; 0 once warm)
+    # Layer parts computed on the CPU (--placement, runtime/boundary.py); per forward pass.
+    placement: str = "stream"  # what ran: stream, or the --placement that put parts on the CPU
+    cpu_bytes_per_token: float = 0.0  # weight bytes the CPU read
+    cpu_seconds_per_token: float = 0.0  # wall time inside CPU-placed parts
+    crossings_per_token: float = 0.0  # activation transfers between device and CPU
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -296,7 +301,22 @@ def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: f
         device=str(engine.device), device_name=summary["device_name"], policy=summary["policy"],
         arena_bytes=summary["arena_bytes"], resident_bytes=summary["resident_bytes"],
         streamed_bytes=summary["streamed_bytes"], **_disk_stats(before, after, passes),
+        **_cpu_stats(summary, before, after, passes),
     )
+
+
+def _cpu_stats(summary: dict, before: dict, after: dict, passes: int) -> dict:
+    """The CPU side of a placement, per forward pass."""
+    if summary.get("placement_chosen", "stream") == "stream":
+        return {}
+    per = max(passes, 1)
+
+    def delta(key: str) -> float:
+        return (after[f"boundary_{key}"] - before[f"boundary_{key}"]) / per
+
+    return dict(placement=summary["placement"], cpu_bytes_per_token=delta("cpu_bytes"),
+                cpu_seconds_per_token=delta("cpu_seconds"),
+                crossings_per_token=delta("crossings"))
 
 
 def _disk_stats(before: dict, after: dict, passes: int) -> dict:

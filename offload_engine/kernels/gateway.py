@@ -3,8 +3,11 @@
 Callers never import a kernel directly: they call :func:`quantized_linear`, and
 the choice is made here alone:
 
-- ``"reference"``: the pure-torch reference, when forced, when x is not on CUDA,
-  when triton is not installed, or for activation dtypes the kernels do not take;
+- ``"reference"``: the pure-torch reference, when forced, when triton is not installed
+  (CUDA) or the weight is not prepacked (CPU), or for activation dtypes the kernels do
+  not take;
+- ``"cpu-int4pack"``: torch's packed int4 CPU matmul (:mod:`.cpu_int4`), for bfloat16 x
+  on CPU and a weight prepacked at load (schemes int4, int4-asym, int4-min);
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -22,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from ..quant.quantize import QuantizedWeight
+from . import cpu_int4
 from .reference import quantized_linear_reference
 
 logger = logging.getLogger(__name__)
@@ -29,7 +33,8 @@ logger = logging.getLogger(__name__)
 REFERENCE = "reference"
 TRITON_GEMV = "triton-gemv"
 TRITON_DEQUANT_MATMUL = "triton-dequant-matmul"
-PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL)
+CPU_INT4PACK = "cpu-int4pack"
+PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL, CPU_INT4PACK)
 
 GEMV_MAX_ROWS = 16  # flattened rows of x up to which the fused decode kernel runs
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -61,7 +66,11 @@ def triton_available() -> bool:
 
 def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
     """Which path :func:`quantized_linear` takes for this input and weight."""
-    if _force_reference or not x.is_cuda or not triton_available():
+    if _force_reference:
+        return REFERENCE
+    if not x.is_cuda:
+        return CPU_INT4PACK if cpu_int4.accepts(x, weight) else REFERENCE
+    if not triton_available():
         return REFERENCE
     if x.dtype not in _TRITON_DTYPES or x.numel() == 0:
         return REFERENCE
@@ -75,6 +84,8 @@ def _kernel(path: str) -> Callable:
     """The function behind a path; Triton modules are imported here, on first use."""
     if path == REFERENCE:
         return quantized_linear_reference
+    if path == CPU_INT4PACK:
+        return cpu_int4.int4pack_linear
     if path == TRITON_GEMV:
         return importlib.import_module(".triton_gemv", __package__).gemv
     if path == TRITON_DEQUANT_MATMUL:
@@ -87,9 +98,16 @@ def run_path(
 ) -> torch.Tensor:
     """Run one named path regardless of the dispatch rules (tests, tools, benchmarks).
 
-    On CPU the Triton paths need TRITON_INTERPRET=1 set before triton is imported.
+    On CPU the Triton paths need TRITON_INTERPRET=1 set before triton is imported;
+    the CPU int4 path prepacks a plain weight on each call (the runtime prepacks at load).
     """
     return _kernel(path)(x, weight, bias)
+
+
+def prepare_cpu_weight(weight: QuantizedWeight) -> QuantizedWeight:
+    """The weight with its CPU kernel form attached, built once at load; unchanged for
+    schemes the CPU kernel does not hold (they run through the reference)."""
+    return cpu_int4.prepack(weight)
 
 
 def quantized_linear(

@@ -31,10 +31,11 @@ from .describe import describe_model
 from .disk_plan import add_disk_tier
 from .kv_sizes import check_kv_mode, kv_layout_for
 from .overhead import decode_overhead, weight_read_bandwidth
+from .placement import Placement, check_placement, place_parts, split_parts
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
 from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
-from .sizes import CACHE_FORMATS, held_nbytes
+from .sizes import CACHE_FORMATS, auto_cache_format, held_nbytes
 
 logger = logging.getLogger(__name__)
 __all__ = ["Plan", "PlanRequest", "describe_model", "make_plan", "predict"]
@@ -53,15 +54,17 @@ class PlanRequest:
     batch: int = 1  # sequences decoded together
     policy: str = "static"  # cache policy, as in the runtime
     prefetch_depth: int = 2  # staging slots beyond the one computing
-    cache_format: str = "auto"  # packed, dequantized; auto: packed on cuda, else dequantized
+    cache_format: str = "auto"  # packed, dequantized, prepacked; auto: as sizes.auto_cache_format
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
     embeddings: str = "device"  # "host": the token embedding table stays in host RAM
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
     draft_bytes: int = 0  # a --draft-model kept whole on the device (planning/speculation.py)
     kv_cache: str = "bf16"  # KV cache storage: bf16 (the compute dtype), int8, int4
+    placement: str = "auto"  # where layer parts run (placement.py): auto, stream, cpu, mlp-cpu
 
     def __post_init__(self) -> None:
         check_kv_mode(self.kv_cache)
+        check_placement(self.placement)
         if self.context < 1 or self.batch < 1:
             raise ConfigError(f"--context and --batch must be at least 1, got {self.context} "
                               f"and {self.batch}")
@@ -82,10 +85,10 @@ class PlanRequest:
             return DTYPES[self.dtype]
         return torch.bfloat16 if self.profile.device == "cuda" else torch.float32
 
-    def resolved_cache_format(self) -> str:
+    def resolved_cache_format(self, spec=None) -> str:
         if self.cache_format != "auto":
             return self.cache_format
-        return "packed" if self.profile.device == "cuda" else "dequantized"
+        return auto_cache_format(self.profile.device, self.torch_dtype(), spec)
 
     def explicit_budget(self) -> Tuple[bool, Optional[int]]:
         """(given, bytes): bytes None means unbounded; a fraction is of usable memory."""
@@ -165,10 +168,13 @@ class Plan:
     fits: bool  # everything, reserve included, within the card's memory
     weight_names: List[str] = field(default_factory=list)  # execution order (not in JSON)
     host: Dict[str, object] = field(default_factory=dict)  # host RAM / disk split (disk_plan)
+    placement: Dict[str, object] = field(default_factory=dict)  # placement.Placement.summary()
+    placement_plan: Optional[Placement] = None  # the decision itself (not in JSON)
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data.pop("weight_names")
+        data.pop("placement_plan")
         data["memory"]["total"] = self.memory.total
         data["cache"]["arena_bytes"] = self.cache.arena_bytes
         data["cache"]["streamed_bytes"] = self.cache.streamed_bytes
@@ -248,7 +254,7 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
 # ----- the plan -----------------------------------------------------------------------------
 def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     """Size everything, split the arena with the runtime's policy, predict the speed."""
-    fmt, dtype = request.resolved_cache_format(), request.torch_dtype()
+    fmt, dtype = request.resolved_cache_format(shape.spec), request.torch_dtype()
     entries = cache_entries(shape, fmt, dtype)
     memory = fixed_memory(shape, request)
     floor = plan_cache(entries, None, request.policy, request.prefetch_depth)
@@ -288,7 +294,41 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
         fits=memory.total <= request.profile.memory_bytes,
         weight_names=[name for name, _, _ in entries],
     )
+    _add_placement(plan, entries, shape, request, budget)
     return add_disk_tier(plan, entries, request.host_budget, request.profile.disk_read_bandwidth)
+
+
+def _add_placement(plan: Plan, entries, shape: ModelShape, request: PlanRequest,
+                   budget: Optional[int]) -> None:
+    """Decide where layer parts run (placement.place_parts) from this plan's numbers: the
+    device room for layer parts is the arena budget less the weights outside the layers."""
+    parts = split_parts([(name, copy) for name, _, copy in entries])
+    in_parts = {name for part in parts for name in part.names}
+    outside = sum(held for name, held, _ in entries if name not in in_parts)
+    room = None if budget is None else max(budget - outside, 0)
+    profile, prediction = request.profile, plan.prediction
+    if profile.device == "cpu" and request.placement == "auto":  # as the runtime decides
+        placement = Placement("auto", "stream", [], parts, prediction.step_s,
+                              reason="the device is the CPU")
+    else:
+        placement = place_parts(
+            parts, request.placement, room,
+            {"device": weight_read_bandwidth(profile), "h2d": profile.h2d_bandwidth,
+             "cpu": profile.cpu_bandwidth},
+            request.batch, prediction.step_s, prediction.resident_read_s + prediction.stream_s)
+    plan.placement_plan = placement
+    plan.placement = {**placement.summary(),
+                      "cpu_bandwidth_gb_s": profile.cpu_bandwidth / 1e9,
+                      "cpu_bandwidth_source": profile.cpu_bandwidth_source,
+                      "layers": placement_by_layer(parts, placement)}
+
+
+def placement_by_layer(parts, placement: Placement) -> List[str]:
+    """One word per decoder layer: 'attention:device mlp:cpu'."""
+    layers: Dict[int, List[str]] = {}
+    for part in parts:
+        layers.setdefault(part.layer, []).append(f"{part.kind}:{placement.where(part)}")
+    return [" ".join(words) for _, words in sorted(layers.items())]
 
 
 def _model_facts(shape: ModelShape) -> Dict[str, object]:

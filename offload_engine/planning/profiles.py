@@ -14,6 +14,7 @@ its path. Example::
     disk_read_gb_s = 3.0            # optional: reads from the model's disk (--host-budget)
     op_overhead_us = 8.0            # optional: seconds per eager op of a decode step
     op_overhead_source = "ESTIMATE: ..."   # where that figure comes from
+    cpu_bandwidth_gb_s = 40.0       # optional: weight bytes/s the CPU int4 kernel reads
 
 `offload-engine calibrate` writes the same keys, plus ``kernel_bandwidth_gb_s``, a
 ``measured`` list naming the keys it measured and a ``calibrated`` line.
@@ -44,7 +45,8 @@ REQUIRED_KEYS = ("name", "device", "memory", "device_bandwidth_gb_s", "h2d_bandw
                  "reserve")
 # Disk speed, per-op overhead and calibration facts: optional so older profile files load.
 OPTIONAL_KEYS = ("description", "disk_read_gb_s", "op_overhead_us", "op_overhead_source",
-                 "measured", "kernel_bandwidth_gb_s", "calibrated")
+                 "measured", "kernel_bandwidth_gb_s", "calibrated", "cpu_bandwidth_gb_s",
+                 "cpu_bandwidth_source")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class HardwareProfile:
     measured: tuple = ()  # the TOML keys `offload-engine calibrate` measured on this machine
     kernel_bandwidth: float = 0.0  # bytes/s the fused kernel achieved (0: not measured)
     calibrated: str = ""  # what calibrate ran on, and when
+    cpu_bandwidth: float = 0.0  # bytes/s of weights the CPU int4 kernel reads (0: unknown)
+    cpu_bandwidth_source: str = ""  # a measurement, or an ESTIMATE and its reasoning
 
     def __post_init__(self) -> None:
         where = self.source or self.name
@@ -78,9 +82,9 @@ class HardwareProfile:
                 raise ConfigError(f"hardware profile {where}: {label} must be positive")
         if self.disk_read_bandwidth is not None and not self.disk_read_bandwidth > 0:
             raise ConfigError(f"hardware profile {where}: disk_read_gb_s must be positive")
-        if self.op_overhead_s < 0 or self.kernel_bandwidth < 0:
+        if self.op_overhead_s < 0 or self.kernel_bandwidth < 0 or self.cpu_bandwidth < 0:
             raise ConfigError(f"hardware profile {where}: op_overhead_us and "
-                              "kernel_bandwidth_gb_s must be 0 or more")
+                              "kernel_bandwidth_gb_s, cpu_bandwidth_gb_s must be 0 or more")
         if not 0 <= self.reserve_bytes < self.memory_bytes:
             raise ConfigError(f"hardware profile {where}: reserve must be at least 0 and "
                               "smaller than memory")
@@ -128,7 +132,9 @@ def profile_from_dict(data: dict, where: str) -> HardwareProfile:
                       op_overhead_source=str(data.get("op_overhead_source", "")),
                       measured=tuple(str(key) for key in data.get("measured", ())),
                       kernel_bandwidth=float(data.get("kernel_bandwidth_gb_s", 0.0)) * GB,
-                      calibrated=str(data.get("calibrated", "")))
+                      calibrated=str(data.get("calibrated", "")),
+                      cpu_bandwidth=float(data.get("cpu_bandwidth_gb_s", 0.0)) * GB,
+                      cpu_bandwidth_source=str(data.get("cpu_bandwidth_source", "")))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"hardware profile {where}: {exc}") from exc
     return HardwareProfile(name=str(data["name"]), device=str(data["device"]),

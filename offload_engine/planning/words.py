@@ -5,7 +5,12 @@ here so that ``offload-engine --help`` never imports torch.
 """
 
 POLICIES = ("static", "lru")  # cache policies, see policy.py
-CACHE_FORMATS = ("packed", "dequantized")  # how a cached weight is held, see sizes.py
+# how a cached weight is held, see sizes.py; "prepacked" (CPU only): packed plus the CPU
+# int4 kernel's own form of it, built when the weight is loaded
+CACHE_FORMATS = ("packed", "dequantized", "prepacked")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes, see settings.py
 UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"
 EMBEDDING_PLACES = ("device", "host")  # where the token embedding table lives
+# where decoder layer parts run (placement.py): auto (the planner's faster prediction),
+# stream (all through the device cache), cpu (all on the CPU), mlp-cpu (MLPs on the CPU)
+PLACEMENTS = ("auto", "stream", "cpu", "mlp-cpu")

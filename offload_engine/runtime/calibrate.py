@@ -10,7 +10,10 @@ Four figures, each timed after a device synchronize:
 - seconds per op: one eager decode step of a deep model of near-zero width (its time is
   all overhead) divided by its op count (model/op_count.py, the planner's counter);
 - disk read GB/s (when given a directory): cold reads of a scratch file there, the way the
-  disk tier reads shards (runtime/disk_speed.py).
+  disk tier reads shards (runtime/disk_speed.py);
+- CPU kernel GB/s: the CPU int4 kernel (kernels/cpu_int4.py, bfloat16 rows) on weights
+  larger than the caches, packed weight bytes / time: what CPU-placed parts cost
+  (planning/placement.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ SPEC = QuantSpec("int4-asym", 128)  # the default scheme
 # 576x1536 on our 2-core VM), so CPU runs time the shapes a CPU user runs: SmolLM2-135M's.
 CUDA_SHAPES = ((5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648))
 CPU_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
+# The CPU kernel is timed on Llama-3-8B-sized weights: a hybrid run computes big layers there.
+CPU_KERNEL_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Calibration:
     torch_version: str
     when: str
     disk_read_bandwidth: Optional[float] = None  # bytes/s; None: no --disk-dir measured
+    cpu_bandwidth: float = 0.0  # packed bytes/s of the CPU int4 kernel (0: not measured)
 
 
 def synchronize(device: torch.device) -> None:
@@ -143,6 +149,24 @@ def kernel_bandwidth(device: torch.device, sizes: CalibrationSizes) -> float:
 
     with torch.inference_mode():
         return nbytes / best_seconds(run, device, sizes.repeats)
+
+
+def cpu_kernel_bandwidth(sizes: CalibrationSizes, quick: bool) -> float:
+    """Packed weight bytes per second of the CPU int4 kernel, one bfloat16 row."""
+    from ..kernels.gateway import prepare_cpu_weight, quantized_linear
+
+    cpu = torch.device("cpu")
+    shapes = sizes.shapes if quick else CPU_KERNEL_SHAPES
+    weights = [prepare_cpu_weight(w) for w in _weights(shapes, cpu)]
+    inputs = [torch.randn(1, w.in_features, dtype=torch.bfloat16) for w in weights]
+    nbytes = sum(w.nbytes for w in weights)
+
+    def run() -> None:
+        for x, weight in zip(inputs, weights, strict=True):
+            quantized_linear(x, weight)
+
+    with torch.inference_mode():
+        return nbytes / best_seconds(run, cpu, sizes.repeats)
 
 
 def _weights(shapes, device: torch.device) -> List[QuantizedWeight]:
@@ -225,6 +249,8 @@ def calibrate(device: torch.device, quick: bool = False, progress=None,
     done("kernel")
     per_op, ops, step = op_overhead(device, sizes)
     done("per-op overhead")
+    cpu_bw = cpu_kernel_bandwidth(sizes, quick)
+    done("CPU int4 kernel")
     disk = None
     if disk_dir is not None:
         disk = disk_read_bandwidth(disk_dir, sizes.disk_bytes, sizes.repeats)
@@ -237,7 +263,7 @@ def calibrate(device: torch.device, quick: bool = False, progress=None,
     return Calibration(str(device), name, int(memory), h2d, memory_bw, kernel_bw, per_op, ops,
                        step, sizes.layers, torch.__version__,
                        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                       disk)
+                       disk, cpu_bw)
 
 
 def _figure(value: float) -> str:
@@ -272,9 +298,12 @@ def profile_toml(result: Calibration, name: str, reserve: str) -> str:
         f"op_overhead_us = {_figure(result.op_overhead_s * 1e6)}",
         f'op_overhead_source = "{source}"',
         f'reserve = "{reserve}"',
+        "# CPU int4 kernel (bfloat16 row), packed weight bytes / time: CPU-placed layer parts",
+        f"cpu_bandwidth_gb_s = {result.cpu_bandwidth / GB:.3f}",
+        'cpu_bandwidth_source = "measured by offload-engine calibrate"',
     ]
     measured = ["memory", "device_bandwidth_gb_s", "h2d_bandwidth_gb_s",
-                "kernel_bandwidth_gb_s", "op_overhead_us"]
+                "kernel_bandwidth_gb_s", "op_overhead_us", "cpu_bandwidth_gb_s"]
     if result.disk_read_bandwidth is not None:
         lines += ["# cold preadv reads of a scratch file in --disk-dir (disk tier, --host-budget)",
                   f"disk_read_gb_s = {_figure(result.disk_read_bandwidth / GB)}"]

@@ -12,9 +12,10 @@ import torch
 
 from ..errors import ConfigError
 from ..planning.kv_sizes import check_kv_mode
+from ..planning.placement import check_placement
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
-from ..planning.sizes import CACHE_FORMATS
+from ..planning.sizes import CACHE_FORMATS, auto_cache_format
 from ..planning.speculation import check_speculation
 from ..units import parse_budget, parse_bytes
 
@@ -28,7 +29,8 @@ class EngineConfig:
     cache_entries: Optional[int] = None  # classic N-entry cache; excludes gpu_budget
     policy: str = "static"  # "static" (resident set + ring) or "lru" (classic)
     prefetch_depth: int = 2  # streamed weights copied ahead of the one computing
-    cache_format: str = "auto"  # "packed", "dequantized"; auto: packed on CUDA, else dequantized
+    cache_format: str = "auto"  # "packed", "dequantized", "prepacked" (CPU); auto: packed on
+    # CUDA; on CPU prepacked for bfloat16 and the int4 schemes (CPU int4 kernel), else dequantized
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA, float32 on CPU
     attention: str = "auto"  # "flash_attention_2", "sdpa", "eager"; auto picks
     hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
@@ -44,6 +46,8 @@ class EngineConfig:
     kv_cache: str = "bf16"  # bf16 (the compute dtype, unquantized), int8, int4
     kv_budget: Optional[Union[str, int]] = None  # device bytes for the KV cache; None: no cap
     compile: bool = False  # decode steps through torch.compile with a static-shape KV cache
+    placement: str = "auto"  # where layer parts run: auto, stream, cpu, mlp-cpu
+    # (planning/placement.py); auto: the planner's choice for --hw-profile, else stream
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and self.cache_entries is not None:
@@ -66,7 +70,11 @@ class EngineConfig:
         if self.host_budget is not None:
             self.host_bytes(lambda: 0)  # fail early on unreadable text
         check_kv_mode(self.kv_cache)
+        check_placement(self.placement)
         self.kv_budget_bytes()  # fail early on unreadable text
+        if self.cache_format == "prepacked" and resolve_device(self.device).type != "cpu":
+            raise ConfigError("--cache-format prepacked is the CPU int4 kernel's form: use it "
+                              "with --device cpu, or packed on CUDA")
         resolve_device(self.device)
         check_speculation(self.speculate, self.speculate_tokens, self.lookup_ngram,
                           self.draft_model)
@@ -84,10 +92,12 @@ class EngineConfig:
             return DTYPES[self.dtype]
         return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
 
-    def resolved_cache_format(self) -> str:
+    def resolved_cache_format(self, spec=None) -> str:
+        """The --cache-format; for auto, the one that suits the device, dtype and the
+        checkpoint's QuantSpec ``spec`` (None: unknown, CPU gets dequantized)."""
         if self.cache_format != "auto":
             return self.cache_format
-        return "packed" if self.torch_device().type == "cuda" else "dequantized"
+        return auto_cache_format(self.torch_device().type, self.torch_dtype(), spec)
 
     def budget_bytes(self) -> Optional[int]:
         """The arena budget in bytes; None when unbounded."""

@@ -16,8 +16,10 @@ from ..checkpoint.synth import synthetic_note
 from ..errors import ConfigError, FormatError
 from ..model import architecture
 from ..planning.host_policy import host_summary, plan_host
+from ..planning.placement import Placement, place_parts, split_parts
 from ..planning.policy import plan_cache
 from ..planning.sizes import held_nbytes
+from .boundary import BoundaryStats, HostWeights, wrap_parts
 from .cache import DeviceCache
 from .config import EngineConfig
 from .kv_cache import kv_layout_from_config, new_kv_cache
@@ -50,6 +52,9 @@ class Engine:
                                                config.torch_dtype())
         self._closed = False
         self.host_plan = None  # planning.host_policy.HostPlan, set by load()
+        self.placement = None  # planning.placement.Placement, set by load()
+        self.host_weights: Optional[HostWeights] = None  # CPU-placed weights, set by load()
+        self.boundary = BoundaryStats()  # CPU part counters, shared with host_weights
 
     def new_kv_cache(self, batch: int = 1, tokens: Optional[int] = None):
         """A fresh --kv-cache for one sequence (or batch); None means transformers' default.
@@ -95,13 +100,28 @@ class Engine:
             "device": str(self.device),
             "device_name": device_name(self.device),
             **host_summary(self.host_plan),
+            **self.placement_summary(),
         }
+
+    def placement_summary(self) -> dict:
+        """Where layer parts run (--placement) and the CPU side's weights, as numbers."""
+        if self.placement is None:
+            return {}
+        host = self.host_weights
+        return {**self.placement.summary(),
+                "cpu_weights": len(host) if host else 0,
+                "cpu_weight_bytes_per_pass": host.weight_bytes if host else 0,
+                "cpu_prepacked_bytes": host.prepacked_bytes if host else 0}
 
     def counters(self) -> dict:
         """Cache counters plus the disk reader's (``disk_read_*``), as plain numbers."""
         disk = getattr(self.store, "disk_stats", None)
-        return {**self.cache.stats.as_dict(),
-                **({f"disk_{k}": v for k, v in disk.as_dict().items()} if disk else {})}
+        counters = {**self.cache.stats.as_dict(),
+                    **({f"disk_{k}": v for k, v in disk.as_dict().items()} if disk else {}),
+                    **{f"boundary_{k}": v for k, v in self.boundary.as_dict().items()}}
+        if not self.cache.order:  # every weight is CPU-placed: count passes there
+            counters["passes"] = self.boundary.passes
+        return counters
 
     def close(self) -> None:
         """Stop the prefetch worker and free the arena. Safe to call twice."""
@@ -167,11 +187,17 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     linears = architecture.find_linears(model, hf_config)
     _check_manifest_matches(manifest, linears, directory)
     swapped = swap_linears(model, linears)
-    fmt = config.resolved_cache_format()
+    fmt = config.resolved_cache_format(manifest.spec)
     order = list(linears)
     layouts = quantized_layouts(manifest)
+    placement = resolve_placement(config, order, layouts, directory)
+    if config.compile and placement.cpu_names:
+        raise ConfigError("--compile runs the decode step as one graph on the device; "
+                          f"--placement {config.placement} computes layer parts on the CPU, "
+                          "which it cannot hold yet: use --placement stream or drop --compile")
+    device_order = [n for n in order if n not in placement.cpu_names]
     plan = plan_cache([(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes)
-                       for n in order],
+                       for n in device_order],
                       weight_budget(config, directory), config.policy, config.prefetch_depth,
                       config.cache_entries)
     logger.info("cache plan: %s", asdict(plan))
@@ -179,20 +205,24 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
                           config.host_bytes(lambda: default_host_budget(
                               manifest, plan.arena_bytes, device)))
     store = open_store(directory, manifest, host_plan, device.type == "cuda", config.progress)
+    boundary = BoundaryStats()
     try:
-        cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress)
+        cache = DeviceCache(store, device_order, plan, device, fmt, dtype,
+                            progress=config.progress)
     except BaseException:
         store.close()
         raise
     try:
-        for module in swapped.values():
-            module.attach(cache)
+        host = HostWeights(store, [n for n in order if n in placement.cpu_names], boundary)
+        for name, module in swapped.items():
+            module.attach(host if name in placement.cpu_names else cache)
         if config.compile:
             from . import compile_step
 
             compile_step.attach(swapped.values(), cache)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
+        wrap_parts(model, [part.module for part in placement.cpu_parts], device, boundary)
         model.eval()
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -202,6 +232,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
         raise
     engine = engine_class(directory, model, tokenizer, cache, store, config)
     engine.host_plan = host_plan
+    engine.placement, engine.host_weights, engine.boundary = placement, host, boundary
     engine.synthetic_note = synthetic_note(manifest)
     return engine
 
@@ -220,10 +251,33 @@ def _host_tensor_names(manifest, config: EngineConfig) -> frozenset:
     return frozenset(name for name, entry in manifest.tensors.items() if entry.role == "embedding")
 
 
+def resolve_placement(config: EngineConfig, order, layouts, directory: Path) -> Placement:
+    """--placement: stream, cpu and mlp-cpu as asked; auto decides with the planner's
+    placement for --hw-profile on CUDA, and streams otherwise (on a CPU device the cache
+    already computes on the CPU from host RAM)."""
+    parts = split_parts([(n, layouts[n].nbytes) for n in order])
+    if config.placement != "auto":
+        return place_parts(parts, config.placement)
+    if config.torch_device().type == "cpu" or config.hw_profile is None:
+        reason = ("the device is the CPU" if config.torch_device().type == "cpu"
+                  else "no --hw-profile to predict with")
+        return Placement("auto", "stream", [], parts, reason=reason)
+    return _profile_plan(config, directory).placement_plan
+
+
 def weight_budget(config: EngineConfig, directory: Path) -> Optional[int]:
     """The arena budget: the flag's, or the one `plan` derives for --hw-profile."""
     if config.hw_profile is None or config.gpu_budget is not None or config.cache_entries:
         return config.budget_bytes()
+    plan = _profile_plan(config, directory)
+    budget = plan.settings["budget_bytes"]
+    logger.info("--hw-profile %s: weight budget %s (%s)", config.hw_profile, budget,
+                plan.settings["budget_source"])
+    return budget
+
+
+def _profile_plan(config: EngineConfig, directory: Path):
+    """What `plan` answers for this directory and --hw-profile."""
     from ..planning.planner import PlanRequest, describe_model, make_plan
     from ..planning.profiles import load_profile
 
@@ -231,14 +285,11 @@ def weight_budget(config: EngineConfig, directory: Path) -> Optional[int]:
     context = min(PlanRequest.context, shape.max_positions or PlanRequest.context)
     request = PlanRequest(load_profile(config.hw_profile), context=context,
                           policy=config.policy, prefetch_depth=config.prefetch_depth,
-                          cache_format=config.resolved_cache_format(),
+                          cache_format=config.resolved_cache_format(shape.spec),
                           embeddings=config.embeddings, kv_cache=config.kv_cache,
-                          dtype=str(config.torch_dtype()).replace("torch.", ""))
-    plan = make_plan(shape, request)
-    budget = plan.settings["budget_bytes"]
-    logger.info("--hw-profile %s: weight budget %s (%s)", config.hw_profile, budget,
-                plan.settings["budget_source"])
-    return budget
+                          dtype=str(config.torch_dtype()).replace("torch.", ""),
+                          placement=config.placement)
+    return make_plan(shape, request)
 
 
 def check_loadable(directory: Path, manifest) -> None:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch.profiler import record_function
 
+from ..kernels import cpu_int4
 from ..quant.quantize import QuantizedWeight, dequantize_weight
 from .ranges import FETCH
 
@@ -87,6 +88,8 @@ def _copy(source: QuantizedWeight, target, device: torch.device) -> None:
         return
     for part, tensor in source.components().items():
         getattr(target, part).copy_(tensor, non_blocking=True)
+    if cpu_int4.is_prepacked(target):  # CPU only: the kernel's form, from the copied parts
+        cpu_int4.prepack_into(target, target)
 
 
 class PrefetchWorker:
