@@ -83,3 +83,51 @@ def assert_engine_matches(directory: Path, reference, gpu_budget: str = "256KiB"
         expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                       max_new_tokens=greedy_tokens)[0, ids.shape[1]:]
     assert greedy == expected.tolist()
+
+
+MOE_ARCHS = ("qwen3_moe", "mixtral", "olmoe")
+
+
+def tiny_moe_config(arch: str = "qwen3_moe", **overrides):
+    """2 layers, hidden 64, 4 experts of which each token uses 2."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                  max_position_embeddings=256, initializer_range=0.3, bos_token_id=1,
+                  eos_token_id=0, pad_token_id=0, num_experts_per_tok=2,
+                  tie_word_embeddings=False)
+    common.update(overrides)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(num_experts=4, moe_intermediate_size=48, head_dim=16, **common)
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=4, **common)
+    if arch == "olmoe":
+        return OlmoeConfig(num_experts=4, **common)
+    raise ValueError(arch)
+
+
+def dequantized_reference(src: Path, directory: Path):
+    """The transformers model of SRC (loaded with transformers' own key conversion) holding
+    the dequantized weights of the quantized DIRECTORY, experts included."""
+    from transformers import AutoModelForCausalLM
+
+    from offload_engine.model.experts import find_experts, split_expert_name
+    from offload_engine.quant.quantize import dequantize_weight
+    from offload_engine.runtime.store import HostStore
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    experts = find_experts(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, weight in HostStore.load(directory, progress=False).items():
+            dense = dequantize_weight(weight, torch.float32)
+            found = split_expert_name(name, experts)
+            if found is None:
+                params[f"{name}.weight"].copy_(dense)
+                continue
+            info, matrix, expert = found
+            param = params[f"{info.module_name}.{matrix.param}"]
+            param[expert].copy_(dense.t() if matrix.transposed else dense)
+    model.tie_weights()
+    return model

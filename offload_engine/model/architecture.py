@@ -27,6 +27,7 @@ class LinearInfo:
     out_features: int
     has_bias: bool
     is_lm_head: bool
+    is_expert: bool = False  # one expert's matrix of a fused experts parameter
 
 
 def text_config(config):
@@ -65,7 +66,7 @@ def find_linears(model: nn.Module, config) -> Dict[str, LinearInfo]:
     tied = ties_embeddings(config)
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not is_plain_linear(module):
             continue
         is_lm_head = module is output
         if is_lm_head and tied:
@@ -78,6 +79,16 @@ def find_linears(model: nn.Module, config) -> Dict[str, LinearInfo]:
             is_lm_head=is_lm_head,
         )
     return found
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that computes a linear map and nothing else.
+
+    Routers of some MoE models (Llama 4, PhiMoE) subclass nn.Linear and do top-k
+    selection in their forward: they stay dense (tiny and precision-sensitive) and are
+    never swapped.
+    """
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def dense_role(model: nn.Module, tensor_name: str) -> str:

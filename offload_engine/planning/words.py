@@ -5,6 +5,7 @@ here so that ``offload-engine --help`` never imports torch.
 """
 
 POLICIES = ("static", "lru")  # cache policies, see policy.py
+EXPERT_POLICIES = ("lfu", "lru")  # mixture-of-experts expert cache policies, see expert_policy.py
 CACHE_FORMATS = ("packed", "dequantized")  # how a cached weight is held, see sizes.py
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes, see settings.py
 UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"

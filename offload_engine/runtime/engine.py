@@ -15,14 +15,16 @@ from ..checkpoint.hfconfig import check_tokenizer_files, read_hf_config
 from ..checkpoint.synth import synthetic_note
 from ..errors import ConfigError, FormatError
 from ..model import architecture
+from ..model.experts import expert_linears, find_experts
+from ..planning.expert_policy import expert_slot_bytes, plan_with_experts
 from ..planning.host_policy import host_summary, plan_host
-from ..planning.policy import plan_cache
 from ..planning.sizes import held_nbytes
 from .cache import DeviceCache
 from .config import EngineConfig
+from .experts import OffloadedExperts
 from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
-from .patch import load_dense, swap_linears
+from .patch import load_dense, swap_experts, swap_linears
 from .store import HostStore, module_name, read_dense_tensors
 from .tiered_store import default_host_budget, open_store, quantized_layouts
 
@@ -80,6 +82,7 @@ class Engine:
             "device": str(self.device),
             "device_name": device_name(self.device),
             **host_summary(self.host_plan),
+            **expert_summary(self.cache.experts),
         }
 
     def counters(self) -> dict:
@@ -99,6 +102,18 @@ class Engine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def expert_summary(experts) -> dict:
+    """The expert cache's layout (empty for a dense model)."""
+    if experts is None:
+        return {}
+    plan = experts.plan
+    return {"expert_policy": plan.policy, "expert_layers": len(plan.layers),
+            "experts_per_layer": plan.num_experts,
+            "expert_slots_per_layer": plan.slots_per_layer,
+            "expert_arena_bytes": plan.arena_bytes,
+            "expert_minimum_bytes": plan.minimum_bytes}
 
 
 def device_name(device: torch.device) -> str:
@@ -147,28 +162,35 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     hf_config._attn_implementation = attention_for(config)
     model = architecture.build_skeleton(hf_config)
     linears = architecture.find_linears(model, hf_config)
-    _check_manifest_matches(manifest, linears, directory)
-    swapped = swap_linears(model, linears)
+    experts = find_experts(model)
+    _check_manifest_matches(manifest, {**linears, **expert_linears(experts)}, directory)
+    swapped = {**swap_linears(model, linears), **swap_experts(model, experts)}
     fmt = config.resolved_cache_format()
     order = list(linears)
     layouts = quantized_layouts(manifest)
-    plan = plan_cache([(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes)
-                       for n in order],
-                      weight_budget(config, directory), config.policy, config.prefetch_depth,
-                      config.cache_entries)
+    plan, expert_plan = plan_with_experts(
+        [(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes) for n in order],
+        weight_budget(config, directory), config.policy, config.prefetch_depth,
+        config.cache_entries, list(experts), _expert_count(experts),
+        _expert_slot_bytes(experts, layouts, fmt, dtype), config.expert_policy)
     logger.info("cache plan: %s", asdict(plan))
-    host_plan = plan_host([(n, layouts[n].nbytes) for n in order], plan.resident,
+    expert_names = {name: {e: info.expert_modules(e) for e in range(info.num_experts)}
+                    for name, info in experts.items()}
+    streamed = [n for layer in expert_names.values() for names in layer.values() for n in names]
+    host_plan = plan_host([(n, layouts[n].nbytes) for n in order + streamed],
+                          plan.resident + (streamed if expert_plan.all_resident else []),
                           config.host_bytes(lambda: default_host_budget(
-                              manifest, plan.arena_bytes, device)))
+                              manifest, plan.arena_bytes + expert_plan.arena_bytes, device)))
     store = open_store(directory, manifest, host_plan, device.type == "cuda", config.progress)
     try:
-        cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress)
+        cache = DeviceCache(store, order, plan, device, fmt, dtype, progress=config.progress,
+                            experts=(expert_plan, expert_names) if experts else None)
     except BaseException:
         store.close()
         raise
     try:
         for module in swapped.values():
-            module.attach(cache)
+            module.attach(cache.experts if isinstance(module, OffloadedExperts) else cache)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
         model.eval()
@@ -227,6 +249,21 @@ def _check_manifest_matches(manifest, linears, directory: Path) -> None:
             f"{directory}: the manifest's quantized weights do not match the model's linears "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}); re-convert it"
         )
+
+
+def _expert_count(experts) -> int:
+    counts = {info.num_experts for info in experts.values()}
+    if len(counts) > 1:
+        raise FormatError(f"experts layers with different expert counts {sorted(counts)} are "
+                          "not supported")
+    return counts.pop() if counts else 0
+
+
+def _expert_slot_bytes(experts, layouts, fmt: str, dtype) -> int:
+    """Arena bytes of the largest expert (all its matrices)."""
+    return max((expert_slot_bytes([held_nbytes(layouts[n], fmt, dtype)
+                                   for n in info.expert_modules(e)])
+                for info in experts.values() for e in range(info.num_experts)), default=0)
 
 
 def offloaded_modules(model) -> list:

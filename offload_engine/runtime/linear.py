@@ -37,7 +37,7 @@ class OffloadedLinear(nn.Module):
         with profiled(LINEAR):
             handle = self.cache.acquire(self.weight_name)
             try:
-                return _apply(x, handle.weight, self.bias)
+                return apply_weight(x, handle.weight, self.bias)
             finally:
                 self.cache.release(handle)
 
@@ -46,7 +46,8 @@ class OffloadedLinear(nn.Module):
                 f"bias={self.bias is not None}, weight={self.weight_name!r}")
 
 
-def _apply(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def apply_weight(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T + bias, for a weight held dequantized or packed (via the kernel gateway)."""
     if isinstance(weight, torch.Tensor):  # held dequantized in the compute dtype
         return F.linear(x, weight, bias)
     return quantized_linear(x, weight, bias)

@@ -17,6 +17,8 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError
 from ..model import architecture
+from ..model.experts import ExpertsInfo
+from .experts import OffloadedExperts
 from .linear import OffloadedLinear
 
 logger = logging.getLogger(__name__)
@@ -29,12 +31,27 @@ def swap_linears(module: nn.Module, linears: Dict[str, architecture.LinearInfo],
     for child_name, child in list(module.named_children()):
         full = f"{prefix}{child_name}"
         info = linears.get(full)
-        if info is not None and isinstance(child, nn.Linear):
+        if info is not None and architecture.is_plain_linear(child):
             replacement = OffloadedLinear(full, info.in_features, info.out_features, info.has_bias)
             setattr(module, child_name, replacement)
             swapped[full] = replacement
         else:
             swapped.update(swap_linears(child, linears, prefix=f"{full}."))
+    return swapped
+
+
+def swap_experts(model: nn.Module, experts: Dict[str, ExpertsInfo]
+                 ) -> Dict[str, OffloadedExperts]:
+    """Replace every experts module named in ``experts`` in place (routers stay)."""
+    swapped = {}
+    for name in experts:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        replacement = OffloadedExperts(experts[name], getattr(owner, leaf))
+        setattr(owner, leaf, replacement)
+        swapped[name] = replacement
+    if swapped:
+        next(iter(swapped.values())).counts_tokens = True
     return swapped
 
 

@@ -1,0 +1,137 @@
+"""Mixture-of-experts models: every expert's matrices quantized, only routed experts fetched.
+
+Tiny random Qwen3-MoE, Mixtral and OLMoE models (2 layers, 4 experts, top-2, hidden 64)
+saved with save_pretrained, i.e. with the per-expert keys hub checkpoints have.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from offload_engine import load
+from offload_engine.checkpoint.convert import convert
+from offload_engine.checkpoint.format import read_manifest
+from offload_engine.cli.main import main
+from offload_engine.model.architecture import find_linears
+from offload_engine.planning.expert_policy import replay
+from offload_engine.quant.layout import QuantSpec
+from offload_engine.runtime.experts import OffloadedExperts
+from tests import tiny
+
+_BUILT = {}
+
+
+def _build(arch, tmp_path_factory, tokenizer_dir):
+    """(source directory, quantized directory) of one tiny MoE architecture, built once."""
+    if arch not in _BUILT:
+        root = tmp_path_factory.mktemp(arch)
+        src = tiny.make_checkpoint(root / "src", config=tiny.tiny_moe_config(arch),
+                                   tokenizer_dir=tokenizer_dir, shards=1)
+        convert(src, root / "q", QuantSpec("int4", 32), progress=False)
+        _BUILT[arch] = src, root / "q"
+    return _BUILT[arch]
+
+
+@pytest.fixture(params=tiny.MOE_ARCHS)
+def moe(request, tmp_path_factory, tokenizer_dir):
+    return _build(request.param, tmp_path_factory, tokenizer_dir)
+
+
+@pytest.fixture
+def qwen3_moe(tmp_path_factory, tokenizer_dir):
+    return _build("qwen3_moe", tmp_path_factory, tokenizer_dir)
+
+
+def _minimum_budget(directory) -> int:
+    with load(directory, progress=False) as engine:
+        return engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
+
+
+def test_experts_are_quantized_one_entry_per_expert_per_matrix(moe):
+    manifest = read_manifest(moe[1])
+    experts = [n for n, e in manifest.tensors.items() if e.role == "expert"]
+    assert len(experts) == 2 * 4 * 2  # layers x experts x (gate_up, down)
+    assert "model.layers.1.mlp.experts.gate_up_proj.3.weight" in experts
+
+    def numel(entry):
+        return entry.shape[0] * entry.shape[1] if len(entry.shape) == 2 else entry.shape[0]
+
+    quantized = sum(numel(e) for e in manifest.tensors.values() if e.quantized)
+    dense = sum(numel(e) for e in manifest.tensors.values()
+                if not e.quantized and e.role != "embedding")
+    assert quantized / (quantized + dense) >= 0.95
+
+
+def test_inspect_lists_experts_as_quantized(qwen3_moe, capsys):
+    assert main(["inspect", str(qwen3_moe[1]), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(25 quantized)" in out and "expert" in out
+
+
+def test_logits_and_greedy_tokens_match_at_minimum_and_unbounded_budget(moe):
+    src, directory = moe
+    reference = tiny.dequantized_reference(src, directory)
+    for budget in ("unbounded", _minimum_budget(directory)):
+        tiny.assert_engine_matches(directory, reference, gpu_budget=budget, atol=1e-4)
+
+
+def test_only_the_routed_experts_are_fetched(qwen3_moe):
+    """At one slot per layer, the copies are exactly what replaying the routing says."""
+    directory = qwen3_moe[1]
+    trace = []  # per forward, per experts layer: the experts its tokens were routed to
+    tokens = []
+
+    def record(module, args):
+        if module.counts_tokens:
+            trace.append([])
+            tokens.append(args[0].shape[0])
+        trace[-1].append(args[1].flatten().tolist())
+
+    with load(directory, progress=False, gpu_budget=_minimum_budget(directory)) as engine:
+        modules = [m for m in engine.model.modules() if isinstance(m, OffloadedExperts)]
+        assert len(modules) == 2 and engine.stats["expert_slots_per_layer"] == 1
+        for module in modules:
+            module.register_forward_pre_hook(record)
+        engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6)
+        stats = engine.cache.stats
+        expert_bytes = engine.stats["expert_arena_bytes"] // 2  # float32 on CPU
+    hits, misses = replay(trace, 1, "lfu")
+    assert (stats.expert_hits, stats.expert_misses) == (hits, misses)
+    routed = sum(len(set(layer)) for step in trace for layer in step)
+    assert stats.expert_hits + stats.expert_misses == routed
+    assert misses < len(trace) * 2 * 4  # never every expert of every layer
+    # a dequantized expert is copied in its packed form: int4 codes plus scales
+    assert 0 < stats.expert_h2d_bytes < misses * expert_bytes
+    assert stats.expert_tokens == sum(tokens) and len(tokens) > 1
+
+
+def test_unbounded_budget_keeps_every_expert_resident(qwen3_moe):
+    with load(qwen3_moe[1], progress=False) as engine:
+        engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=3)
+        stats = engine.cache.stats
+        assert engine.stats["expert_slots_per_layer"] == 4
+    assert stats.expert_misses == 0 and stats.expert_h2d_bytes == 0 and stats.expert_hits > 0
+
+
+def test_a_budget_below_the_moe_minimum_is_refused_with_the_numbers(qwen3_moe):
+    from offload_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one expert per layer"):
+        load(qwen3_moe[1], progress=False, gpu_budget=_minimum_budget(qwen3_moe[1]) - 1)
+
+
+def test_routers_subclassing_linear_stay_dense():
+    class Router(nn.Linear):  # Llama 4 / PhiMoE style: top-k inside forward
+        def forward(self, x):
+            return torch.topk(super().forward(x), 1).indices
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = Router(8, 4, bias=False)
+            self.proj = nn.Linear(8, 8)
+
+        def get_output_embeddings(self):
+            return None
+
+    assert list(find_linears(Block(), config=object())) == ["proj"]
