@@ -92,7 +92,7 @@ def test_only_the_routed_experts_are_fetched(qwen3_moe):
         assert len(modules) == 2 and engine.stats["expert_slots_per_layer"] == 1
         for module in modules:
             module.register_forward_pre_hook(record)
-        engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6)
+        result = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6)
         stats = engine.cache.stats
         expert_bytes = engine.stats["expert_arena_bytes"] // 2  # float32 on CPU
     hits, misses = replay(trace, 1, "lfu")
@@ -103,6 +103,25 @@ def test_only_the_routed_experts_are_fetched(qwen3_moe):
     # a dequantized expert is copied in its packed form: int4 codes plus scales
     assert 0 < stats.expert_h2d_bytes < misses * expert_bytes
     assert stats.expert_tokens == sum(tokens) and len(tokens) > 1
+    line = result.stats.line()  # the stats line `run` prints
+    assert result.stats.experts_fetched_per_token == misses / sum(tokens)
+    assert result.stats.expert_bytes_per_token == stats.expert_h2d_bytes / sum(tokens)
+    assert f"experts: hit rate {hits / (hits + misses):.1%}" in line
+
+
+def test_prometheus_lists_expert_counters_for_moe_models_only():
+    from offload_engine.server.prometheus import render
+
+    snapshot = {f"requests_{o}": 0 for o in ("served", "cancelled", "failed", "rejected")}
+    snapshot.update(dict.fromkeys(
+        ("tokens_generated", "prefills", "prefill_passes", "batches_run", "busy_seconds",
+         "queue_depth", "active_sequences", "tokens_per_s", "h2d_bytes_per_token",
+         "mean_batch_size", "max_batch_size_seen", "uptime_seconds"), 0))
+    counters = {"hits": 3, "expert_hits": 5, "expert_misses": 2, "expert_hit_rate": 5 / 7}
+    dense = render("m", {**snapshot, "cache": counters})
+    moe = render("m", {**snapshot, "cache": {**counters, "expert_layers": 2}})
+    assert "expert_hits_total" not in dense
+    assert "expert_misses_total 2.0" in moe and "expert_hit_rate 0.714" in moe
 
 
 def test_unbounded_budget_keeps_every_expert_resident(qwen3_moe):

@@ -26,7 +26,11 @@ TABLE = (("policy", "policy", "{}"), ("budget", "budget", "{}"),
          ("pred ovh ms", "predicted_overhead_ms", "{:.2f}"),
          ("prefill tok/s", "prefill_tokens_per_s", "{:.3g}"),
          ("TTFT s", "time_to_first_token_s", "{:.3f}"), ("H2D GB/s", "h2d_gb_per_s", "{:.3f}"),
-         ("stall s", "stall_seconds", "{:.2f}"), ("peak MiB", "peak_device_bytes", "mib"))
+         ("stall s", "stall_seconds", "{:.2f}"), ("peak MiB", "peak_device_bytes", "mib"),
+         # mixture-of-experts models only (the columns are left out for dense ones)
+         ("exp hit", "expert_hit_rate", "{:.1%}"),
+         ("exp/token", "experts_fetched_per_token", "{:.2f}"),
+         ("exp MB/token", "expert_bytes_per_token", "mb"))
 
 
 def register(commands) -> None:
@@ -134,10 +138,12 @@ def table(rows: list) -> list:
             return f"{value / 2**20:.0f}"
         return fmt.format(value)
 
-    cells = [[cell(row.get(key), fmt) for _, key, fmt in TABLE] for row in rows]
+    columns = [c for c in TABLE
+               if not c[1].startswith("expert") or any(c[1] in row for row in rows)]
+    cells = [[cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
     widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, (name, _, _) in
-              enumerate(TABLE)]
-    lines = ["  ".join(name.rjust(w) for (name, _, _), w in zip(TABLE, widths, strict=True))]
+              enumerate(columns)]
+    lines = ["  ".join(name.rjust(w) for (name, _, _), w in zip(columns, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
     return lines
 

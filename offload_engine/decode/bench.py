@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..planning.planner import PlanRequest, make_plan
+from ..runtime.cache import expert_counters
 from ..runtime.config import EngineConfig
 from ..units import parse_bytes
 from .api import load
@@ -184,7 +185,8 @@ def measure_batch(engine, prompt: str, batch: int, tokens: int) -> dict:
             "hit_rate": (after["hits"] - before["hits"]) / uses if uses else 0.0,
             "stall_seconds": after["stall_seconds"] - before["stall_seconds"],
             "peak_device_bytes": (torch.cuda.max_memory_allocated(engine.device)
-                                  if engine.device.type == "cuda" else None)}
+                                  if engine.device.type == "cuda" else None),
+            **expert_counters(before, after)}
 
 
 def _synchronize(device: torch.device) -> None:

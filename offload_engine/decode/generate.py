@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..errors import ConfigError, ContextLengthError
+from ..runtime.cache import expert_counters
 from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
@@ -53,6 +54,11 @@ class GenerationStats:
     kv_cache: str = "bf16"  # --kv-cache mode
     kv_cache_bytes: int = 0  # KV cache bytes held at the end (int8/int4: allocated + scratch)
     kv_read_bytes_per_pass: Optional[float] = None  # quantized KV bytes read per pass (int8/4)
+    # Mixture-of-experts models (None/0 for dense ones); per token through the experts layers
+    expert_hit_rate: Optional[float] = None  # expert uses served by the device
+    expert_bytes_per_token: float = 0.0  # expert bytes copied host->device
+    experts_fetched_per_token: float = 0.0  # experts copied (summed over layers)
+    experts_used_per_token: float = 0.0  # experts the routers picked (summed over layers)
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -70,7 +76,11 @@ class GenerationStats:
                    f"{self.disk_read_bytes_per_s / 1e9:.2f} GB/s, stall {self.stall_seconds:.2f} "
                    f"s (disk {self.disk_stall_seconds:.2f} s)" if self.disk_bytes else "")
                 + ("" if self.kv_cache == "bf16" else f", KV cache {self.kv_cache} "
-                   f"{format_bytes(self.kv_cache_bytes)}") + "]")
+                   f"{format_bytes(self.kv_cache_bytes)}")
+                + ("" if self.expert_hit_rate is None else
+                   f", experts: hit rate {self.expert_hit_rate:.1%}, "
+                   f"{self.experts_fetched_per_token:.2f} of {self.experts_used_per_token:.2f}"
+                   f" fetched/token, {format_bytes(self.expert_bytes_per_token)}/token") + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,6 +251,7 @@ def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: f
         device=str(engine.device), device_name=summary["device_name"], policy=summary["policy"],
         arena_bytes=summary["arena_bytes"], resident_bytes=summary["resident_bytes"],
         streamed_bytes=summary["streamed_bytes"], **_disk_stats(before, after, passes),
+        **expert_counters(before, after),
     )
 
 

@@ -97,6 +97,14 @@ def choose_expert_victim(policy: str, candidates, uses: Dict[int, int]):
     return min(candidates, key=lambda slot: slot.last_used)
 
 
+def fetch_order(needed: Sequence[int], on_device) -> List[int]:
+    """The order a layer computes its routed experts in: those already on the device first
+    (so a fetch cannot evict one about to be used), then the rest, each ascending. The
+    results are added up in ascending order whatever this order is."""
+    ordered = sorted(set(needed))
+    return [e for e in ordered if e in on_device] + [e for e in ordered if e not in on_device]
+
+
 @dataclass
 class _ReplaySlot:
     holder: Optional[int] = None
@@ -115,7 +123,8 @@ def replay(trace: Sequence[Sequence[Sequence[int]]], slots_per_layer: int,
     hits = misses = tick = 0
     for step in trace:
         for layer, experts in enumerate(step):
-            for expert in sorted(set(experts)):
+            on_device = {s.holder for s in slots[layer]}
+            for expert in fetch_order(experts, on_device):
                 tick += 1
                 uses[layer][expert] = uses[layer].get(expert, 0) + 1
                 held = [s for s in slots[layer] if s.holder == expert]

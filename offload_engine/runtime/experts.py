@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..model.experts import ExpertsInfo
+from ..planning.expert_policy import fetch_order
 from .linear import apply_weight
 from .ranges import LINEAR, profiled
 
@@ -60,15 +61,18 @@ class OffloadedExperts(nn.Module):
                                "(use offload_engine.load)")
         if self.counts_tokens:
             self.cache.count_tokens(hidden_states.shape[0])
-        output = torch.zeros_like(hidden_states)
+        routed = [e for e in torch.unique(top_k_index).tolist()
+                  if e < self.num_experts]  # larger: an expert-parallel sentinel, not ours
+        results = {}
         with profiled(LINEAR):
-            for expert in torch.unique(top_k_index).tolist():
-                if expert >= self.num_experts:  # an expert-parallel sentinel: not ours
-                    continue
+            for expert in fetch_order(routed, self.cache.on_device(self.module_name)):
                 token_idx, slot_idx = torch.where(top_k_index == expert)
                 states = self._expert(expert, hidden_states[token_idx])  # (n, hidden)
-                states = states * top_k_weights[token_idx, slot_idx, None]
-                output.index_add_(0, token_idx, states.to(output.dtype))
+                results[expert] = token_idx, states * top_k_weights[token_idx, slot_idx, None]
+        output = torch.zeros_like(hidden_states)
+        for expert in sorted(results):  # one summation order, whatever the cache held
+            token_idx, states = results[expert]
+            output.index_add_(0, token_idx, states.to(output.dtype))
         return output
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:

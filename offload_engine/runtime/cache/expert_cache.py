@@ -72,6 +72,10 @@ class ExpertCache:
         if self.arena.device.type == "cuda":
             torch.cuda.synchronize(self.arena.device)
 
+    def on_device(self, layer_name: str):
+        """The experts of ``layer_name`` held on the device now."""
+        return self.layers[layer_name].where.keys()
+
     def count_tokens(self, tokens: int) -> None:
         """Called once per forward by the first experts layer: the per-token denominators."""
         self._stats().expert_tokens += tokens
@@ -132,3 +136,18 @@ class ExpertCache:
         slot.holder, slot.held = expert, held
         layer.where[expert] = slot
         return copied
+
+
+def expert_counters(before: dict, after: dict) -> dict:
+    """The expert counters between two ``CacheStats.as_dict()`` snapshots; {} without
+    expert work (a dense model)."""
+    tokens = after.get("expert_tokens", 0) - before.get("expert_tokens", 0)
+    if tokens <= 0:
+        return {}
+    hits = after["expert_hits"] - before["expert_hits"]
+    misses = after["expert_misses"] - before["expert_misses"]
+    copied = after["expert_h2d_bytes"] - before["expert_h2d_bytes"]
+    return {"expert_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "expert_bytes_per_token": copied / tokens,
+            "experts_fetched_per_token": misses / tokens,
+            "experts_used_per_token": (hits + misses) / tokens}
