@@ -12,6 +12,7 @@ from typing import Dict
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import FormatError
 
@@ -47,13 +48,37 @@ def build_skeleton(config) -> nn.Module:
 
     accelerate's init_empty_weights puts only parameters on meta; a bare
     ``torch.device("meta")`` context would also put the rotary ``inv_freq`` there,
-    and those are computed at init, not stored in checkpoints.
+    and those are computed at init, not stored in checkpoints. But init_empty_weights
+    moves a parameter to meta only after its module created it on the CPU: a layer's
+    fused experts tensor of DeepSeek-V3 is 30 GB in float32. So while the skeleton is
+    built, any tensor factory call of at least LARGE_ELEMENTS elements makes a meta
+    tensor from the start; the buffers computed at init are far smaller.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    with init_empty_weights(), _LargeTensorsOnMeta():
         return AutoModelForCausalLM.from_config(config)
+
+
+LARGE_ELEMENTS = 1 << 22  # 16 MiB in float32: larger factory tensors start on meta
+
+
+class _LargeTensorsOnMeta(TorchFunctionMode):
+    FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.full, torch.randn, torch.rand)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            size = args[0] if args and not isinstance(args[0], int) else args
+            if func is torch.full:
+                size = args[0]
+            numel = 1
+            for dim in size:
+                numel *= int(dim)
+            if numel >= LARGE_ELEMENTS:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def find_linears(model: nn.Module, config) -> Dict[str, LinearInfo]:
