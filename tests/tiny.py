@@ -131,3 +131,32 @@ def dequantized_reference(src: Path, directory: Path):
             param[expert].copy_(dense.t() if matrix.transposed else dense)
     model.tie_weights()
     return model
+
+
+# Architectures that once failed (issue 25), as tiny configs of transformers' own classes.
+ARCH_OVERRIDES = {
+    "gpt_neox": dict(num_key_value_heads=None),  # checkpoint keys renamed (embed_out)
+    "gemma2": dict(head_dim=16),  # refuses sdpa: eager attention
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),  # nn.Linear router
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
+                        topk_group=1, num_key_value_heads=4),
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16),
+    "gemma4_text": dict(head_dim=16),  # per-layer head_dim
+}
+
+
+def tiny_arch_config(arch: str):
+    """A 2-layer, hidden-64 config of ``arch`` (a transformers model_type)."""
+    from transformers import AutoConfig
+
+    settings = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                    max_position_embeddings=256, initializer_range=0.3, bos_token_id=1,
+                    eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    settings.update(ARCH_OVERRIDES[arch])
+    return AutoConfig.for_model(arch, **{k: v for k, v in settings.items() if v is not None})

@@ -37,6 +37,28 @@ def text_config(config):
     return getter() if getter is not None else config
 
 
+def layer_values(text, name: str, default=None) -> list:
+    """One value per decoder layer of an attribute that may vary by layer.
+
+    transformers 5 configs can be heterogeneous (Gemma 4: a larger ``head_dim`` on its
+    full-attention layers) and then refuse the global read; each layer's config has it.
+    """
+    if name in (getattr(text, "per_layer_attributes", None) or ()):
+        return [getattr(layer, name, None) or default for layer in text.per_layer_config]
+    return [getattr(text, name, None) or default] * text.num_hidden_layers
+
+
+def attention_dims(text) -> tuple:
+    """(kv_heads, head_dim) per layer, each the largest over the layers, and whether they
+    vary: sizing the KV cache with the largest is an upper bound."""
+    heads = layer_values(text, "num_attention_heads")
+    kv = [k or h for k, h in zip(layer_values(text, "num_key_value_heads"), heads,
+                                 strict=True)]
+    dims = [d or text.hidden_size // h for d, h in zip(layer_values(text, "head_dim"), heads,
+                                                       strict=True)]
+    return max(kv), max(dims), len(set(kv)) > 1 or len(set(dims)) > 1
+
+
 def ties_embeddings(config) -> bool:
     return bool(getattr(text_config(config), "tie_word_embeddings", False)) or bool(
         getattr(config, "tie_word_embeddings", False)
@@ -56,7 +78,13 @@ def build_skeleton(config) -> nn.Module:
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is None:
+        raise FormatError(
+            f"model type {getattr(config, 'model_type', '?')!r} ({type(config).__name__}) has no "
+            "causal language model class in transformers; offload-engine runs decoder-only "
+            "text generation models")
     with init_empty_weights(), _LargeTensorsOnMeta():
         return AutoModelForCausalLM.from_config(config)
 
@@ -79,6 +107,22 @@ class _LargeTensorsOnMeta(TorchFunctionMode):
             if numel >= LARGE_ELEMENTS:
                 kwargs["device"] = "meta"
         return func(*args, **kwargs)
+
+
+def supported_attention(config) -> tuple:
+    """The attention implementations transformers accepts for this model, best first.
+
+    Some models refuse sdpa (Gemma 2's soft-capping, gpt-oss's sinks) and raise when it
+    is chosen; the class says so in ``_supports_sdpa`` / ``_supports_flash_attn``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        return ("flash_attention_2", "sdpa", "eager")
+    return tuple(name for name, flag in (("flash_attention_2", "_supports_flash_attn"),
+                                         ("sdpa", "_supports_sdpa"))
+                 if getattr(model_class, flag, False)) + ("eager",)
 
 
 def find_linears(model: nn.Module, config) -> Dict[str, LinearInfo]:

@@ -114,7 +114,6 @@ def shape_from_config(hf_config, spec: QuantSpec, source: str, quantized: bool =
                        for m in info.matrices})
     other = sum(p.numel() for name, p in model.named_parameters()
                 if name not in weight_names and id(p) not in embeddings)
-    heads = text.num_attention_heads
     if host_dense_bytes is None:
         source_dtype = getattr(text, "dtype", None)  # transformers 5 renamed torch_dtype
         itemsize = source_dtype.itemsize if isinstance(source_dtype, torch.dtype) else 2
@@ -125,8 +124,8 @@ def shape_from_config(hf_config, spec: QuantSpec, source: str, quantized: bool =
         vocab_size=embedding.shape[0], hidden_size=embedding.shape[1],
         intermediate_size=int(getattr(text, "intermediate_size", 4 * embedding.shape[1])),
         num_layers=text.num_hidden_layers,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        kv_heads=architecture.attention_dims(text)[0],
+        head_dim=architecture.attention_dims(text)[1],  # the largest, when layers differ
         max_positions=getattr(text, "max_position_embeddings", None),
         tied_embeddings=architecture.ties_embeddings(hf_config),
         other_dense_elements=other, host_dense_bytes=host_dense_bytes,

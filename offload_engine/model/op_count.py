@@ -67,7 +67,8 @@ def tiny_config(hf_config, layers: int):
     data.pop("torch_dtype", None)
     data.pop("quantization_config", None)
     tiny = type(text).from_dict(data)
-    tiny._attn_implementation = "sdpa"  # what the engine picks without flash-attn
+    supported = architecture.supported_attention(tiny)  # as the engine picks without flash-attn
+    tiny._attn_implementation = "sdpa" if "sdpa" in supported else "eager"
     return tiny
 
 

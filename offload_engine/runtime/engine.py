@@ -122,14 +122,22 @@ def device_name(device: torch.device) -> str:
     return "CPU"
 
 
-def attention_for(config: EngineConfig) -> str:
+def attention_for(config: EngineConfig, hf_config=None) -> str:
+    """--attention, or for auto the best one transformers supports for this model."""
+    supported = (architecture.supported_attention(hf_config) if hf_config is not None
+                 else ("flash_attention_2", "sdpa", "eager"))
     if config.attention == "flash_attention_2":
         check_flash_attention(config.torch_device())
     if config.attention != "auto":
+        if config.attention not in supported:
+            raise ConfigError(f"--attention {config.attention} is not supported by transformers "
+                              f"for {getattr(hf_config, 'model_type', 'this model')}; use "
+                              f"{' or '.join(supported)} (or auto)")
         return config.attention
-    if config.torch_device().type == "cuda" and importlib.util.find_spec("flash_attn"):
+    if ("flash_attention_2" in supported and config.torch_device().type == "cuda"
+            and importlib.util.find_spec("flash_attn")):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if "sdpa" in supported else "eager"
 
 
 def check_flash_attention(device: torch.device) -> None:
@@ -159,7 +167,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     hf_config = read_hf_config(directory)
     check_tokenizer_files(directory)
     kv_layout_from_config(hf_config, config.kv_cache, dtype)  # refuse before the slow part
-    hf_config._attn_implementation = attention_for(config)
+    hf_config._attn_implementation = attention_for(config, hf_config)
     model = architecture.build_skeleton(hf_config)
     linears = architecture.find_linears(model, hf_config)
     experts = find_experts(model)
