@@ -10,7 +10,7 @@ from offload_engine.cli.main import main
 from offload_engine.quant.layout import QuantSpec
 from tests import tiny
 
-FAST = ["gpt_neox", "gemma2", "gpt_oss", "phimoe"]
+FAST = ["gpt_neox", "gemma2", "gpt_oss", "phimoe", "llama4_text"]
 SLOW = ["deepseek_v3", "glm4_moe", "gemma4_text"]
 
 
@@ -27,6 +27,20 @@ def test_quantize_and_run_match_transformers(tmp_path, tokenizer_dir, arch):
     reference = tiny.dequantized_reference(src, directory)
     tiny.assert_engine_matches(directory, reference, gpu_budget="unbounded", atol=1e-4,
                                greedy_tokens=4)
+
+
+def test_llama4_fetches_only_the_picked_experts_and_matches_at_the_minimum(tmp_path,
+                                                                         tokenizer_dir):
+    src, directory = _quantized(tmp_path, tokenizer_dir, "llama4_text")
+    with load(directory, progress=False) as engine:
+        minimum = engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
+    tiny.assert_engine_matches(directory, tiny.dequantized_reference(src, directory),
+                               gpu_budget=minimum, atol=1e-4, greedy_tokens=4)
+    with load(directory, progress=False, gpu_budget=minimum) as engine:
+        engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=3)
+        stats = engine.cache.stats
+    # top-1 routing over 2 experts layers: at most 2 experts used per token
+    assert 0 < stats.expert_hits + stats.expert_misses <= 2 * stats.expert_tokens
 
 
 def test_gemma_host_embeddings_keep_the_embedding_scale(tmp_path, tokenizer_dir):

@@ -147,6 +147,8 @@ ARCH_OVERRIDES = {
     "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16),
     "gemma4_text": dict(head_dim=16),  # per-layer head_dim
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
+                        head_dim=16),  # dense-call experts, nn.Linear router
 }
 
 

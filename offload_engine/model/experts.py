@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 from torch import nn
 
 from ..errors import FormatError
-from .architecture import LinearInfo
+from .architecture import LinearInfo, text_config
 
 # The fused expert matrices a decorated experts class may hold, in compute order.
 MATRIX_NAMES = ("gate_up_proj", "up_proj", "down_proj")
@@ -41,6 +41,11 @@ class ExpertsInfo:
     num_experts: int
     matrices: Tuple[ExpertMatrix, ...]
     has_bias: bool
+    # True: called as experts(hidden, top_k_index, top_k_weights) after the router (the
+    # use_experts_implementation classes). False: called as experts(rows) with every
+    # token's input repeated per expert and pre-scaled by its routing weight, zero where
+    # the router did not pick that expert (Llama 4's Llama4TextExperts).
+    routed_call: bool = True
 
     def weight_module(self, param: str, expert: int) -> str:
         """The module-style name of one expert's matrix, e.g. ``...experts.down_proj.3``."""
@@ -72,13 +77,36 @@ def find_experts(model: nn.Module) -> Dict[str, ExpertsInfo]:
         if not is_experts_module(module):
             continue
         if not hasattr(module, "is_transposed") or not hasattr(module, "has_gate"):
-            raise FormatError(
-                f"{type(module).__name__} ({name}) holds its experts in a layout offload-engine "
-                "does not run (not a transformers use_experts_implementation class); this "
-                f"model type ({getattr(getattr(model, 'config', None), 'model_type', '?')}) "
-                "is not supported")
+            found[name] = _describe_dense_call(name, module, model)
+            continue
         found[name] = _describe(name, module)
     return found
+
+
+def _describe_dense_call(name: str, module: nn.Module, model: nn.Module) -> ExpertsInfo:
+    """An undecorated experts class called with per-expert pre-scaled rows (Llama 4)."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    hidden = getattr(text_config(config), "hidden_size", None) if config is not None else None
+    arguments = list(inspect.signature(type(module).forward).parameters)[1:]
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    shapes_known = (gate_up is not None and down is not None and gate_up.dim() == 3
+                    and down.dim() == 3 and hidden is not None)
+    transposed = shapes_known and gate_up.shape[1] == hidden and gate_up.shape[2] != hidden
+    straight = shapes_known and gate_up.shape[2] == hidden and gate_up.shape[1] != hidden
+    if len(arguments) != 1 or not (transposed or straight) or not hasattr(module, "act_fn"):
+        raise FormatError(
+            f"{type(module).__name__} ({name}) holds its experts in a layout offload-engine "
+            "does not run (neither a transformers use_experts_implementation class nor "
+            "gate_up_proj/down_proj called on pre-routed rows); this model type "
+            f"({getattr(config, 'model_type', '?')}) is not supported")
+    matrices = []
+    for param, tensor in (("gate_up_proj", gate_up), ("down_proj", down)):
+        rows, cols = tensor.shape[1:]
+        out_features, in_features = (cols, rows) if transposed else (rows, cols)
+        matrices.append(ExpertMatrix(param, out_features, in_features, transposed))
+    return ExpertsInfo(name, gate_up.shape[0], tuple(matrices), False, routed_call=False)
 
 
 def _describe(name: str, module: nn.Module) -> ExpertsInfo:

@@ -13,6 +13,7 @@ token selected are never fetched.
 from __future__ import annotations
 
 import types
+from typing import Optional
 
 import torch
 from torch import nn
@@ -45,17 +46,21 @@ class OffloadedExperts(nn.Module):
                 self.register_parameter(name, nn.Parameter(
                     torch.empty(param.shape, dtype=param.dtype, device="meta"),
                     requires_grad=False))
-        gate = getattr(type(original), "_apply_gate", None)
-        self._gate = types.MethodType(gate, self) if gate is not None else None
+        if not info.routed_call:  # Llama 4: SwiGLU on gate_up's two halves, no decorator
+            self.has_gate = True
+        gate = getattr(type(original), "_apply_gate", None) or _swiglu
+        self._gate = types.MethodType(gate, self)
         self.counts_tokens = False  # set on the first experts layer: per-token statistics
         self.cache = None  # an ExpertCache, set by attach()
 
     def attach(self, cache) -> None:
         self.cache = cache
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
+                top_k_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         # hidden_states (T, hidden); top_k_index, top_k_weights (T, k)
+        if not self.info.routed_call:
+            return self._pre_routed(hidden_states)
         if self.cache is None:
             raise RuntimeError(f"{self.module_name}: no expert cache attached "
                                "(use offload_engine.load)")
@@ -74,6 +79,26 @@ class OffloadedExperts(nn.Module):
             token_idx, states = results[expert]
             output.index_add_(0, token_idx, states.to(output.dtype))
         return output
+
+    def _pre_routed(self, rows: torch.Tensor) -> torch.Tensor:
+        """Llama 4's call: rows (experts * T, hidden), expert e's block scaled by its routing
+        weight, all zero where e was not picked. A SwiGLU expert without biases maps a zero
+        row to zero, so only the non-zero rows are computed and only their experts fetched."""
+        if self.cache is None:
+            raise RuntimeError(f"{self.module_name}: no expert cache attached "
+                               "(use offload_engine.load)")
+        blocks = rows.view(self.num_experts, -1, rows.shape[-1])  # (E, T, hidden)
+        if self.counts_tokens:
+            self.cache.count_tokens(blocks.shape[1])
+        picked = blocks.abs().amax(dim=-1) != 0  # (E, T)
+        routed = torch.nonzero(picked.any(dim=-1)).flatten().tolist()
+        output = torch.zeros_like(blocks)
+        with profiled(LINEAR):
+            for expert in fetch_order(routed, self.cache.on_device(self.module_name)):
+                token_idx = torch.nonzero(picked[expert]).flatten()
+                output[expert, token_idx] = self._expert(expert, blocks[expert, token_idx]).to(
+                    output.dtype)
+        return output.view(-1, rows.shape[-1])
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         up_bias = down_bias = None
@@ -95,3 +120,9 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, matrices="
                 f"{[m.param for m in self.info.matrices]}, module={self.module_name!r}")
+
+
+def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up on the two halves of gate_up's output (transformers' default gate)."""
+    gate, up = gate_up.chunk(2, dim=-1)  # (n, inter) each
+    return self.act_fn(gate) * up
