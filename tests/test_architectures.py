@@ -11,7 +11,7 @@ from offload_engine.quant.layout import QuantSpec
 from tests import tiny
 
 FAST = ["gpt_neox", "gemma2", "gpt_oss", "phimoe", "llama4_text"]
-SLOW = ["deepseek_v3", "glm4_moe", "gemma4_text"]
+SLOW = ["deepseek_v3", "glm4_moe", "gemma4_text", "qwen3_next"]
 
 
 def _quantized(tmp_path, tokenizer_dir, arch):

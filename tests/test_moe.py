@@ -154,3 +154,28 @@ def test_routers_subclassing_linear_stay_dense():
             return None
 
     assert list(find_linears(Block(), config=object())) == ["proj"]
+
+
+def test_decode_expert_bytes_per_token_equal_the_plan_at_the_measured_hit_rate(qwen3_moe):
+    from transformers import DynamicCache
+
+    from offload_engine.planning.planner import PlanRequest, describe_model, make_plan
+    from offload_engine.planning.profiles import load_profile
+
+    directory = qwen3_moe[1]
+    budget = _minimum_budget(directory)
+    ids = torch.tensor([[5, 77, 123, 9, 300, 41, 42, 250, 17, 99, 3, 64]])
+    with load(directory, progress=False, gpu_budget=budget) as engine, torch.no_grad():
+        cache = DynamicCache()
+        engine.model(ids[:, :4], cache=cache, use_cache=True)  # prefill: not a decode step
+        engine.cache.reset_stats()
+        for t in range(4, ids.shape[1]):
+            engine.model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        stats = engine.cache.stats
+    steps = ids.shape[1] - 4
+    measured = stats.expert_h2d_bytes / steps
+    plan = make_plan(describe_model(directory),
+                     PlanRequest(load_profile("cpu"), gpu_budget=budget,
+                                 expert_hit_rate=stats.expert_hit_rate))
+    assert plan.experts.slots_per_layer == 1 and stats.expert_misses > 0
+    assert plan.prediction.expert_stream_bytes_per_step == pytest.approx(measured, abs=1)

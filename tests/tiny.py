@@ -147,6 +147,10 @@ ARCH_OVERRIDES = {
     "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16),
     "gemma4_text": dict(head_dim=16),  # per-layer head_dim
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16,
+                       layer_types=["linear_attention", "full_attention"]),
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
                         head_dim=16),  # dense-call experts, nn.Linear router
 }
