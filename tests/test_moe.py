@@ -179,3 +179,17 @@ def test_decode_expert_bytes_per_token_equal_the_plan_at_the_measured_hit_rate(q
                                  expert_hit_rate=stats.expert_hit_rate))
     assert plan.experts.slots_per_layer == 1 and stats.expert_misses > 0
     assert plan.prediction.expert_stream_bytes_per_step == pytest.approx(measured, abs=1)
+
+
+def test_bench_sweeps_moe_budgets_with_expert_columns(qwen3_moe, tmp_path, capsys):
+    import json
+
+    assert main(["bench", str(qwen3_moe[1]), "--budgets", "min,unbounded", "--policies",
+                 "static", "--tokens", "3", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "exp hit" in capsys.readouterr().out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    by_budget = {row["budget"]: row for row in rows}
+    assert set(by_budget) == {"min", "unbounded"}
+    assert by_budget["min"]["experts_fetched_per_token"] > 0
+    assert by_budget["unbounded"]["experts_fetched_per_token"] == 0

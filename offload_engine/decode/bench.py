@@ -87,7 +87,7 @@ def sweep_points(shape, profile, base: EngineConfig, budgets: List[str], policie
             if label.lower().startswith("card:"):
                 value = card_budget(shape, label[5:], base, policy, depth)
             else:
-                value = resolve_budget(label, floor.cache.total_bytes, floor.minimum_budget)
+                value = resolve_budget(label, floor.weights["total_held"], floor.minimum_budget)
             if value in seen:
                 continue
             seen.add(value)
