@@ -193,3 +193,14 @@ def test_bench_sweeps_moe_budgets_with_expert_columns(qwen3_moe, tmp_path, capsy
     assert set(by_budget) == {"min", "unbounded"}
     assert by_budget["min"]["experts_fetched_per_token"] > 0
     assert by_budget["unbounded"]["experts_fetched_per_token"] == 0
+
+
+def test_synth_writes_experts_quantized_and_the_model_runs(tmp_path):
+    tiny.tiny_moe_config("mixtral").save_pretrained(tmp_path / "cfg")
+    assert main(["synth", str(tmp_path / "cfg" / "config.json"), str(tmp_path / "s"),
+                 "--group-size", "32", "--no-progress"]) == 0
+    roles = [e.role for e in read_manifest(tmp_path / "s").tensors.values()]
+    assert roles.count("expert") == 2 * 4 * 2
+    with load(tmp_path / "s", progress=False) as engine:
+        result = engine.generate("The class", greedy=True, max_new_tokens=3)
+    assert result.stats.experts_used_per_token > 0
