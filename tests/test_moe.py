@@ -204,3 +204,19 @@ def test_synth_writes_experts_quantized_and_the_model_runs(tmp_path):
     with load(tmp_path / "s", progress=False) as engine:
         result = engine.generate("The class", greedy=True, max_new_tokens=3)
     assert result.stats.experts_used_per_token > 0
+
+
+def test_experts_on_disk_are_read_on_demand_not_through_the_cyclic_ring(qwen3_moe):
+    """--host-budget leaves experts on disk: the compute thread reads the picked ones; the
+    disk ring's cyclic read-ahead (dense weights only) never waits for an expert."""
+    directory = qwen3_moe[1]
+    budget = _minimum_budget(directory)
+    with load(directory, progress=False, gpu_budget=budget) as engine:
+        expected = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6).token_ids
+    with load(directory, progress=False, gpu_budget=budget, host_budget="20KiB") as engine:
+        on_disk = engine.host_plan.on_disk
+        assert any(".experts." in n for n in on_disk)
+        assert not any(".experts." in n for n in engine.store.ring.order)
+        got = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6).token_ids
+        assert engine.cache.stats.disk_bytes > 0
+    assert got == expected

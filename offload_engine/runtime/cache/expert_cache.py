@@ -124,7 +124,9 @@ class ExpertCache:
             weight = self.store.describe(name)
             target = carve(self.arena, offset, weight, self.cache_format, self.dtype)
             try:
-                self.copier.run(CopyJob(name, self.store.source(name), target,
+                # store[name]: host RAM, or (under --host-budget) a direct read from the
+                # shards; the disk ring reads ahead in cyclic order, which experts lack
+                self.copier.run(CopyJob(name, self.store[name], target,
                                         slot.free_event, slot.ready_event))
             except Exception as exc:
                 slot.holder, slot.held = None, []
