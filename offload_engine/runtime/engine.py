@@ -176,12 +176,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     fmt = config.resolved_cache_format()
     order = list(linears)
     layouts = quantized_layouts(manifest)
-    plan, expert_plan = plan_with_experts(
-        [(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes) for n in order],
-        weight_budget(config, directory), config.policy, config.prefetch_depth,
-        config.cache_entries, list(experts), _expert_count(experts),
-        _expert_slot_bytes(experts, layouts, fmt, dtype), config.expert_policy)
-    logger.info("cache plan: %s", asdict(plan))
+    plan, expert_plan = _plan_arena(config, directory, order, experts, layouts, fmt, dtype)
     expert_names = {name: {e: info.expert_modules(e) for e in range(info.num_experts)}
                     for name, info in experts.items()}
     streamed = [n for layer in expert_names.values() for names in layer.values() for n in names]
@@ -257,6 +252,18 @@ def _check_manifest_matches(manifest, linears, directory: Path) -> None:
             f"{directory}: the manifest's quantized weights do not match the model's linears "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}); re-convert it"
         )
+
+
+def _plan_arena(config: EngineConfig, directory: Path, order, experts, layouts, fmt: str,
+                dtype):
+    """The weight cache's plan and the expert slots', from the one budget."""
+    plan, expert_plan = plan_with_experts(
+        [(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes) for n in order],
+        weight_budget(config, directory), config.policy, config.prefetch_depth,
+        config.cache_entries, list(experts), _expert_count(experts),
+        _expert_slot_bytes(experts, layouts, fmt, dtype), config.expert_policy)
+    logger.info("cache plan: %s", asdict(plan))
+    return plan, expert_plan
 
 
 def _expert_count(experts) -> int:
