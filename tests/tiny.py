@@ -87,3 +87,86 @@ def assert_engine_matches(directory: Path, reference, gpu_budget: str = "256KiB"
         expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                       max_new_tokens=greedy_tokens)[0, ids.shape[1]:]
     assert greedy == expected.tolist()
+
+
+MOE_ARCHS = ("qwen3_moe", "mixtral", "olmoe")
+
+
+def tiny_moe_config(arch: str = "qwen3_moe", **overrides):
+    """2 layers, hidden 64, 4 experts of which each token uses 2."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                  max_position_embeddings=256, initializer_range=0.3, bos_token_id=1,
+                  eos_token_id=0, pad_token_id=0, num_experts_per_tok=2,
+                  tie_word_embeddings=False)
+    common.update(overrides)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(num_experts=4, moe_intermediate_size=48, head_dim=16, **common)
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=4, **common)
+    if arch == "olmoe":
+        return OlmoeConfig(num_experts=4, **common)
+    raise ValueError(arch)
+
+
+def dequantized_reference(src: Path, directory: Path):
+    """The transformers model of SRC (loaded with transformers' own key conversion) holding
+    the dequantized weights of the quantized DIRECTORY, experts included."""
+    from transformers import AutoModelForCausalLM
+
+    from offload_engine.model.experts import find_experts, split_expert_name
+    from offload_engine.quant.quantize import dequantize_weight
+    from offload_engine.runtime.store import HostStore
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    experts = find_experts(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, weight in HostStore.load(directory, progress=False).items():
+            dense = dequantize_weight(weight, torch.float32)
+            found = split_expert_name(name, experts)
+            if found is None:
+                params[f"{name}.weight"].copy_(dense)
+                continue
+            info, matrix, expert = found
+            param = params[f"{info.module_name}.{matrix.param}"]
+            param[expert].copy_(dense.t() if matrix.transposed else dense)
+    model.tie_weights()
+    return model
+
+
+# Architectures that once failed (issue 25), as tiny configs of transformers' own classes.
+ARCH_OVERRIDES = {
+    "gpt_neox": dict(num_key_value_heads=None),  # checkpoint keys renamed (embed_out)
+    "gemma2": dict(head_dim=16),  # refuses sdpa: eager attention
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),  # nn.Linear router
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
+                        topk_group=1, num_key_value_heads=4),
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16),
+    "gemma4_text": dict(head_dim=16),  # per-layer head_dim
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16,
+                       layer_types=["linear_attention", "full_attention"]),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
+                        head_dim=16),  # dense-call experts, nn.Linear router
+}
+
+
+def tiny_arch_config(arch: str):
+    """A 2-layer, hidden-64 config of ``arch`` (a transformers model_type)."""
+    from transformers import AutoConfig
+
+    settings = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                    max_position_embeddings=256, initializer_range=0.3, bos_token_id=1,
+                    eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    settings.update(ARCH_OVERRIDES[arch])
+    return AutoConfig.for_model(arch, **{k: v for k, v in settings.items() if v is not None})

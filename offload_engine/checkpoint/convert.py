@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConversionError
 from ..model import architecture
+from ..model.experts import find_experts, quantized_linears
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, check_finite, quantize_weight
 from ..units import format_bytes
@@ -27,6 +28,7 @@ from ..version import __version__
 from . import checksums, stfile
 from .destination import check_destination, staged_output
 from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
+from .keymap import KeyMap
 from .methods import MethodSettings, choose_method, prepare_method
 from .sources import open_source
 
@@ -151,10 +153,13 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
         logger.info("%s imports exactly: --method %s does not apply", src, method.name)
         method = MethodSettings()
     skeleton = architecture.build_skeleton(source.config)
-    linears = architecture.find_linears(skeleton, source.config)
+    linears = quantized_linears(skeleton, source.config)
     bytes_before = sum(item[3] for item in source.tensor_list())
     parameters = sum(p.numel() for p in skeleton.parameters())  # on meta: shapes only
     method, note = choose_method(method, source.config, parameters)
+    if find_experts(skeleton) and method.name != "rtn":
+        raise ConversionError(f"--method {method.name} does not quantize mixture-of-experts "
+                              "weights yet; use --method rtn (or auto) for this model")
     if note and notify is not None:
         notify(note)
     prepared = prepare_method(method, source, skeleton, spec, progress, notify)  # calibrates
@@ -194,18 +199,20 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
                         created_by=f"offload-engine {__version__}", scale_dtype=spec.scale_dtype)
     listing = source.tensor_list()
     stored = {item[0]: item for item in listing}  # name -> (name, dtype, shape, nbytes)
+    keymap = KeyMap(skeleton, stored)
     bar = tqdm(total=sum(item[3] for item in listing), unit="B", unit_scale=True,
                desc="quantizing", disable=not progress)
     with bar:
-        for name, tensor in source.iter_tensors():
-            nbytes = stored[name][3]
+        for name, tensor, keys in keymap.stream(source.iter_tensors()):
+            nbytes = sum(stored[key][3] for key in keys)
+            source_dtype = stored[keys[0]][1] if keys else None
             if tied and name == "lm_head.weight":
                 bar.update(nbytes)  # shares the embedding; nothing to store
                 continue
             info = weight_names.get(name)
             if isinstance(tensor, QuantizedWeight):  # imported exactly
                 manifest.tensors[name] = _imported_entry(name, tensor, info, writer,
-                                                         stored[name][1])
+                                                         source_dtype)
                 bar.update(nbytes)
                 continue
             source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
@@ -247,6 +254,6 @@ def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype
                               "is damaged; re-download or re-export it")
     components = {part: writer.add(f"{name}.{part}", value)
                   for part, value in quantized.components().items()}
-    role = "lm_head" if info.is_lm_head else "linear"
+    role = "lm_head" if info.is_lm_head else ("expert" if info.is_expert else "linear")
     shape = [quantized.out_features, quantized.in_features]
     return TensorEntry(role, shape, source_dtype, components)

@@ -29,7 +29,7 @@ from . import stfile
 FORMAT_NAME = "offload-engine-quantized"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "offload_manifest.json"
-QUANTIZED_ROLES = ("linear", "lm_head")
+QUANTIZED_ROLES = ("linear", "lm_head", "expert")  # expert: one expert's matrix
 DENSE_ROLES = ("embedding", "norm", "bias", "other")
 
 

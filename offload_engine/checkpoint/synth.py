@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import architecture
+from ..model.experts import find_experts
 from ..model.model_shape import shape_from_config
 from ..model.presets import preset_config
 from ..quant.layout import INT4_CODE_MAX, QuantSpec
@@ -126,6 +127,10 @@ def full_size(hf_config, spec: QuantSpec) -> dict:
     lm_head = sum(spec.nbytes(lin.out_features, lin.in_features)
                   for lin in shape.linears if lin.is_lm_head)
     linear = sum(spec.nbytes(lin.out_features, lin.in_features) for lin in shape.linears)
+    if shape.experts is not None:  # each expert's matrices are quantized linears too
+        experts = shape.experts
+        linear += (len(experts.layers) * experts.num_experts
+                   * sum(spec.nbytes(out, inp) for out, inp in experts.matrices))
     return {"linear_layers": linear - lm_head, "lm_head": lm_head,
             "dense": (shape.embedding_elements + shape.other_dense_elements) * 2}
 
@@ -233,6 +238,9 @@ def _write_tensors(config, request: SynthRequest, tmp: Path, progress: bool) -> 
     linears = architecture.find_linears(skeleton, config)
     output = skeleton.get_output_embeddings()
     tied = architecture.ties_embeddings(config)
+    expert_params = {f"{experts_module}.{m.param}": (info, m)
+                     for experts_module, info in find_experts(skeleton).items()
+                     for m in info.matrices}
     live_rows = min(TOKENIZER_VOCAB, config.vocab_size)
     pool, writer = RandomPool(request.seed), ShardWriter(tmp, request.shard_bytes)
     manifest = Manifest(scheme=request.spec.scheme, group_size=request.spec.group_size,
@@ -246,6 +254,11 @@ def _write_tensors(config, request: SynthRequest, tmp: Path, progress: bool) -> 
         for name, param in params:
             module = name.rsplit(".", 1)[0]
             info = linears.get(module) if name.endswith(".weight") else None
+            if name in expert_params:  # one quantized entry per expert
+                manifest.tensors.update(_expert_entries(name, expert_params[name], pool,
+                                                        request.spec, writer))
+                bar.update(param.numel())
+                continue
             if info is not None:
                 parts = random_components(pool, request.spec, info.out_features,
                                           info.in_features,
@@ -264,6 +277,18 @@ def _write_tensors(config, request: SynthRequest, tmp: Path, progress: bool) -> 
     writer.flush()
     manifest.shards = dict(writer.shards)
     return manifest
+
+
+def _expert_entries(name: str, found, pool, spec: QuantSpec, writer) -> dict:
+    info, matrix = found
+    entries = {}
+    for expert in range(info.num_experts):
+        weight = f"{info.weight_module(matrix.param, expert)}.weight"
+        parts = random_components(pool, spec, matrix.out_features, matrix.in_features)
+        entries[weight] = TensorEntry("expert", [matrix.out_features, matrix.in_features],
+                                      "BF16", {part: writer.add(f"{weight}.{part}", value)
+                                               for part, value in parts.items()})
+    return entries
 
 
 def _write_side_files(config, tmp: Path) -> None:

@@ -30,7 +30,11 @@ TABLE = (("policy", "policy", "{}"), ("budget", "budget", "{}"),
          # the CPU side of --placement (runtime/boundary.py), per forward pass
          ("placement", "placement", "{}"), ("CPU MB/token", "cpu_bytes_per_token", "mb"),
          ("CPU ms/token", "cpu_seconds_per_token", "ms"),
-         ("crossings", "crossings_per_token", "{:.0f}"))
+         ("crossings", "crossings_per_token", "{:.0f}"),
+         # mixture-of-experts models only (the columns are left out for dense ones)
+         ("exp hit", "expert_hit_rate", "{:.1%}"),
+         ("exp/token", "experts_fetched_per_token", "{:.2f}"),
+         ("exp MB/token", "expert_bytes_per_token", "mb"))
 # with --compile each point is measured eager and compiled, alternating (decode/bench.py)
 COMPILE_TABLE = (("compile", "compile", "{}"), ("warm-up s", "warmup_s", "{:.1f}"),
                  ("runs tok/s", "runs_tokens_per_s", "{}"))
@@ -149,7 +153,9 @@ def table(rows: list) -> list:
             return f"{value * 1e3:.2f}"
         return fmt.format(value)
 
-    columns = TABLE + (COMPILE_TABLE if any("compile" in row for row in rows) else ())
+    columns = [c for c in TABLE
+               if not c[1].startswith("expert") or any(c[1] in row for row in rows)]
+    columns += COMPILE_TABLE if any("compile" in row for row in rows) else ()
     cells = [[cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
     widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, (name, _, _) in
               enumerate(columns)]

@@ -10,7 +10,7 @@ import sys
 
 from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.speculation import SPECULATE_MODES
-from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, PLACEMENTS, POLICIES
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, EXPERT_POLICIES, PLACEMENTS, POLICIES
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--policy", choices=POLICIES, default="static",
                        help="static: fixed resident set + streaming ring (default, best for "
                             "decoding); lru: classic eviction, for comparison")
+    group.add_argument("--expert-policy", choices=EXPERT_POLICIES, default="lfu",
+                       help="mixture-of-experts models: which expert leaves a layer's full "
+                            "expert cache; lfu: the least used so far (default), lru: the "
+                            "least recently used")
     group.add_argument("--prefetch-depth", type=int, default=2, metavar="K",
                        help="streamed weights copied ahead of the one computing (default 2)")
     group.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
@@ -139,6 +143,7 @@ def engine_config_from_args(args: argparse.Namespace):
         cache_entries=args.cache_entries,
         policy=args.policy,
         prefetch_depth=args.prefetch_depth,
+        expert_policy=args.expert_policy,
         cache_format=args.cache_format,
         dtype=args.dtype,
         attention=args.attention,

@@ -12,7 +12,7 @@ import re
 from typing import Dict, List, Tuple
 
 from ..planning.profiles import DEFAULT_PROFILE
-from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, PLACEMENTS, POLICIES
+from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, EXPERT_POLICIES, PLACEMENTS, POLICIES
 from ..quant.schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES
 from . import plan_placement, plan_speculation
 from .options import add_kv_cache_arg
@@ -66,6 +66,11 @@ def register(commands) -> None:
                              "streaming and computing on the CPU what does not fit), stream, "
                              "cpu, mlp-cpu")
     add_kv_cache_arg(parser)
+    parser.add_argument("--expert-hit-rate", type=float, default=None, metavar="H",
+                        help="mixture-of-experts models: the expert cache hit rate to predict "
+                             "with, 0 to 1 (as `run` measures it); default: expert slots per "
+                             "layer / experts per layer (uniform routing, an estimate)")
+    parser.add_argument("--expert-policy", choices=EXPERT_POLICIES, default="lfu")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_speculation.add_args(parser)
     parser.set_defaults(handler=run)
@@ -87,7 +92,8 @@ def run(args) -> int:
         cache_entries=args.cache_entries, context=args.context, batch=args.batch,
         policy=args.policy, prefetch_depth=args.prefetch_depth,
         cache_format=args.cache_format, dtype=args.dtype, embeddings=args.embeddings,
-        host_budget=args.host_budget, kv_cache=args.kv_cache, placement=args.placement)
+        host_budget=args.host_budget, kv_cache=args.kv_cache, placement=args.placement,
+        expert_hit_rate=args.expert_hit_rate, expert_policy=args.expert_policy)
     request.draft_bytes = plan_speculation.draft_bytes(args, request)
     shape = describe_model(args.model if is_preset(args.model) else
                            resolve_model_path(args.model), spec)
@@ -140,6 +146,7 @@ def render(plan, report: dict) -> List[str]:
         f"  linear weights in the layers  {size(plan.weights['linear_layers']):>10}",
         f"  lm_head                       {size(plan.weights['lm_head']):>10}"
         + ("  (tied to the embeddings: dense)" if model["tied_embeddings"] else ""),
+        *_expert_weight_lines(plan),
         "device memory:",
     ]
     rows = _memory_rows(plan)
@@ -163,6 +170,7 @@ def render(plan, report: dict) -> List[str]:
         f"reads {pred.kv_read_s * 1e3:.2f} ms + op overhead {pred.overhead_s * 1e3:.2f} ms "
         f"= {pred.step_s * 1e3:.2f} ms",
         *overhead_lines(plan, report),
+        *_expert_prediction_lines(plan),
         f"  predicted decode: {pred.tokens_per_s:.3g} tokens/s"
         + (f" in all ({pred.tokens_per_s_per_sequence:.3g} per sequence)"
            if settings["batch"] > 1 else ""),
@@ -172,6 +180,31 @@ def render(plan, report: dict) -> List[str]:
     lines += plan_speculation.render(report.get("speculation"), size)
     lines += [f"note: {text}" for text in report["advice"] + plan.host.get("notes", [])]
     return lines
+
+
+def _expert_weight_lines(plan) -> List[str]:
+    """A mixture-of-experts model's experts and parameter counts (nothing for dense)."""
+    experts = plan.model.get("experts")
+    if not experts:
+        return []
+    layers, count, top_k = experts["layers"], experts["num_experts"], experts["experts_per_token"]
+    return [
+        f"  experts ({layers} layers x {count}, {top_k} per token)"
+        f"{size(plan.weights['experts']):>10}  {size(plan.weights['expert_bytes'])} per expert",
+        f"  parameters: {plan.model['total_params'] / 1e9:.2f}B in all, "
+        f"{plan.model['active_params'] / 1e9:.2f}B active per token",
+    ]
+
+
+def _expert_prediction_lines(plan) -> List[str]:
+    pred, experts = plan.prediction, plan.experts
+    if experts is None:
+        return []
+    return [f"  experts: {pred.experts_per_step} picked per step, "
+            f"{experts.slots_per_layer} of {experts.num_experts} slots per layer, hit rate "
+            f"{pred.expert_hit_rate:.1%} -> {size(pred.expert_stream_bytes_per_step)} of them "
+            f"streamed per step (included above; reading them on the device "
+            f"{pred.expert_read_s * 1e3:.2f} ms)"]
 
 
 def _host_lines(plan) -> List[str]:
@@ -218,6 +251,10 @@ def _memory_rows(plan) -> List[Tuple[str, int, str]]:
         ("reserve", mem.reserve, "CUDA context, workspace" if hw["device"] == "cuda"
          else "OS, Python, torch"),
     ]
+    if plan.experts is not None:
+        rows.insert(2, ("expert slots", mem.expert_slots,
+                        f"{plan.experts.slots_per_layer} per layer x "
+                        f"{len(plan.experts.layers)} layers x {size(plan.experts.slot_bytes)}"))
     if mem.draft:
         rows.append(("draft model", mem.draft, "--draft-model, every weight resident"))
     if mem.host_store:

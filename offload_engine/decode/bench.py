@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..planning.planner import PlanRequest, make_plan
+from ..runtime.cache import expert_counters
 from ..runtime.config import EngineConfig
 from ..units import parse_bytes
 from .api import load
@@ -94,7 +95,7 @@ def sweep_points(shape, profile, base: EngineConfig, budgets: List[str], policie
             if label.lower().startswith("card:"):
                 value = card_budget(shape, label[5:], base, policy, depth)
             else:
-                value = resolve_budget(label, floor.cache.total_bytes, floor.minimum_budget)
+                value = resolve_budget(label, floor.weights["total_held"], floor.minimum_budget)
             if value in seen:
                 continue
             seen.add(value)
@@ -241,7 +242,8 @@ def measure_batch(engine, prompt: str, batch: int, tokens: int) -> dict:
             "hit_rate": (after["hits"] - before["hits"]) / uses if uses else 0.0,
             "stall_seconds": after["stall_seconds"] - before["stall_seconds"],
             "peak_device_bytes": (torch.cuda.max_memory_allocated(engine.device)
-                                  if engine.device.type == "cuda" else None)}
+                                  if engine.device.type == "cuda" else None),
+            **expert_counters(before, after)}
 
 
 def _synchronize(device: torch.device) -> None:

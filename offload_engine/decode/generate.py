@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..errors import ConfigError, ContextLengthError
 from ..model.cache_arg import cache_kwargs
+from ..runtime.cache import expert_counters
 from ..runtime.kv_cache import check_kv_budget
 from ..units import format_bytes
 from . import speculate as spec
@@ -70,6 +71,11 @@ class GenerationStats:
     cpu_bytes_per_token: float = 0.0  # weight bytes the CPU read
     cpu_seconds_per_token: float = 0.0  # wall time inside CPU-placed parts
     crossings_per_token: float = 0.0  # activation transfers between device and CPU
+    # Mixture-of-experts models (None/0 for dense ones); per token through the experts layers
+    expert_hit_rate: Optional[float] = None  # expert uses served by the device
+    expert_bytes_per_token: float = 0.0  # expert bytes copied host->device
+    experts_fetched_per_token: float = 0.0  # experts copied (summed over layers)
+    experts_used_per_token: float = 0.0  # experts the routers picked (summed over layers)
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -89,7 +95,11 @@ class GenerationStats:
                 + ("" if self.kv_cache == "bf16" else f", KV cache {self.kv_cache} "
                    f"{format_bytes(self.kv_cache_bytes)}")
                 + (f", compiled (warm-up {self.compile_seconds:.1f} s)" if self.compiled
-                   else "") + "]")
+                   else "")
+                + ("" if self.expert_hit_rate is None else
+                   f", experts: hit rate {self.expert_hit_rate:.1%}, "
+                   f"{self.experts_fetched_per_token:.2f} of {self.experts_used_per_token:.2f}"
+                   f" fetched/token, {format_bytes(self.expert_bytes_per_token)}/token") + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -302,6 +312,7 @@ def _stats(engine, before: dict, prompt_tokens: int, new_tokens: int, started: f
         arena_bytes=summary["arena_bytes"], resident_bytes=summary["resident_bytes"],
         streamed_bytes=summary["streamed_bytes"], **_disk_stats(before, after, passes),
         **_cpu_stats(summary, before, after, passes),
+        **expert_counters(before, after),
     )
 
 

@@ -69,7 +69,8 @@ def tiny_config(hf_config, layers: int):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of the real vocabulary
         data[key] = None  # (transformers warns about ids past the tiny one; count unchanged)
     tiny = type(text).from_dict(data)
-    tiny._attn_implementation = "sdpa"  # what the engine picks without flash-attn
+    supported = architecture.supported_attention(tiny)  # as the engine picks without flash-attn
+    tiny._attn_implementation = "sdpa" if "sdpa" in supported else "eager"
     return tiny
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from ..checkpoint import stfile
-from ..checkpoint.format import MANIFEST_NAME, read_manifest
+from ..checkpoint.format import MANIFEST_NAME, QUANTIZED_ROLES, read_manifest
 from ..checkpoint.hfconfig import read_config_file
 from ..errors import ConfigError, FormatError, SourceError
 from ..model.model_shape import ModelShape, shape_from_config
@@ -47,7 +47,7 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
             f"without --scheme/--group-size, or plan the source config.json for "
             f"{spec.scheme} g{spec.group_size}")
     roles = manifest.bytes_by_role()
-    host_dense = sum(b for role, b in roles.items() if role not in ("linear", "lm_head"))
+    host_dense = sum(b for role, b in roles.items() if role not in QUANTIZED_ROLES)
     shape = shape_from_config(hf_config, manifest.spec, str(path), quantized=True,
                               host_dense_bytes=host_dense)
     _check_layers(path, shape.num_layers, manifest.tensors)

@@ -29,7 +29,9 @@ from ..quant.quantize import QuantizedWeight
 from ..units import parse_budget
 from .describe import describe_model
 from .disk_plan import add_disk_tier
+from .expert_policy import ExpertPlan, plan_with_experts
 from .kv_sizes import check_kv_mode, kv_layout_for
+from .moe_sizes import ExpertSizes, expert_hit_rate, expert_sizes, expert_traffic, meta_weight
 from .overhead import decode_overhead, weight_read_bandwidth
 from .placement import Placement, check_placement, place_parts, split_parts
 from .policy import POLICIES, CachePlan, plan_cache
@@ -61,6 +63,10 @@ class PlanRequest:
     draft_bytes: int = 0  # a --draft-model kept whole on the device (planning/speculation.py)
     kv_cache: str = "bf16"  # KV cache storage: bf16 (the compute dtype), int8, int4
     placement: str = "auto"  # where layer parts run (placement.py): auto, stream, cpu, mlp-cpu
+    # mixture-of-experts models: the expert cache hit rate to predict with (None: slots /
+    # experts, uniform routing) and the expert cache policy, as in the runtime
+    expert_hit_rate: Optional[float] = None
+    expert_policy: str = "lfu"
 
     def __post_init__(self) -> None:
         check_kv_mode(self.kv_cache)
@@ -119,10 +125,12 @@ class Memory:
     reserve: int  # the profile's CUDA context / workspace allowance
     host_store: int  # INT4 weights in host RAM: counted here only when the device is cpu
     draft: int = 0  # a speculative-decoding draft model, every weight resident
+    expert_slots: int = 0  # mixture-of-experts: the expert slots of every experts layer
 
     @property
     def total(self) -> int:
-        return (self.resident_weights + self.staging_ring + self.fixed + self.reserve)
+        return (self.resident_weights + self.staging_ring + self.expert_slots + self.fixed
+                + self.reserve)
 
     @property
     def fixed(self) -> int:
@@ -149,6 +157,11 @@ class Prediction:
     disk_bytes_per_step: int = 0  # weights read from the shards per step (--host-budget)
     overhead_s: float = 0.0  # ops per step x the profile's seconds per op (planning/overhead.py)
     ops_per_step: Optional[int] = None  # aten ops of one eager decode step; None: not counted
+    # mixture-of-experts models (planning/moe_sizes.py): included in the step above
+    expert_hit_rate: Optional[float] = None  # given, or the uniform-routing estimate
+    experts_per_step: int = 0  # experts the routers pick per step, over all layers
+    expert_stream_bytes_per_step: int = 0  # of streamed_bytes_per_step
+    expert_read_s: float = 0.0  # the picked experts on the device / device bandwidth
 
 
 @dataclass
@@ -161,6 +174,7 @@ class Plan:
     weights: Dict[str, int]  # linear_layers, lm_head, total copy/held bytes
     memory: Memory
     cache: CachePlan  # exactly what the runtime would build with this budget
+    experts: Optional[ExpertPlan]  # the expert slots the runtime would build (MoE only)
     minimum_budget: int  # smallest arena the policy accepts
     minimum_memory: int  # smallest card: minimum arena + everything else + reserve
     all_resident_memory: int  # the card that would hold every weight
@@ -196,11 +210,7 @@ def cache_entries(shape: ModelShape, cache_format: str,
 
 
 def _meta_weight(spec: QuantSpec, linear: LinearShape) -> QuantizedWeight:
-    """A QuantizedWeight of meta tensors: the right shapes and dtypes, no memory."""
-    parts = {name: torch.empty(shape, dtype=dtype, device="meta")
-             for name, (shape, dtype) in spec.component_shapes(
-                 linear.out_features, linear.in_features).items()}
-    return QuantizedWeight.from_parts(parts, spec, linear.out_features, linear.in_features)
+    return meta_weight(spec, linear.out_features, linear.in_features)
 
 
 # ----- sizing -------------------------------------------------------------------------------
@@ -235,6 +245,8 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
     if request.profile.device == "cpu":  # the INT4 store shares the same RAM
         host_store = sum(shape.spec.nbytes(lin.out_features, lin.in_features)
                          for lin in shape.linears)
+        experts = expert_sizes(shape, request.resolved_cache_format(), request.torch_dtype())
+        host_store += experts.total_copy if experts else 0
     if request.embeddings == "host" and shape.tied_embeddings:
         raise ConfigError("--embeddings host needs untied embeddings: this model's lm_head "
                           "shares the embedding matrix, which must then be on the device")
@@ -258,6 +270,9 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     entries = cache_entries(shape, fmt, dtype)
     memory = fixed_memory(shape, request)
     floor = plan_cache(entries, None, request.policy, request.prefetch_depth)
+    moe = expert_sizes(shape, fmt, dtype)
+    minimum_budget = floor.minimum_budget + (moe.floor if moe else 0)
+    every_weight = floor.total_bytes + (moe.total_held if moe else 0)
     usable = request.profile.usable_bytes
     given, budget = request.explicit_budget()
     if request.cache_entries is not None:
@@ -267,15 +282,18 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     else:  # what the card leaves once everything else has its share
         source = "derived from the profile"
         room = usable - memory.fixed
-        budget = None if room >= floor.total_bytes else max(room, floor.minimum_budget)
-        if room < floor.minimum_budget:
+        budget = None if room >= every_weight else max(room, minimum_budget)
+        if room < minimum_budget:
             source = "the policy's minimum: the card has no room left for weights"
-    cache = plan_cache(entries, budget, request.policy, request.prefetch_depth,
-                       request.cache_entries)
+    cache, experts = plan_with_experts(
+        entries, budget, request.policy, request.prefetch_depth, request.cache_entries,
+        moe.layers if moe else [], moe.num_experts if moe else 0,
+        moe.held_bytes if moe else 0, request.expert_policy)
     memory.resident_weights = cache.resident_bytes
     memory.staging_ring = cache.slot_count * cache.slot_bytes
-    minimum_memory = floor.minimum_budget + memory.fixed + memory.reserve
-    all_resident = floor.total_bytes + memory.fixed + memory.reserve
+    memory.expert_slots = experts.arena_bytes
+    minimum_memory = minimum_budget + memory.fixed + memory.reserve
+    all_resident = every_weight + memory.fixed + memory.reserve
     lm_head = sum(nbytes for (_, _, nbytes), linear in zip(entries, shape.linears, strict=True)
                   if linear.is_lm_head)
     plan = Plan(
@@ -287,10 +305,14 @@ def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
                       kv_cache=request.kv_cache,
                       budget_bytes=budget, budget_source=source),
         weights=dict(linear_layers=floor.total_copy_bytes - lm_head, lm_head=lm_head,
-                     total_copy=floor.total_copy_bytes, total_held=floor.total_bytes),
-        memory=memory, cache=cache, minimum_budget=floor.minimum_budget,
+                     experts=moe.total_copy if moe else 0,
+                     expert_bytes=moe.copy_bytes if moe else 0,
+                     total_copy=floor.total_copy_bytes + (moe.total_copy if moe else 0),
+                     total_held=every_weight),
+        memory=memory, cache=cache, experts=experts if moe else None,
+        minimum_budget=minimum_budget,
         minimum_memory=minimum_memory, all_resident_memory=all_resident,
-        prediction=predict(cache, shape, request, memory),
+        prediction=predict(cache, shape, request, memory, moe, experts),
         fits=memory.total <= request.profile.memory_bytes,
         weight_names=[name for name, _, _ in entries],
     )
@@ -336,11 +358,17 @@ def _model_facts(shape: ModelShape) -> Dict[str, object]:
     facts.pop("linears")
     facts["spec"] = {"scheme": shape.spec.scheme, "group_size": shape.spec.group_size}
     facts["quantized_linears"] = len(shape.linears)
+    facts["total_params"] = shape.total_params
+    facts["active_params"] = shape.active_params
+    if shape.experts is not None:
+        facts["experts"].pop("layers")
+        facts["experts"]["layers"] = len(shape.experts.layers)
     return facts
 
 
-def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest,
-            memory: Memory) -> Prediction:
+def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest, memory: Memory,
+            moe: Optional[ExpertSizes] = None,
+            experts: Optional[ExpertPlan] = None) -> Prediction:
     """The bandwidth model of one decode step (a PREDICTION, see the module docstring)."""
     profile = request.profile
     count = len(shape.linears)
@@ -361,7 +389,11 @@ def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest,
     kv = kv_layout_for(shape, request.kv_cache, request.torch_dtype().itemsize)
     kv_read = kv.step_traffic_bytes(request.context, request.batch) / profile.device_bandwidth
     overhead = decode_overhead(shape, profile)
-    step = resident_read + dense_read + stream + kv_read + overhead.seconds
+    moe_facts = _expert_prediction(moe, experts, request, read_bandwidth)
+    streamed += moe_facts.get("expert_stream_bytes_per_step", 0)
+    stream = streamed / profile.h2d_bandwidth
+    step = (resident_read + dense_read + stream + kv_read + overhead.seconds
+            + moe_facts.get("expert_read_s", 0.0))
     return Prediction(
         resident_read_s=resident_read, dense_read_s=dense_read, stream_s=stream,
         kv_read_s=kv_read, step_s=step,
@@ -369,4 +401,15 @@ def predict(cache: CachePlan, shape: ModelShape, request: PlanRequest,
         tokens_per_s_per_sequence=1 / step if step else float("inf"),
         streamed_bytes_per_step=streamed, streamed_bytes_per_token=streamed / request.batch,
         hit_rate=hit_rate, overhead_s=overhead.seconds, ops_per_step=overhead.ops_per_step,
+        **moe_facts,
     )
+
+
+def _expert_prediction(moe, experts, request: PlanRequest, read_bandwidth: float) -> dict:
+    if moe is None:
+        return {}
+    hit_rate = expert_hit_rate(experts, request.expert_hit_rate)
+    traffic = expert_traffic(moe, hit_rate, request.batch)
+    return {"expert_hit_rate": hit_rate, "experts_per_step": traffic["experts_per_step"],
+            "expert_stream_bytes_per_step": traffic["expert_stream_bytes"],
+            "expert_read_s": traffic["expert_read_bytes"] / read_bandwidth}

@@ -17,6 +17,7 @@ from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS, auto_cache_format
 from ..planning.speculation import check_speculation
+from ..planning.words import EXPERT_POLICIES
 from ..units import parse_budget, parse_bytes
 
 
@@ -29,6 +30,7 @@ class EngineConfig:
     cache_entries: Optional[int] = None  # classic N-entry cache; excludes gpu_budget
     policy: str = "static"  # "static" (resident set + ring) or "lru" (classic)
     prefetch_depth: int = 2  # streamed weights copied ahead of the one computing
+    expert_policy: str = "lfu"  # MoE expert cache: "lfu" (most used stay) or "lru"
     cache_format: str = "auto"  # "packed", "dequantized", "prepacked" (CPU); auto: packed on
     # CUDA; on CPU prepacked for bfloat16 and the int4 schemes (CPU int4 kernel), else dequantized
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA, float32 on CPU
@@ -54,6 +56,9 @@ class EngineConfig:
             raise ConfigError("give either --gpu-budget or --cache-entries, not both")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown --policy {self.policy!r}: use {' or '.join(POLICIES)}")
+        if self.expert_policy not in EXPERT_POLICIES:
+            raise ConfigError(f"unknown --expert-policy {self.expert_policy!r}: use "
+                              f"{' or '.join(EXPERT_POLICIES)}")
         if self.prefetch_depth < 0:
             raise ConfigError(f"--prefetch-depth must be 0 or more, got {self.prefetch_depth}")
         if self.cache_entries is not None and self.cache_entries < 1:

@@ -15,16 +15,18 @@ from ..checkpoint.hfconfig import check_tokenizer_files, read_hf_config
 from ..checkpoint.synth import synthetic_note
 from ..errors import ConfigError, FormatError
 from ..model import architecture
+from ..model.experts import expert_linears, find_experts
+from ..planning.expert_policy import expert_slot_bytes, plan_with_experts
 from ..planning.host_policy import host_summary, plan_host
 from ..planning.placement import Placement, place_parts, split_parts
-from ..planning.policy import plan_cache
 from ..planning.sizes import held_nbytes
 from .boundary import BoundaryStats, HostWeights, wrap_parts
 from .cache import DeviceCache
 from .config import EngineConfig
+from .experts import OffloadedExperts
 from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
-from .patch import load_dense, swap_linears
+from .patch import load_dense, swap_experts, swap_linears
 from .store import HostStore, check_float_components, module_name, read_dense_tensors
 from .tiered_store import default_host_budget, open_store, quantized_layouts
 
@@ -101,6 +103,7 @@ class Engine:
             "device_name": device_name(self.device),
             **host_summary(self.host_plan),
             **self.placement_summary(),
+            **expert_summary(self.cache.experts),
         }
 
     def placement_summary(self) -> dict:
@@ -139,20 +142,40 @@ class Engine:
         self.close()
 
 
+def expert_summary(experts) -> dict:
+    """The expert cache's layout (empty for a dense model)."""
+    if experts is None:
+        return {}
+    plan = experts.plan
+    return {"expert_policy": plan.policy, "expert_layers": len(plan.layers),
+            "experts_per_layer": plan.num_experts,
+            "expert_slots_per_layer": plan.slots_per_layer,
+            "expert_arena_bytes": plan.arena_bytes,
+            "expert_minimum_bytes": plan.minimum_bytes}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "CPU"
 
 
-def attention_for(config: EngineConfig) -> str:
+def attention_for(config: EngineConfig, hf_config=None) -> str:
+    """--attention, or for auto the best one transformers supports for this model."""
+    supported = (architecture.supported_attention(hf_config) if hf_config is not None
+                 else ("flash_attention_2", "sdpa", "eager"))
     if config.attention == "flash_attention_2":
         check_flash_attention(config.torch_device())
     if config.attention != "auto":
+        if config.attention not in supported:
+            raise ConfigError(f"--attention {config.attention} is not supported by transformers "
+                              f"for {getattr(hf_config, 'model_type', 'this model')}; use "
+                              f"{' or '.join(supported)} (or auto)")
         return config.attention
-    if config.torch_device().type == "cuda" and importlib.util.find_spec("flash_attn"):
+    if ("flash_attention_2" in supported and config.torch_device().type == "cuda"
+            and importlib.util.find_spec("flash_attn")):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if "sdpa" in supported else "eager"
 
 
 def check_flash_attention(device: torch.device) -> None:
@@ -182,11 +205,12 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     hf_config = read_hf_config(directory)
     check_tokenizer_files(directory)
     kv_layout_from_config(hf_config, config.kv_cache, dtype)  # refuse before the slow part
-    hf_config._attn_implementation = attention_for(config)
+    hf_config._attn_implementation = attention_for(config, hf_config)
     model = architecture.build_skeleton(hf_config)
     linears = architecture.find_linears(model, hf_config)
-    _check_manifest_matches(manifest, linears, directory)
-    swapped = swap_linears(model, linears)
+    experts = find_experts(model)
+    _check_manifest_matches(manifest, {**linears, **expert_linears(experts)}, directory)
+    swapped = {**swap_linears(model, linears), **swap_experts(model, experts)}
     fmt = config.resolved_cache_format(manifest.spec)
     order = list(linears)
     layouts = quantized_layouts(manifest)
@@ -195,27 +219,38 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
         raise ConfigError("--compile runs the decode step as one graph on the device; "
                           f"--placement {config.placement} computes layer parts on the CPU, "
                           "which it cannot hold yet: use --placement stream or drop --compile")
+    if experts and (placement.cpu_names or config.compile):
+        raise ConfigError(f"{directory.name} is a mixture-of-experts model: its experts run "
+                          "from the device's expert cache only, so "
+                          + ("--compile" if config.compile else
+                             f"--placement {config.placement}")
+                          + " does not apply to it yet; drop the flag")
     device_order = [n for n in order if n not in placement.cpu_names]
-    plan = plan_cache([(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes)
-                       for n in device_order],
-                      weight_budget(config, directory), config.policy, config.prefetch_depth,
-                      config.cache_entries)
-    logger.info("cache plan: %s", asdict(plan))
-    host_plan = plan_host([(n, layouts[n].nbytes) for n in order], plan.resident,
+    plan, expert_plan = _plan_arena(config, directory, device_order, experts, layouts, fmt,
+                                    dtype)
+    expert_names = {name: {e: info.expert_modules(e) for e in range(info.num_experts)}
+                    for name, info in experts.items()}
+    streamed = [n for layer in expert_names.values() for names in layer.values() for n in names]
+    host_plan = plan_host([(n, layouts[n].nbytes) for n in order + streamed],
+                          plan.resident + (streamed if expert_plan.all_resident else []),
                           config.host_bytes(lambda: default_host_budget(
-                              manifest, plan.arena_bytes, device)))
+                              manifest, plan.arena_bytes + expert_plan.arena_bytes, device)))
     store = open_store(directory, manifest, host_plan, device.type == "cuda", config.progress)
     boundary = BoundaryStats()
     try:
         cache = DeviceCache(store, device_order, plan, device, fmt, dtype,
-                            progress=config.progress)
+                            progress=config.progress,
+                            experts=(expert_plan, expert_names) if experts else None)
     except BaseException:
         store.close()
         raise
     try:
         host = HostWeights(store, [n for n in order if n in placement.cpu_names], boundary)
         for name, module in swapped.items():
-            module.attach(host if name in placement.cpu_names else cache)
+            if isinstance(module, OffloadedExperts):
+                module.attach(cache.experts)
+            else:
+                module.attach(host if name in placement.cpu_names else cache)
         if config.compile:
             from . import compile_step
 
@@ -319,6 +354,33 @@ def _check_manifest_matches(manifest, linears, directory: Path) -> None:
             f"({len(missing)} missing: {_names(missing)}; {len(extra)} unexpected: "
             f"{_names(extra)}); re-convert it"
         )
+
+
+def _plan_arena(config: EngineConfig, directory: Path, order, experts, layouts, fmt: str,
+                dtype):
+    """The weight cache's plan and the expert slots', from the one budget."""
+    plan, expert_plan = plan_with_experts(
+        [(n, held_nbytes(layouts[n], fmt, dtype), layouts[n].nbytes) for n in order],
+        weight_budget(config, directory), config.policy, config.prefetch_depth,
+        config.cache_entries, list(experts), _expert_count(experts),
+        _expert_slot_bytes(experts, layouts, fmt, dtype), config.expert_policy)
+    logger.info("cache plan: %s", asdict(plan))
+    return plan, expert_plan
+
+
+def _expert_count(experts) -> int:
+    counts = {info.num_experts for info in experts.values()}
+    if len(counts) > 1:
+        raise FormatError(f"experts layers with different expert counts {sorted(counts)} are "
+                          "not supported")
+    return counts.pop() if counts else 0
+
+
+def _expert_slot_bytes(experts, layouts, fmt: str, dtype) -> int:
+    """Arena bytes of the largest expert (all its matrices)."""
+    return max((expert_slot_bytes([held_nbytes(layouts[n], fmt, dtype)
+                                   for n in info.expert_modules(e)])
+                for info in experts.values() for e in range(info.num_experts)), default=0)
 
 
 def offloaded_modules(model) -> list:

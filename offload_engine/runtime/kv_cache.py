@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from ..errors import ConfigError, ContextLengthError
+from ..model.architecture import attention_dims
 from ..planning.kv_sizes import KV_CHUNK_TOKENS, KVLayout
 from ..quant.kv import dequantize_kv, quantize_kv
 from ..units import format_bytes
@@ -212,11 +213,11 @@ def kv_layout_from_config(hf_config, mode: str, dtype: torch.dtype) -> KVLayout:
     if odd and mode != "bf16":
         raise ConfigError(f"--kv-cache {mode} supports full-attention layers only; this model "
                           f"has {', '.join(odd)} layers: use --kv-cache bf16")
-    heads = text.num_attention_heads
-    return KVLayout(mode, text.num_hidden_layers,
-                    getattr(text, "num_key_value_heads", None) or heads,
-                    getattr(text, "head_dim", None) or text.hidden_size // heads,
-                    dtype.itemsize)
+    kv_heads, head_dim, varies = attention_dims(text)
+    if varies and mode != "bf16":
+        raise ConfigError(f"--kv-cache {mode} needs one head shape for every layer; this model's "
+                          "head_dim or KV heads vary by layer: use --kv-cache bf16")
+    return KVLayout(mode, text.num_hidden_layers, kv_heads, head_dim, dtype.itemsize)
 
 
 def new_kv_cache(layout: KVLayout, budget: Optional[int] = None,

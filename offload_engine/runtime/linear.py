@@ -52,7 +52,7 @@ class OffloadedLinear(nn.Module):
 
 
 def apply_weight(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ weight.T + bias for a weight as the cache holds it (dense or packed)."""
+    """x @ weight.T + bias, for a weight held dequantized or packed (via the kernel gateway)."""
     if isinstance(weight, torch.Tensor):  # held dequantized in the compute dtype
         return F.linear(x, weight, bias)
     return quantized_linear(x, weight, bias)

@@ -9,7 +9,7 @@ full-precision linear weight is ever materialised.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError
 from ..model import architecture
+from ..model.experts import ExpertsInfo
+from .experts import OffloadedExperts
 from .linear import OffloadedLinear
 
 logger = logging.getLogger(__name__)
@@ -29,12 +31,27 @@ def swap_linears(module: nn.Module, linears: Dict[str, architecture.LinearInfo],
     for child_name, child in list(module.named_children()):
         full = f"{prefix}{child_name}"
         info = linears.get(full)
-        if info is not None and isinstance(child, nn.Linear):
+        if info is not None and architecture.is_plain_linear(child):
             replacement = OffloadedLinear(full, info.in_features, info.out_features, info.has_bias)
             setattr(module, child_name, replacement)
             swapped[full] = replacement
         else:
             swapped.update(swap_linears(child, linears, prefix=f"{full}."))
+    return swapped
+
+
+def swap_experts(model: nn.Module, experts: Dict[str, ExpertsInfo]
+                 ) -> Dict[str, OffloadedExperts]:
+    """Replace every experts module named in ``experts`` in place (routers stay)."""
+    swapped = {}
+    for name in experts:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        replacement = OffloadedExperts(experts[name], getattr(owner, leaf))
+        setattr(owner, leaf, replacement)
+        swapped[name] = replacement
+    if swapped:
+        next(iter(swapped.values())).counts_tokens = True
     return swapped
 
 
@@ -74,16 +91,22 @@ class HostEmbedding(nn.Module):
     so ``model.device`` (the first parameter's device) still names the compute device.
     """
 
-    def __init__(self, weight: torch.Tensor, device: torch.device, padding_idx=None):
+    def __init__(self, weight: torch.Tensor, device: torch.device, padding_idx=None,
+                 embed_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.output_device = device
         self.padding_idx = padding_idx
         self.num_embeddings, self.embedding_dim = weight.shape
+        # Gemma's scaled embedding multiplies the rows by sqrt(hidden), rounded to the
+        # compute dtype as its own forward does
+        self.embed_scale = (None if embed_scale is None
+                            else embed_scale.to(device=device, dtype=weight.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input_ids.to(self.weight.device), self.weight)  # (B, T, hidden)
-        return rows.to(self.output_device)
+        rows = rows.to(self.output_device)
+        return rows if self.embed_scale is None else rows * self.embed_scale
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, on {self.weight.device}"
@@ -96,7 +119,8 @@ def _host_embeddings(model: nn.Module, device: torch.device, host_names) -> None
         raise ConfigError("--embeddings host needs untied embeddings: this model's lm_head "
                           "shares the embedding matrix, which must then be on the device")
     host = HostEmbedding(embedding.weight.detach(), device,
-                         getattr(embedding, "padding_idx", None))
+                         getattr(embedding, "padding_idx", None),
+                         getattr(embedding, "embed_scale", None))
     model.set_input_embeddings(host)
 
 

@@ -83,7 +83,11 @@ class TieredStore(HostStore):
             for name in tqdm(plan.in_ram, desc="loading weights", unit="tensor",
                              disable=not progress or not plan.in_ram):
                 weights[name] = _read_new(files, layouts[name], components[name], arena.take)
-            ring = DiskRing(files, layouts, components, plan.on_disk, plan.ring_slots,
+            # Experts are read when a router picks them, by the compute thread
+            # (store[name]), never in the ring's cyclic read-ahead order.
+            cyclic = [n for n in plan.on_disk
+                      if manifest.tensors[f"{n}.weight"].role != "expert"]
+            ring = DiskRing(files, layouts, components, cyclic, plan.ring_slots,
                             slot_bytes, pin)
         except BaseException:
             files.close()

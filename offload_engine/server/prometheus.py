@@ -43,6 +43,17 @@ CACHE_METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("streamed_bytes", "gauge", "Weight bytes streamed through the ring every pass.",
      "streamed_bytes"),
 )
+EXPERT_METRICS: Tuple[Tuple[str, str, str, str], ...] = (  # mixture-of-experts models only
+    ("expert_hits_total", "counter", "Routed experts found on the device.", "expert_hits"),
+    ("expert_misses_total", "counter", "Routed experts copied from host (experts fetched).",
+     "expert_misses"),
+    ("expert_h2d_bytes_total", "counter", "Expert bytes copied host to device.",
+     "expert_h2d_bytes"),
+    ("expert_tokens_total", "counter", "Tokens through the first experts layer.",
+     "expert_tokens"),
+    ("expert_hit_rate", "gauge", "Share of routed experts found on the device.",
+     "expert_hit_rate"),
+)
 OUTCOMES = ("served", "cancelled", "failed", "rejected")
 
 
@@ -66,7 +77,8 @@ def render(model_id: str, snapshot: dict) -> str:
     for name, kind, help_text, key in SERVER_METRICS:
         lines += _family(name, kind, help_text, [("", snapshot[key])])
     cache = snapshot.get("cache", {})
-    for name, kind, help_text, key in CACHE_METRICS:
+    for name, kind, help_text, key in CACHE_METRICS + (
+            EXPERT_METRICS if cache.get("expert_layers") else ()):
         if isinstance(cache.get(key), (int, float)):
             lines += _family(name, kind, help_text, [("", cache[key])])
     return "\n".join(lines) + "\n"

@@ -13,17 +13,19 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from threading import Condition
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ...errors import WorkerError
+from ...planning.expert_policy import ExpertPlan
 from ...planning.policy import CachePlan, choose_victim, drops_after_use
 from ...planning.sizes import held_nbytes
 from ..prefetch import Copier, CopyJob, PrefetchWorker
 from ..ranges import WAIT, profiled
 from .arena import Held, carve
+from .expert_cache import ExpertCache
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 10.0
@@ -42,14 +44,29 @@ class CacheStats:
     stall_seconds: float = 0.0  # compute thread waiting for a copy
     passes: int = 0  # uses of the first weight in the execution order (≈ forward passes)
     disk_bytes: int = 0  # of h2d_bytes, those read from the shard files (host budget)
+    # mixture-of-experts layers (all 0 for a dense model); the counts above include them
+    expert_hits: int = 0  # experts a layer used that were on the device
+    expert_misses: int = 0  # experts copied host->device for a use (experts fetched)
+    expert_evictions: int = 0
+    expert_h2d_bytes: int = 0  # of h2d_bytes, the experts'
+    expert_tokens: int = 0  # tokens through the first experts layer (the per-token base)
 
     @property
     def hit_rate(self) -> float:
         uses = self.hits + self.misses
         return self.hits / uses if uses else 0.0
 
+    @property
+    def expert_hit_rate(self) -> float:
+        uses = self.expert_hits + self.expert_misses
+        return self.expert_hits / uses if uses else 0.0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate}
+        tokens = self.expert_tokens
+        return {**asdict(self), "hit_rate": self.hit_rate,
+                "expert_hit_rate": self.expert_hit_rate,
+                "expert_bytes_per_token": self.expert_h2d_bytes / tokens if tokens else 0.0,
+                "experts_fetched_per_token": self.expert_misses / tokens if tokens else 0.0}
 
 
 class Slot:
@@ -80,7 +97,10 @@ class Handle:
 
 class DeviceCache:
     def __init__(self, store, order: Sequence[str], plan: CachePlan, device: torch.device,
-                 cache_format: str, dtype: torch.dtype, progress: bool = True):
+                 cache_format: str, dtype: torch.dtype, progress: bool = True,
+                 experts: Optional[Tuple[ExpertPlan, dict]] = None):
+        """``experts``: (plan, {experts module: {expert: its matrices' names}}) for a
+        mixture-of-experts model; those weights are not in ``order``."""
         self.store, self.plan, self.device = store, plan, torch.device(device)
         self.cache_format, self.dtype = cache_format, dtype
         self.order = list(order)
@@ -91,9 +111,14 @@ class DeviceCache:
         self._tick = 0
         self._location: Dict[str, Slot] = {}
         self._copier = Copier(self.device)
-        self.arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        expert_bytes = experts[0].arena_bytes if experts else 0
+        self.arena = torch.empty(plan.arena_bytes + expert_bytes, dtype=torch.uint8,
+                                 device=self.device)
         self.resident: Dict[str, Held] = {}
         self._load_resident(progress)
+        self.experts = (ExpertCache(store, experts[0], experts[1], self.arena,
+                                    plan.arena_bytes, self._copier, cache_format, dtype,
+                                    lambda: self.stats) if experts else None)
         self._resident_handles = {name: Handle(name, held, None)
                                   for name, held in self.resident.items()}
         resident = set(self.resident)
@@ -308,5 +333,6 @@ class DeviceCache:
                                   f"{JOIN_TIMEOUT_S:.0f} s of close()")
         self.resident.clear()
         self._resident_handles.clear()
+        self.experts = None
         self.slots = []
         self.arena = torch.empty(0, dtype=torch.uint8, device=self.device)

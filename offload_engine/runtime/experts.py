@@ -1,0 +1,128 @@
+"""The cache-backed replacement for a transformers experts module.
+
+A transformers 5 experts module (``Qwen3MoeExperts``, ``MixtralExperts``, ...) is called
+as ``experts(hidden_states, top_k_index, top_k_weights)`` by its MoE block after the
+router has run; the router and any shared experts are ordinary modules and stay as
+they are. :class:`OffloadedExperts` takes the same call, but holds no 3-D parameters:
+for each expert the router selected for at least one token (once for a whole prefill
+batch), it acquires that expert's quantized matrices from the expert cache, runs them
+through the kernel gateway on the tokens routed to it, and releases them. Experts no
+token selected are never fetched.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..model.experts import ExpertsInfo
+from ..planning.expert_policy import fetch_order
+from .linear import apply_weight
+from .ranges import LINEAR, profiled
+
+_TORCH_STATE = {"_parameters", "_buffers", "_modules", "training"}
+
+
+class OffloadedExperts(nn.Module):
+    """Runs the selected experts of one layer from the expert cache."""
+
+    def __init__(self, info: ExpertsInfo, original: nn.Module):
+        super().__init__()
+        self.info = info
+        self.module_name = info.module_name
+        self.num_experts = info.num_experts
+        # The original's settings (has_gate, act_fn, a gpt-oss gate's alpha/limit...) and
+        # small submodules (the activation, a post-expert norm) are kept as they are.
+        for key, value in vars(original).items():
+            if key not in _TORCH_STATE and not key.startswith("_"):
+                setattr(self, key, value)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, param in original.named_parameters(recurse=False):
+            if param.dim() != 3:  # biases (gpt-oss): small dense tensors, loaded as usual
+                self.register_parameter(name, nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                    requires_grad=False))
+        if not info.routed_call:  # Llama 4: SwiGLU on gate_up's two halves, no decorator
+            self.has_gate = True
+        gate = getattr(type(original), "_apply_gate", None) or _swiglu
+        self._gate = types.MethodType(gate, self)
+        self.counts_tokens = False  # set on the first experts layer: per-token statistics
+        self.cache = None  # an ExpertCache, set by attach()
+
+    def attach(self, cache) -> None:
+        self.cache = cache
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
+                top_k_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # hidden_states (T, hidden); top_k_index, top_k_weights (T, k)
+        if not self.info.routed_call:
+            return self._pre_routed(hidden_states)
+        if self.cache is None:
+            raise RuntimeError(f"{self.module_name}: no expert cache attached "
+                               "(use offload_engine.load)")
+        if self.counts_tokens:
+            self.cache.count_tokens(hidden_states.shape[0])
+        routed = [e for e in torch.unique(top_k_index).tolist()
+                  if e < self.num_experts]  # larger: an expert-parallel sentinel, not ours
+        results = {}
+        with profiled(LINEAR):
+            for expert in fetch_order(routed, self.cache.on_device(self.module_name)):
+                token_idx, slot_idx = torch.where(top_k_index == expert)
+                states = self._expert(expert, hidden_states[token_idx])  # (n, hidden)
+                results[expert] = token_idx, states * top_k_weights[token_idx, slot_idx, None]
+        output = torch.zeros_like(hidden_states)
+        for expert in sorted(results):  # one summation order, whatever the cache held
+            token_idx, states = results[expert]
+            output.index_add_(0, token_idx, states.to(output.dtype))
+        return output
+
+    def _pre_routed(self, rows: torch.Tensor) -> torch.Tensor:
+        """Llama 4's call: rows (experts * T, hidden), expert e's block scaled by its routing
+        weight, all zero where e was not picked. A SwiGLU expert without biases maps a zero
+        row to zero, so only the non-zero rows are computed and only their experts fetched."""
+        if self.cache is None:
+            raise RuntimeError(f"{self.module_name}: no expert cache attached "
+                               "(use offload_engine.load)")
+        blocks = rows.view(self.num_experts, -1, rows.shape[-1])  # (E, T, hidden)
+        if self.counts_tokens:
+            self.cache.count_tokens(blocks.shape[1])
+        picked = blocks.abs().amax(dim=-1) != 0  # (E, T)
+        routed = torch.nonzero(picked.any(dim=-1)).flatten().tolist()
+        output = torch.zeros_like(blocks)
+        with profiled(LINEAR):
+            for expert in fetch_order(routed, self.cache.on_device(self.module_name)):
+                token_idx = torch.nonzero(picked[expert]).flatten()
+                output[expert, token_idx] = self._expert(expert, blocks[expert, token_idx]).to(
+                    output.dtype)
+        return output.view(-1, rows.shape[-1])
+
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        up_bias = down_bias = None
+        if self.info.has_bias:
+            first = self.info.matrices[0].param
+            up_bias = getattr(self, f"{first}_bias")[expert]
+            down_bias = self.down_proj_bias[expert]
+        held = self.cache.acquire(self.module_name, expert)
+        try:
+            hidden = apply_weight(x, held[0], up_bias)  # (n, 2 * inter) or (n, inter)
+            hidden = self._gate(hidden) if self.has_gate else self.act_fn(hidden)
+            out = apply_weight(hidden, held[1], down_bias)  # (n, hidden)
+        finally:
+            self.cache.release(self.module_name, expert)
+        if getattr(self, "has_post_expert_norm", False):
+            out = self.post_expert_norm(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, matrices="
+                f"{[m.param for m in self.info.matrices]}, module={self.module_name!r}")
+
+
+def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up on the two halves of gate_up's output (transformers' default gate)."""
+    gate, up = gate_up.chunk(2, dim=-1)  # (n, inter) each
+    return self.act_fn(gate) * up
