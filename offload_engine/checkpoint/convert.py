@@ -24,7 +24,7 @@ from ..units import format_bytes
 from ..version import __version__
 from . import checksums, stfile
 from .destination import check_destination, staged_output
-from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
+from .format import MANIFEST_NAME, Component, Manifest, TensorEntry, spec_dict
 from .methods import MethodSettings, prepare_method
 from .sources import open_source
 
@@ -118,7 +118,9 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
 
     A source whose weights our layout holds exactly is imported as it is (``spec`` is
     then the source's, and ``method`` does not apply: nothing is rounded); ``requantize``
-    quantizes its dequantized weights with ``spec`` and ``method``.
+    quantizes its dequantized weights with ``spec`` and ``method``. A source may yield
+    weights of several specs (a GGUF Q4_K_M file): each is written with its own, and the
+    float linears it cannot copy are quantized with its ``requantize_spec``.
     """
     started = time.perf_counter()
     dst = Path(dst)
@@ -163,6 +165,8 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
                    shard_bytes: int, progress: bool, prepared) -> Manifest:
     weight_names = {f"{name}.weight": info for name, info in linears.items()}
     tied = architecture.ties_embeddings(source.config)
+    # float linears of an import are quantized with this (we never write raw GGUF blocks)
+    float_spec = getattr(source, "requantize_spec", None) or spec
     writer = ShardWriter(tmp, shard_bytes)
     manifest = Manifest(scheme=spec.scheme, group_size=spec.group_size, source={},
                         created_by=f"offload-engine {__version__}", scale_dtype=spec.scale_dtype)
@@ -179,14 +183,14 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
             info = weight_names.get(name)
             if isinstance(tensor, QuantizedWeight):  # imported exactly
                 manifest.tensors[name] = _imported_entry(name, tensor, info, writer,
-                                                         stored[name][1])
+                                                         stored[name][1], spec)
                 bar.update(nbytes)
                 continue
             source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
             tensor = prepared.adjust(name, tensor)  # awq: scales folded into norms/linears
             if info is not None:
-                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype,
-                                         prepared)
+                entry = _quantized_entry(name, tensor, info, float_spec, writer,
+                                         source_dtype, prepared, spec)
             else:
                 check_finite(name, tensor)
                 entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
@@ -204,23 +208,28 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
     return manifest
 
 
-def _quantized_entry(name, tensor, info, spec, writer, source_dtype, prepared) -> TensorEntry:
+def _quantized_entry(name, tensor, info, spec, writer, source_dtype, prepared,
+                     directory_spec: QuantSpec) -> TensorEntry:
     if prepared.settings.name == "rtn":
         quantized = quantize_weight(tensor, spec, name=name)
     else:
         quantized = prepared.quantize(name, tensor, spec)
-    return _imported_entry(name, quantized, info, writer, source_dtype)
+    return _imported_entry(name, quantized, info, writer, source_dtype, directory_spec)
 
 
-def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype) -> TensorEntry:
+def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype,
+                    directory_spec: QuantSpec) -> TensorEntry:
+    """The manifest entry of one quantized weight; it names its spec when that is not the
+    directory's."""
     if info is None:
         raise ConversionError(f"tensor {name!r} arrived quantized but the model has no "
                               "linear of that name; the source and its config disagree")
-    if not torch.isfinite(quantized.scales).all():
+    if not torch.isfinite(quantized.scale_values()).all():
         raise ConversionError(f"tensor {name!r} has non-finite scales: the source checkpoint "
                               "is damaged; re-download or re-export it")
     components = {part: writer.add(f"{name}.{part}", value)
                   for part, value in quantized.components().items()}
     role = "lm_head" if info.is_lm_head else "linear"
     shape = [quantized.out_features, quantized.in_features]
-    return TensorEntry(role, shape, source_dtype, components)
+    own = None if quantized.spec == directory_spec else spec_dict(quantized.spec)
+    return TensorEntry(role, shape, source_dtype, components, quant=own)

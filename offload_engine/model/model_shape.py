@@ -25,6 +25,9 @@ class LinearShape:
     out_features: int
     in_features: int
     is_lm_head: bool
+    # its own spec when a quantized directory mixes them (a GGUF Q4_K_M import); None: the
+    # model's (ModelShape.spec)
+    spec: Optional[QuantSpec] = None
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ModelShape:
     @property
     def embedding_elements(self) -> int:
         return self.vocab_size * self.hidden_size
+
+    def spec_of(self, linear: LinearShape) -> QuantSpec:
+        return linear.spec or self.spec
 
 
 def shape_from_config(hf_config, spec: QuantSpec, source: str, quantized: bool = False,
