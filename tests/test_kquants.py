@@ -53,6 +53,17 @@ def test_written_blocks_unpack_bit_exact(type_name):
     assert _same_bits(dequantize_weight(import_rows(type_name, raw, 512)).numpy(), theirs)
 
 
+def test_unpacking_in_chunks_equals_one_piece(monkeypatch):
+    for fmt in block_formats.FORMATS.values():
+        rows = block_formats.random_rows(fmt, 7, 2 * fmt.block_elements,
+                                         torch.Generator().manual_seed(4))
+        whole = block_formats.dequantize_rows(fmt, rows, 2 * fmt.block_elements)
+        with monkeypatch.context() as patch:
+            patch.setattr(block_formats, "CHUNK_ELEMENTS", 3 * fmt.block_elements)
+            chunked = block_formats.dequantize_rows(fmt, rows, 2 * fmt.block_elements)
+        assert torch.equal(whole, chunked), fmt.ggml_type
+
+
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
 def test_k_min_writer_is_read_back_by_gguf_py(type_name):
     """tests/tiny_gguf.py writes Q4_K/Q5_K itself (gguf-py cannot): gguf-py reads them back

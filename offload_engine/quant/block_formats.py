@@ -34,7 +34,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 QK_K = 256  # elements of a K-quant super-block
-CHUNK_BLOCKS = 1 << 14  # blocks dequantized at once: bounds the float32 temporaries
+CHUNK_ELEMENTS = 1 << 22  # elements dequantized at once: bounds the float32 temporaries
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -150,8 +150,9 @@ def dequantize_rows(fmt: BlockFormat, rows: torch.Tensor, in_features: int) -> t
     blocks = rows.reshape(-1, fmt.block_bytes)
     out = torch.empty(blocks.shape[0], fmt.block_elements, dtype=torch.float32,
                       device=rows.device)
-    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        out[start:start + CHUNK_BLOCKS] = fmt.dequantize(blocks[start:start + CHUNK_BLOCKS])
+    step = CHUNK_ELEMENTS // fmt.block_elements
+    for start in range(0, blocks.shape[0], step):
+        out[start:start + step] = fmt.dequantize(blocks[start:start + step])
     return out.reshape(out_features, in_features)
 
 
