@@ -107,9 +107,9 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
             f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
-    # Every stored scheme and fp16 scales are written too: one manifest holds one spec, so
-    # the linears an import cannot copy (an AWQ/GPTQ float lm_head, a GGUF Q4_1 model's
-    # Q6_K output) are quantized here with the imported spec (int4-min for GGUF Q4_1).
+    # Every stored scheme but the raw GGUF blocks, and fp16 scales, are written too: the
+    # linears an import cannot copy (an AWQ/GPTQ float lm_head, a GGUF's F16 output) are
+    # quantized here with the imported spec (int4-min for GGUF Q4_1).
     if spec.raw_blocks:
         raise QuantizationError(f"tensor {name!r}: scheme {spec.scheme} holds GGUF blocks as a "
                                 "file stores them; it is imported, never quantized here")
