@@ -21,6 +21,8 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
 
 RAW_TYPES = sorted(block_formats.BY_GGML_TYPE)
+# no quantizer here writes Q2_K/Q3_K (gguf-py cannot): those are checked on random blocks
+WRITTEN_TYPES = sorted(set(RAW_TYPES) - {"Q2_K", "Q3_K"})
 
 
 def _same_bits(ours: np.ndarray, theirs: np.ndarray) -> bool:
@@ -41,7 +43,7 @@ def test_random_blocks_unpack_bit_exact(type_name, scale):
     assert _same_bits(dequantize_weight(weight).numpy(), theirs), type_name
 
 
-@pytest.mark.parametrize("type_name", RAW_TYPES)
+@pytest.mark.parametrize("type_name", WRITTEN_TYPES)
 def test_written_blocks_unpack_bit_exact(type_name):
     """Blocks from a quantizer (gguf-py's for Q5_0/Q5_1, tests/tiny_gguf.py's K-quant
     writers) rather than random bytes: structured codes, zero sub-blocks."""
@@ -80,7 +82,8 @@ def test_k_min_writer_is_read_back_by_gguf_py(type_name):
 
 @pytest.mark.parametrize(("type_name", "bytes_per_param"), [
     ("Q4_K", 0.5625), ("Q5_K", 0.6875), ("Q6_K", 0.8203125), ("Q5_0", 0.6875),
-    ("Q5_1", 0.75), ("Q4_0", 0.5625), ("Q4_1", 0.625), ("Q8_0", 1.0625)])
+    ("Q5_1", 0.75), ("Q2_K", 0.328125), ("Q3_K", 0.4296875), ("Q4_0", 0.5625),
+    ("Q4_1", 0.625), ("Q8_0", 1.0625)])
 def test_bytes_per_parameter_are_the_files(type_name, bytes_per_param):
     block_type = EXACT_TYPES[type_name]
     assert block_type.bytes_per_param == bytes_per_param

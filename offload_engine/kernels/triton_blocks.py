@@ -1,4 +1,4 @@
-"""Reading a tile of a raw-block weight (GGUF Q4_K, Q5_K, Q6_K, Q5_0, Q5_1) in registers.
+"""Reading a tile of a raw-block weight (GGUF Q2_K ... Q6_K, Q5_0, Q5_1) in registers.
 
 The byte map is the one of :mod:`offload_engine.quant.block_formats` (llama.cpp's
 ``ggml-common.h``); each element of the (BLOCK_N, BLOCK_K) tile gathers its code bits,
@@ -22,6 +22,7 @@ Q5_K = tl.constexpr(FORMATS["gguf-q5_k"].kernel_code)
 Q6_K = tl.constexpr(FORMATS["gguf-q6_k"].kernel_code)
 Q5_0 = tl.constexpr(FORMATS["gguf-q5_0"].kernel_code)
 Q5_1 = tl.constexpr(FORMATS["gguf-q5_1"].kernel_code)
+Q2_K = tl.constexpr(FORMATS["gguf-q2_k"].kernel_code)
 
 
 @triton.jit
@@ -78,6 +79,35 @@ def _q6_k_tile(q_ptr, base, e, mask):
 
 
 @triton.jit
+def _two_bit(q_ptr, base, e, mask):
+    """Q2_K/Q3_K: the 2-bit code of element e from 64 bytes at ``base``."""
+    return (_byte(q_ptr, base + (e // 128) * 32 + e % 32, mask) >> (((e % 128) // 32) * 2)) & 3
+
+
+@triton.jit
+def _q2_k_tile(q_ptr, base, e, mask):
+    """Q2_K: d * sc * q - dmin * m, a 4-bit scale and min per 16 elements."""
+    packed = _byte(q_ptr, base + e // 16, mask)
+    q = _two_bit(q_ptr, base + 16, e, mask)
+    step = _fp16(q_ptr, base + 80, mask) * (packed & 15).to(tl.float32)
+    low = _fp16(q_ptr, base + 82, mask) * (packed >> 4).to(tl.float32)
+    return step * q.to(tl.float32) - low
+
+
+@triton.jit
+def _q3_k_tile(q_ptr, base, e, mask):
+    """Q3_K: d * (sc - 32) * (low - 4 * (1 - high)), a 6-bit scale per 16 elements."""
+    t = e // 16  # sub-block: low nibble from byte t % 8 (high nibble for t >= 8),
+    low_bits = (_byte(q_ptr, base + 96 + t % 8, mask) >> ((t // 8) * 4)) & 15
+    top = (_byte(q_ptr, base + 104 + t % 4, mask) >> ((t // 4) * 2)) & 3  # two bits: byte t % 4
+    sc = (low_bits | (top << 4)) - 32
+    high = (_byte(q_ptr, base + e % 32, mask) >> (e // 32)) & 1
+    q = _two_bit(q_ptr, base + 32, e, mask) - 4 * (1 - high)
+    step = _fp16(q_ptr, base + 108, mask) * sc.to(tl.float32)
+    return step * q.to(tl.float32)
+
+
+@triton.jit
 def _q5_tile(q_ptr, base, e, mask, HAS_MIN: tl.constexpr):
     """Q5_0 (d * (q - 16)) and Q5_1 (d * q + m): 32-element blocks."""
     qh_at = 4 if HAS_MIN else 2
@@ -114,6 +144,10 @@ def load_block_tile(
         w = _q6_k_tile(q_ptr, base, e, mask)
     elif BLOCKS == Q5_0:
         w = _q5_tile(q_ptr, base, e, mask, False)
-    else:
+    elif BLOCKS == Q5_1:
         w = _q5_tile(q_ptr, base, e, mask, True)
+    elif BLOCKS == Q2_K:
+        w = _q2_k_tile(q_ptr, base, e, mask)
+    else:
+        w = _q3_k_tile(q_ptr, base, e, mask)
     return tl.where(mask, w, 0.0)

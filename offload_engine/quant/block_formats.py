@@ -2,8 +2,8 @@
 
 Some GGUF types cannot be turned into our group layout without rounding or growing
 (see docs/import.md): the K-quants' effective scale ``d * sub_scale`` is an fp16 times a
-6- or 8-bit integer, which is no fp16 in general, and Q5's 5-bit codes have no place in a
-nibble. A weight in one of these types is stored as the file stores it: qweight is its
+4- to 8-bit integer, which is no fp16 in general, and 2-, 3-, 5- and 6-bit codes have no
+place in a nibble. A weight in one of these types is stored as the file stores it: qweight is its
 uint8 rows, ``K / block_elements * block_bytes`` bytes each, with no scales component;
 the scheme names the block type. The functions here read those bytes into float32
 exactly as gguf-py's ``gguf.quants.dequantize`` (and llama.cpp's ``dequantize_row_*``)
@@ -24,6 +24,13 @@ Block layouts (llama.cpp ``ggml-common.h``; element e of a block, sub-block j):
 - Q5_0, 32 elements, 22 bytes: fp16 d, a little-endian uint32 of fifth bits, 16 bytes of
   nibbles (element i < 16 low nibble of byte i, i + 16 its high nibble); d*(q - 16).
 - Q5_1, 32 elements, 24 bytes: fp16 d, fp16 m, then as Q5_0; value = d*q + m.
+- Q2_K, 256 elements, 84 bytes: 16 bytes of 4-bit scale (low) and min (high) per
+  sub-block of 16, 64 bytes of 2-bit codes (e = 128h + 32s + i: bits 2s of byte 32h + i),
+  fp16 d, fp16 dmin; value = d*sc*q - dmin*m.
+- Q3_K, 256 elements, 110 bytes: 32 bytes of high bits (bit j of byte i belongs to element
+  32j + i; a set bit means no offset), 64 bytes of 2-bit low parts (as Q2_K), 12 bytes of
+  6-bit scales for 16 sub-blocks of 16 (:func:`k3_scales`), fp16 d;
+  value = d*(sc - 32)*(low - 4*(1 - high)).
 """
 
 from __future__ import annotations
@@ -93,6 +100,42 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (step * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
+def _two_bit(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K's 64 bytes (n, 64) -> (n, 16, 16) two-bit codes, element order."""
+    n = qs.shape[0]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    return ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 16, 16)
+
+
+def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    scales = (blocks[:, :16] & 15).to(torch.float32)  # (n, 16)
+    mins = (blocks[:, :16] >> 4).to(torch.float32)
+    step = (_f16(blocks, 80) * scales).unsqueeze(-1)  # (n, 16, 1)
+    low = (_f16(blocks, 82) * mins).unsqueeze(-1)
+    return (step * _two_bit(blocks[:, 16:80]).to(torch.float32) - low).reshape(n, QK_K)
+
+
+def k3_scales(packed: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 bytes (n, 12) -> the 16 signed 6-bit scales (n, 16) float32: bytes 0-7 hold
+    the low nibbles of scales 0-7 (low) and 8-15 (high), bytes 8-11 two bits of each."""
+    n = packed.shape[0]
+    low = (packed[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8)
+           .reshape(1, 2, 1)).reshape(n, 16) & 15
+    high = (packed[:, 8:12].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+            .reshape(1, 4, 1)).reshape(n, 16) & 3
+    return (low | (high << 4)).to(torch.float32) - 32
+
+
+def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    shifts = torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)
+    high = ((blocks[:, :32].reshape(n, 1, 32) >> shifts) & 1).reshape(n, 16, 16)
+    q = _two_bit(blocks[:, 32:96]).to(torch.float32) - 4 * (1 - high).to(torch.float32)
+    step = (_f16(blocks, 108) * k3_scales(blocks[:, 96:108])).unsqueeze(-1)  # (n, 16, 1)
+    return (step * q).reshape(n, QK_K)
+
+
 def _q5_codes(blocks: torch.Tensor, qh_at: int) -> torch.Tensor:
     """Q5_0/Q5_1: the 32 five-bit codes (n, 32) from the uint32 of high bits at ``qh_at``."""
     n = blocks.shape[0]
@@ -134,6 +177,8 @@ FORMATS: Dict[str, BlockFormat] = {f.scheme: f for f in (
     BlockFormat("gguf-q6_k", "Q6_K", 3, QK_K, 210, 6, (208,), _q6_k),
     BlockFormat("gguf-q5_0", "Q5_0", 4, 32, 22, 5, (0,), _q5_0),
     BlockFormat("gguf-q5_1", "Q5_1", 5, 32, 24, 5, (0, 2), _q5_1),
+    BlockFormat("gguf-q2_k", "Q2_K", 6, QK_K, 84, 2, (80, 82), _q2_k),
+    BlockFormat("gguf-q3_k", "Q3_K", 7, QK_K, 110, 3, (108,), _q3_k),
 )}
 BLOCK_SCHEMES = tuple(FORMATS)
 BY_GGML_TYPE: Dict[str, BlockFormat] = {f.ggml_type: f for f in FORMATS.values()}

@@ -13,7 +13,7 @@ our ``int4-min`` (code * scale + min), Q8_0 our ``int8``, all with group 32 and 
 scales. Only the nibble order differs (ours: element 2j low, 2j + 1 high), so codes are
 unpacked and packed again; no value is rounded.
 
-K-quants (Q4_K, Q5_K, Q6_K) hold 6- or 8-bit sub-block scales under a super-block fp16
+K-quants (Q2_K ... Q6_K) hold 4- to 8-bit sub-block scales under a super-block fp16
 scale: their effective per-group scale d * sc is a product of an fp16 and an integer that
 does not in general round to an fp16, and Q5_0/Q5_1 have 5-bit codes. Those are kept as
 the file's own blocks (the raw-block schemes of :mod:`.block_formats`): qweight is the

@@ -2,11 +2,11 @@
 
 Linear weights of an exact GGUF type are imported exactly, each with its own type (see
 :mod:`offload_engine.quant.gguf_blocks`): Q4_0, Q4_1 and Q8_0 codes, fp16 scales and
-minimums are copied into our layout; Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 blocks are copied
-as they are. So a Q4_K_M file (Q4_K and Q6_K, with Q5_0/Q8_0 where a row is not a whole
+minimums are copied into our layout; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 blocks
+are copied as they are. So a Q4_K_M file (Q4_K and Q6_K, with Q5_0/Q8_0 where a row is not a whole
 number of 256-element super-blocks) is copied whole. The manifest's spec is that of the
 exact type holding most linear parameters; the others are named per tensor. Linears of
-other types (F16/F32, the IQ and TQ types, Q2_K, Q3_K) are dequantized and quantized here
+other types (F16/F32, the IQ and TQ types) are dequantized and quantized here
 with ``requantize_spec``, listed in ``requantized`` as the AWQ/GPTQ sources list their
 float ``lm_head``, provided exact types hold more than half of the linear parameters;
 otherwise the file is refused before any work, unless ``--requantize``. Every other tensor
