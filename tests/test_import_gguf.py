@@ -31,7 +31,11 @@ def assert_bit_exact(type_name, raw, in_features):
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), type_name
 
 
-@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+# The types unpacked into our layout; the raw-block ones: tests/test_kquants.py.
+LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+@pytest.mark.parametrize("type_name", LAYOUT_TYPES)
 def test_random_blocks_are_bit_exact(type_name):
     rng = np.random.default_rng(0)
     block_bytes = EXACT_TYPES[type_name].block_bytes
@@ -137,16 +141,35 @@ def _half_step_bound(hidden: torch.Tensor, scales: torch.Tensor, group: int) -> 
     return hidden_per_group @ (scales.to(torch.float32) / 2).T
 
 
-@pytest.mark.parametrize("output_type", ["Q8_0", "F16", "Q6_K"])
-def test_other_output_type_is_requantized_and_the_rest_copied(tmp_path, llama_untied,
-                                                               untied_q4_0, output_type):
-    """llama.cpp's Q4_0 file has a Q6_K output.weight (Q8_0 and F16 are other users' files):
-    every Q4_0 linear is copied bit for bit, lm_head is quantized here with int4 g32 fp16."""
+@pytest.mark.parametrize("output_type", ["Q8_0", "Q6_K"])
+def test_other_exact_output_type_is_copied_with_its_own_spec(tmp_path, llama_untied,
+                                                             untied_q4_0, output_type):
+    """llama.cpp's Q4_0 file has a Q6_K output.weight (Q8_0 is other users' files): it is
+    copied exactly with its own spec, and every Q4_0 linear as an all-Q4_0 import holds it."""
+    path = tiny_gguf.write_llama_gguf(tmp_path / "mixed.gguf", llama_untied,
+                                      linear_types={"output.weight": output_type},
+                                      default_type="Q4_0")
+    summary = convert(path, tmp_path / "q", progress=False)
+    assert summary.requantized == () and summary.quantized == 15
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest.spec == EXACT_TYPES["Q4_0"].spec and manifest.source["exact"] is True
+    assert manifest.spec_of(manifest.tensors["lm_head.weight"]) == EXACT_TYPES[output_type].spec
+    ours, exact = _stored(tmp_path / "q"), _stored(untied_q4_0)
+    for key in exact:
+        if not key.startswith("lm_head."):
+            assert torch.equal(ours[key], exact[key]), key
+
+
+def test_float_output_is_requantized_and_the_rest_copied(tmp_path, llama_untied, untied_q4_0):
+    """An F16 output.weight beside Q4_0 linears (other users' files): every Q4_0 linear is
+    copied bit for bit, lm_head is quantized here with int4 g32 fp16."""
     from transformers import AutoModelForCausalLM
 
     from offload_engine import load
     from offload_engine.checkpoint.sources.gguf import GGUFSource
     from offload_engine.quant.quantize import quantize_weight
+
+    output_type = "F16"
 
     path = tiny_gguf.write_llama_gguf(tmp_path / "mixed.gguf", llama_untied,
                                       linear_types={"output.weight": output_type},
@@ -186,7 +209,7 @@ def test_other_output_type_is_requantized_and_the_rest_copied(tmp_path, llama_un
           f"top-1 agreement {(logits.argmax(-1) == theirs.argmax(-1)).float().mean():.3f}")
 
 
-@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+@pytest.mark.parametrize("type_name", LAYOUT_TYPES + ("Q5_0", "Q5_1"))
 def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_name):
     from transformers import AutoModelForCausalLM
 
@@ -204,23 +227,24 @@ def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_
     tiny.assert_engine_matches(tmp_path / "q", reference)
 
 
-def test_mixed_types_import_the_majority_type_and_refuse_without_one(tmp_path, llama_f32):
+def test_mixed_types_are_copied_each_and_refused_when_mostly_inexact(tmp_path, llama_f32):
     # One Q8_0 ffn_down among Q4_1 linears (what llama.cpp's quantizer does to a few
-    # tensors): the Q4_1 linears are copied, the Q8_0 one is quantized here as int4-min.
+    # tensors): every linear is copied, the Q8_0 one with its own spec.
     path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.1.ffn_down.weight": "Q8_0"})
     summary = convert(path, tmp_path / "q", progress=False)
-    assert summary.requantized == ("model.layers.1.mlp.down_proj.weight",)
+    assert summary.requantized == ()
     manifest = read_manifest(tmp_path / "q")
-    assert manifest.spec == EXACT_TYPES["Q4_1"].spec and manifest.source["exact"] is False
-    assert manifest.source["requantized"] == ["model.layers.1.mlp.down_proj.weight"]
-    # No exact type holds more than half of the parameters (attention 37.5% Q4_1, each
-    # layer's MLP 31.25%): refused before any work, unless everything is re-quantized.
-    split = {f"blk.{layer}.ffn_{name}.weight": kind for layer, kind in ((0, "Q8_0"), (1, "Q4_0"))
+    assert manifest.spec == EXACT_TYPES["Q4_1"].spec and manifest.source["exact"] is True
+    down = manifest.tensors["model.layers.1.mlp.down_proj.weight"]
+    assert manifest.spec_of(down) == EXACT_TYPES["Q8_0"].spec
+    # Exact types hold no more than half of the parameters (attention 37.5% Q4_1, the MLPs
+    # F32): refused before any work, unless everything is re-quantized.
+    split = {f"blk.{layer}.ffn_{name}.weight": "F32" for layer in (0, 1)
              for name in ("gate", "up", "down")}
     path = _gguf_file(tmp_path, llama_f32, linear_types=split)
-    with pytest.raises(SourceError, match=r"cannot be imported exactly \(no exact type holds "
-                                          r"more than half.*Q4_1: 8 tensors, 37.5%.*Q8_0: 3 "
-                                          r"tensors, 31.2%.*--requantize"):
+    with pytest.raises(SourceError, match=r"cannot be imported exactly \(exact types hold "
+                                          r"37.5% .*F32: 6 tensors, 62.5%.*Q4_1: 8 "
+                                          r"tensors, 37.5%.*--requantize"):
         convert(path, tmp_path / "q2", progress=False)
     assert not (tmp_path / "q2").exists()
     summary = convert(path, tmp_path / "q2", QuantSpec("int4-asym", 32), progress=False,
@@ -231,18 +255,20 @@ def test_mixed_types_import_the_majority_type_and_refuse_without_one(tmp_path, l
     assert manifest.source["requantized"] == []
 
 
-def test_majority_is_counted_in_parameters_not_tensors(tmp_path, llama_f32):
+def test_main_type_is_counted_in_parameters_not_tensors(tmp_path, llama_f32):
     """8 attention tensors in Q4_1 hold 37.5% of the parameters, 6 MLP tensors in Q8_0 the
-    rest: the import is int8, the MLP codes are those of an all-Q8_0 file."""
+    rest: the directory's spec is int8, the attention tensors name their own (int4-min),
+    and the MLP codes are those of an all-Q8_0 file."""
     attention = {f"blk.{layer}.attn_{name}.weight": "Q4_1" for layer in range(2)
                  for name in ("q", "k", "v", "output")}
     path = _gguf_file(tmp_path, llama_f32, linear_types=attention, default_type="Q8_0")
     convert(path, tmp_path / "q", progress=False)
     manifest = read_manifest(tmp_path / "q")
-    assert manifest.spec == EXACT_TYPES["Q8_0"].spec and manifest.source["exact"] is False
-    assert sorted(manifest.source["requantized"]) == sorted(
-        f"model.layers.{layer}.self_attn.{name}_proj.weight" for layer in range(2)
-        for name in ("q", "k", "v", "o"))
+    assert manifest.spec == EXACT_TYPES["Q8_0"].spec and manifest.source["exact"] is True
+    assert manifest.source["requantized"] == []
+    assert {manifest.spec_of(manifest.tensors[f"model.layers.{layer}.self_attn.{name}_proj."
+                                              "weight"])
+            for layer in range(2) for name in "qkvo"} == {EXACT_TYPES["Q4_1"].spec}
     all_q8 = tiny_gguf.write_llama_gguf(tmp_path / "all.gguf", llama_f32, linear_types={},
                                         default_type="Q8_0")
     convert(all_q8, tmp_path / "all", progress=False)
@@ -252,18 +278,18 @@ def test_majority_is_counted_in_parameters_not_tensors(tmp_path, llama_f32):
     assert all(torch.equal(ours[key], reference[key]) for key in mlp)
 
 
-@pytest.mark.parametrize("case", ["Q6_K", "F32"])
-def test_k_quant_linears_say_what_to_do(tmp_path, llama_f32, llama_untied, case):
+@pytest.mark.parametrize("case", ["IQ4_NL", "F32"])
+def test_inexact_linears_say_what_to_do(tmp_path, llama_f32, llama_untied, case):
     if case == "F32":  # nothing exact at all
         path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type="F32")
         expected = r"types F32 have no exact import.*--requantize"
-    else:  # mostly K-quant, as a Q4_K_M file is: a few exact linears do not make an import
+    else:  # mostly IQ4_NL: a few exact linears do not make an import
         path = tiny_gguf.write_llama_gguf(
-            tmp_path / "k.gguf", llama_untied, default_type="Q6_K",
+            tmp_path / "k.gguf", llama_untied, default_type="IQ4_NL",
             linear_types={"blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "Q4_0"})
-        expected = (r"no exact type holds more than half of their parameters; types Q6_K have "
-                    r"no exact import; linears by type: Q6_K: 13 tensors, 90.0% of the "
-                    r"parameters .*Q4_0: 2 tensors, 10.0%.*--requantize")
+        expected = (r"exact types hold 10.0% of their parameters, not more than half; types "
+                    r"IQ4_NL have no exact import; linears by type: IQ4_NL: 13 tensors, 90.0% "
+                    r"of the parameters .*Q4_0: 2 tensors, 10.0%.*--requantize")
     with pytest.raises(SourceError, match=expected):
         convert(path, tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
@@ -374,10 +400,10 @@ def test_prequantized_safetensors_are_refused_before_work(tmp_path, llama_f32):
 def test_cli_names_requantized_linears_and_requantize_flag(tmp_path, llama_f32, capsys):
     from offload_engine.cli import main
 
-    path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.0.attn_v.weight": "Q4_0"})
+    path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.0.attn_v.weight": "F32"})
     v_proj = "model.layers.0.self_attn.v_proj.weight"
     assert main(["quantize", str(path), str(tmp_path / "q"), "--no-progress"]) == 0
-    assert f"imported exactly from gguf Q4_0/Q4_1, except 1 linear(s) quantized here: {v_proj}" \
+    assert f"imported exactly from gguf F32/Q4_1, except 1 linear(s) quantized here: {v_proj}" \
         in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "q"), "--no-progress"]) == 0
     assert f"quantized here, from float: {v_proj}" in capsys.readouterr().out
@@ -385,7 +411,7 @@ def test_cli_names_requantized_linears_and_requantize_flag(tmp_path, llama_f32, 
                  "int4", "--group-size", "32", "--no-progress"]) == 0
     manifest = read_manifest(tmp_path / "r")
     assert manifest.spec == QuantSpec("int4", 32) and manifest.source["exact"] is False
-    assert manifest.source["format"] == "gguf Q4_0/Q4_1" and manifest.source["requantized"] == []
+    assert manifest.source["format"] == "gguf F32/Q4_1" and manifest.source["requantized"] == []
     nothing_exact = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type="F32")
     assert main(["quantize", str(nothing_exact), str(tmp_path / "s"), "--no-progress"]) == 2
     assert "--requantize" in capsys.readouterr().err

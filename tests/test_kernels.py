@@ -11,8 +11,9 @@ import torch
 
 from offload_engine.kernels import gateway
 from offload_engine.kernels.selfcheck import Case, compare, make_inputs, run_case
+from offload_engine.quant import block_formats
 from offload_engine.quant.layout import QuantSpec
-from offload_engine.quant.quantize import quantize_weight
+from offload_engine.quant.quantize import dequantize_weight, quantize_weight
 
 pytest.importorskip("triton")
 
@@ -141,3 +142,40 @@ def test_imported_layouts_match_reference(path, scheme):
         for dtype in (torch.float16, torch.float32):
             case = Case(path, scheme, 32, 70, 160, rows, dtype, scale_dtype="fp16")
             assert_ok(run_case(case, DEVICE, seed=4))
+
+
+# GGUF raw blocks (K-quants, Q5_0/Q5_1): N not a multiple of BLOCK_N, K three super-blocks
+# (or nine 32-element blocks: a partial K tile), decode and prefill paths, three dtypes.
+@pytest.mark.parametrize("scheme", block_formats.BLOCK_SCHEMES)
+def test_raw_block_layouts_match_reference(scheme):
+    fmt = block_formats.FORMATS[scheme]
+    k_in = 3 * fmt.block_elements if fmt.block_elements == 256 else 9 * fmt.block_elements
+    for path, rows, dtype in ((gateway.TRITON_GEMV, 1, torch.bfloat16),
+                              (gateway.TRITON_GEMV, 5, torch.float16),
+                              (gateway.TRITON_DEQUANT_MATMUL, 40, torch.float32)):
+        case = Case(path, scheme, fmt.block_elements, 70, k_in, rows, dtype, scale_dtype="fp16")
+        assert_ok(run_case(case, DEVICE, seed=5))
+
+
+@pytest.mark.parametrize("scheme", block_formats.BLOCK_SCHEMES)
+def test_raw_block_dequant_kernel_is_bit_exact(scheme):
+    """The prefill kernel's float32 tile equals the reference dequantization bit for bit."""
+    from offload_engine.kernels.triton_dequant import dequantize_into
+
+    fmt = block_formats.FORMATS[scheme]
+    case = Case(gateway.TRITON_DEQUANT_MATMUL, scheme, fmt.block_elements, 33,
+                2 * fmt.block_elements, 1, torch.float32, scale_dtype="fp16")
+    _, weight, _ = make_inputs(case, DEVICE, seed=6)
+    out = torch.empty(33, 2 * fmt.block_elements, device=DEVICE)
+    dequantize_into(weight, out)
+    assert torch.equal(out, dequantize_weight(weight).to(DEVICE))
+
+
+def test_raw_block_gemv_split_k():
+    from offload_engine.kernels.triton_gemv import GemvConfig, gemv
+
+    case = Case(gateway.TRITON_GEMV, "gguf-q4_k", 256, 40, 1280, 3, torch.float32,
+                scale_dtype="fp16")
+    x, weight, bias = make_inputs(case, DEVICE, seed=7)
+    y = gemv(x, weight, bias, config=GemvConfig(block_n=32, block_k=256, split_k=2))
+    assert_ok(compare(case, y, x, weight, bias))

@@ -59,7 +59,7 @@ def test_asymmetric_is_no_worse_on_shifted_weights():
     assert errors["int4-asym"] < errors["int4"] / 2
 
 
-@pytest.mark.parametrize("scheme", layout.STORED_SCHEMES)
+@pytest.mark.parametrize("scheme", layout.QUANTIZABLE_SCHEMES)
 def test_all_zero_groups_round_trip_to_zero(scheme):
     weight = torch.zeros(8, 256)
     weight[:, 128:] = torch.linspace(-1, 1, 128)
@@ -69,7 +69,7 @@ def test_all_zero_groups_round_trip_to_zero(scheme):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 576), (7, 33), (130, 129)])
-@pytest.mark.parametrize("scheme", layout.STORED_SCHEMES)
+@pytest.mark.parametrize("scheme", layout.QUANTIZABLE_SCHEMES)
 def test_odd_shapes_keep_true_size_and_layout(shape, scheme):
     spec = QuantSpec(scheme, 64)
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16)

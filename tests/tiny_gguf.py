@@ -5,8 +5,9 @@ gguf-py's tensor name map (``blk.N.attn_q.weight`` ...), q and k projections per
 for llama.cpp's rotary layout (``LlamaModel.permute``: rows reshaped to
 (heads, 2, head_dim / 2) and the two inner axes swapped), weights quantized with
 gguf-py's own ``gguf.quants.quantize``, the tokenizer as a "gpt2" BPE vocabulary.
-gguf-py (0.19) cannot quantize to Q6_K, the type llama.cpp gives the output matrix of a
-Q4_0/Q4_1 file, so :func:`quantize_q6_k` writes that block here.
+gguf-py (0.19) cannot quantize to the K-quants (Q6_K is the type llama.cpp gives the
+output matrix of a Q4_0/Q4_1 file; Q4_K, Q5_K and Q6_K make up its Q4_K_M and Q5_K_M
+files), so :func:`quantize_q6_k` and :func:`quantize_k_min` write those blocks here.
 """
 
 from __future__ import annotations
@@ -54,12 +55,76 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def _k4_scale_bytes(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """(blocks, 8) 6-bit scales and mins -> the 12 packed bytes of Q4_K/Q5_K (gguf-py's
+    ``Q4_K.get_scale_min`` read backwards)."""
+    low = (scales[:, :4] & 63) | ((scales[:, 4:] >> 4) << 6)
+    low_m = (mins[:, :4] & 63) | ((mins[:, 4:] >> 4) << 6)
+    nibbles = (scales[:, 4:] & 15) | ((mins[:, 4:] & 15) << 4)
+    return np.concatenate([low, low_m, nibbles], axis=1).astype(np.uint8)
+
+
+def quantize_k_min(values: np.ndarray, bits: int) -> np.ndarray:
+    """(N, K) float32, K a multiple of 256 -> Q4_K (bits 4, 144 bytes per 256 elements) or
+    Q5_K (bits 5, 176 bytes) blocks.
+
+    Layout (llama.cpp ``block_q4_K``/``block_q5_K``): fp16 d, fp16 dmin, 12 bytes of 6-bit
+    sub-block scales and mins, for Q5_K 32 bytes of fifth bits (bit j of byte i belongs to
+    element 32j + i), then nibbles (element 64c + 32s + i is nibble s of byte 32c + i);
+    value = d * scale[j] * q - dmin * min[j] for sub-block j of 32. Round to nearest over
+    each sub-block's range widened to include 0 (llama.cpp searches its scales instead).
+    """
+    rows, top = values.shape[0], (1 << bits) - 1
+    sub = values.astype(np.float32).reshape(-1, 8, 32)  # (blocks, sub-blocks, 32)
+    low = np.minimum(sub.min(axis=-1), 0)
+    step = (sub.max(axis=-1) - low) / top  # (blocks, 8)
+    d = (step.max(axis=-1) / 63).astype(np.float16)
+    dmin = (-low.min(axis=-1) / 63).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    scales = np.round(step / np.where(d32 > 0, d32, 1)).clip(0, 63).astype(np.uint8)
+    mins = np.round(-low / np.where(dmin32 > 0, dmin32, 1)).clip(0, 63).astype(np.uint8)
+    eff, offset = d32 * scales, dmin32 * mins  # as gguf-py computes them
+    q = np.round((sub + offset[..., None]) / np.where(eff > 0, eff, 1)[..., None])
+    q = q.clip(0, top).astype(np.uint8).reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)  # (blocks, 4, 32)
+    parts = [d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
+             _k4_scale_bytes(scales, mins)]
+    if bits == 5:
+        fifth = (q.reshape(-1, 8, 32) >> 4) & 1  # (blocks, j, i)
+        parts.append((fifth << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
+            axis=1, dtype=np.uint8))
+    parts.append(qs.reshape(-1, 128))
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+def quantize_iq4_nl(values: np.ndarray) -> np.ndarray:
+    """(N, K) float32, K a multiple of 32 -> IQ4_NL blocks (18 bytes: fp16 d, 16 bytes of
+    nibbles in Q4_0's order); value = d * kvalues[q], the non-linear grid gguf-py reads.
+    Nearest grid value with d = absmax / 127 (llama.cpp searches d): a type we refuse, for
+    tests of the refusal."""
+    import gguf
+
+    rows = values.shape[0]
+    blocks = values.astype(np.float32).reshape(-1, 32)
+    d = (np.abs(blocks).max(axis=-1) / 127).astype(np.float16)
+    d32 = np.where(d > 0, d.astype(np.float32), 1)[:, None]
+    grid = np.array(gguf.quants.IQ4_NL.kvalues, dtype=np.float32)
+    q = np.abs(blocks[..., None] / d32[..., None] - grid).argmin(axis=-1).astype(np.uint8)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([d.reshape(-1, 1).view(np.uint8), qs], axis=1).reshape(rows, -1)
+
+
 def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
-    """GGUF bytes of ``values`` in ``type_name``: gguf-py's quantizer, ours for Q6_K."""
+    """GGUF bytes of ``values`` in ``type_name``: gguf-py's quantizer, ours for the
+    K-quants."""
     import gguf
 
     if type_name == "Q6_K":
         return quantize_q6_k(values)
+    if type_name in ("Q4_K", "Q5_K"):
+        return quantize_k_min(values, 4 if type_name == "Q4_K" else 5)
+    if type_name == "IQ4_NL":
+        return quantize_iq4_nl(values)
     return gguf.quants.quantize(values, gguf.GGMLQuantizationType[type_name])
 
 

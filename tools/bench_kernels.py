@@ -112,6 +112,28 @@ def check_cases(on_gpu: bool) -> list:
                               for m in gemv_rows]
                     cases += [Case(gateway.TRITON_DEQUANT_MATMUL, scheme, group, n_out, k_in,
                                    m, dtype) for m in matmul_rows]
+    return cases + raw_block_cases(on_gpu, gemv_rows, matmul_rows)
+
+
+def raw_block_cases(on_gpu: bool, gemv_rows, matmul_rows) -> list:
+    """GGUF blocks held as they are (Q4_K, Q5_K, Q6_K, Q5_0, Q5_1): rows of whole blocks."""
+    import torch
+
+    from offload_engine.kernels import gateway
+    from offload_engine.kernels.selfcheck import Case
+    from offload_engine.quant.block_formats import FORMATS
+
+    cases = []
+    for scheme, fmt in FORMATS.items():
+        blocks = (20, 108) if on_gpu else (3,)  # 108 super-blocks: a 27648-wide down_proj
+        for n_out in ((5120, 333) if on_gpu else (70,)):
+            for k_in in (b * fmt.block_elements for b in blocks):
+                for dtype in (torch.bfloat16, torch.float16):
+                    cases += [Case(path, scheme, fmt.block_elements, n_out, k_in, m, dtype,
+                                   scale_dtype="fp16")
+                              for path, rows in ((gateway.TRITON_GEMV, gemv_rows),
+                                                 (gateway.TRITON_DEQUANT_MATMUL, matmul_rows))
+                              for m in rows]
     return cases
 
 

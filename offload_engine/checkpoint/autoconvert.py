@@ -129,7 +129,8 @@ def _convert(path: Path, target: Path, settings: ConversionSettings, progress: b
         return run(False)
     except InexactImportError as exc:
         logger.info("%s", exc)
-        say(f"{path.name}: its linears cannot be imported exactly (K-quants or mixed types); "
+        say(f"{path.name}: its linears cannot be imported exactly (IQ or other types with no "
+            "exact import hold most of them); "
             f"quantizing them again with {settings.spec.scheme} g{settings.spec.group_size} "
             "(lossy, docs/import.md)")
         return run(True)

@@ -27,7 +27,7 @@ from ..units import format_bytes
 from ..version import __version__
 from . import checksums, stfile
 from .destination import check_destination, staged_output
-from .format import MANIFEST_NAME, Component, Manifest, TensorEntry
+from .format import MANIFEST_NAME, Component, Manifest, TensorEntry, spec_dict
 from .keymap import KeyMap
 from .methods import MethodSettings, choose_method, prepare_method
 from .sources import open_source
@@ -134,9 +134,11 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
 
     A source whose weights our layout holds exactly is imported as it is (``spec`` is
     then the source's, and ``method`` does not apply: nothing is rounded); ``requantize``
-    quantizes its dequantized weights with ``spec`` and ``method``. ``notify`` gets the
-    one-line notes meant for the user: which method ``auto`` chose and why, and the
-    estimated time of a long calibration; ``announce``, a line for ``notify`` once the
+    quantizes its dequantized weights with ``spec`` and ``method``. A source may yield
+    weights of several specs (a GGUF Q4_K_M file): each is written with its own, and the
+    float linears it cannot copy are quantized with its ``requantize_spec``. ``notify``
+    gets the one-line notes meant for the user: which method ``auto`` chose and why, and
+    the estimated time of a long calibration; ``announce``, a line for ``notify`` once the
     source has opened (so a source that cannot be read gets its one-line error alone).
     """
     started = time.perf_counter()
@@ -194,6 +196,8 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
                    shard_bytes: int, progress: bool, prepared) -> Manifest:
     weight_names = {f"{name}.weight": info for name, info in linears.items()}
     tied = architecture.ties_embeddings(source.config)
+    # float linears of an import are quantized with this (we never write raw GGUF blocks)
+    float_spec = getattr(source, "requantize_spec", None) or spec
     writer = ShardWriter(tmp, shard_bytes)
     manifest = Manifest(scheme=spec.scheme, group_size=spec.group_size, source={},
                         created_by=f"offload-engine {__version__}", scale_dtype=spec.scale_dtype)
@@ -212,14 +216,14 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
             info = weight_names.get(name)
             if isinstance(tensor, QuantizedWeight):  # imported exactly
                 manifest.tensors[name] = _imported_entry(name, tensor, info, writer,
-                                                         source_dtype)
+                                                         source_dtype, spec)
                 bar.update(nbytes)
                 continue
             source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
             tensor = prepared.adjust(name, tensor)  # awq: scales folded into norms/linears
             if info is not None:
-                entry = _quantized_entry(name, tensor, info, spec, writer, source_dtype,
-                                         prepared)
+                entry = _quantized_entry(name, tensor, info, float_spec, writer,
+                                         source_dtype, prepared, spec)
             else:
                 check_finite(name, tensor)
                 entry = TensorEntry(architecture.dense_role(skeleton, name), list(tensor.shape),
@@ -237,23 +241,28 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
     return manifest
 
 
-def _quantized_entry(name, tensor, info, spec, writer, source_dtype, prepared) -> TensorEntry:
+def _quantized_entry(name, tensor, info, spec, writer, source_dtype, prepared,
+                     directory_spec: QuantSpec) -> TensorEntry:
     if prepared.settings.name == "rtn":
         quantized = quantize_weight(tensor, spec, name=name)
     else:
         quantized = prepared.quantize(name, tensor, spec)
-    return _imported_entry(name, quantized, info, writer, source_dtype)
+    return _imported_entry(name, quantized, info, writer, source_dtype, directory_spec)
 
 
-def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype) -> TensorEntry:
+def _imported_entry(name, quantized: QuantizedWeight, info, writer, source_dtype,
+                    directory_spec: QuantSpec) -> TensorEntry:
+    """The manifest entry of one quantized weight; it names its spec when that is not the
+    directory's."""
     if info is None:
         raise ConversionError(f"tensor {name!r} arrived quantized but the model has no "
                               "linear of that name; the source and its config disagree")
-    if not torch.isfinite(quantized.scales).all():
+    if not torch.isfinite(quantized.scale_values()).all():
         raise ConversionError(f"tensor {name!r} has non-finite scales: the source checkpoint "
                               "is damaged; re-download or re-export it")
     components = {part: writer.add(f"{name}.{part}", value)
                   for part, value in quantized.components().items()}
     role = "lm_head" if info.is_lm_head else ("expert" if info.is_expert else "linear")
     shape = [quantized.out_features, quantized.in_features]
-    return TensorEntry(role, shape, source_dtype, components)
+    own = None if quantized.spec == directory_spec else spec_dict(quantized.spec)
+    return TensorEntry(role, shape, source_dtype, components, quant=own)

@@ -84,6 +84,7 @@ def quantization_config(manifest: Manifest, ignore: list) -> dict:
 
 def check_exportable(manifest: Manifest, where: Path) -> None:
     """Refuse, before any work, what compressed-tensors cannot express."""
+    _check_one_exportable_spec(manifest, where)
     spec = manifest.spec
     if spec.scheme not in ct_pack.EXPORT_SCHEMES:
         raise ConversionError(
@@ -116,6 +117,29 @@ def export_foreign_entries(directory: Path) -> List[str]:
         return names
     known = shards | {INDEX_NAME, "chat_template.jinja"} | set(SIDE_FILES)
     return [name for name in names if name not in known or (directory / name).is_dir()]
+
+
+def _check_one_exportable_spec(manifest: Manifest, where: Path) -> None:
+    """Refuse GGUF raw blocks (K-quants, Q5_0/Q5_1) and directories mixing specs: a
+    compressed-tensors group config holds integer codes of one bit width with a scale (and
+    zero point) per group, and one config covers every Linear here."""
+    for name, entry in manifest.tensors.items():
+        if not entry.quantized:
+            continue
+        spec = manifest.spec_of(entry)
+        if spec.raw_blocks:
+            raise ConversionError(
+                f"{where}: {name} holds GGUF {spec.block_format.ggml_type} blocks (imported "
+                "exactly from a GGUF file), which have no compressed-tensors form: "
+                f"{spec.block_format.bits}-bit codes under sub-block scales that are no fp16. "
+                "Export refuses rather than re-round them; quantize the original float "
+                "model with `offload-engine quantize --scheme int4-asym` and export that")
+        if spec != manifest.spec:
+            raise ConversionError(
+                f"{where}: {name} is stored as {spec.scheme} g{spec.group_size}, other "
+                f"tensors as {manifest.spec.scheme} g{manifest.spec.group_size}; export "
+                "writes one scheme for every Linear. Quantize the original float model with "
+                "one --scheme and export that")
 
 
 def export_compressed_tensors(src, dst, shard_bytes: int = DEFAULT_SHARD_BYTES,

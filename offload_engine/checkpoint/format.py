@@ -10,6 +10,11 @@ Every logical tensor has a role and one or more stored components:
 ``linear`` and ``lm_head`` tensors are quantized (components ``qweight``,
 ``scales`` and maybe ``zeros``, see :mod:`offload_engine.quant.layout`); every other
 role (``embedding``, ``norm``, ``bias``, ``other``) is one dense component.
+
+The manifest's scheme, group size and scale dtype apply to every quantized tensor unless
+its entry names its own (``quant``): a GGUF import keeps each tensor's block type, so one
+directory can mix Q4_K, Q6_K and Q5_0 tensors as a Q4_K_M file does. Such a manifest is
+format version 2; one without per-tensor specs is still written as version 1.
 Nothing is pickled: weights are safetensors, metadata is JSON.
 """
 
@@ -27,7 +32,9 @@ from ..quant.layout import QuantSpec
 from . import stfile
 
 FORMAT_NAME = "offload-engine-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a directory with one spec for every tensor is written as
+MIXED_FORMAT_VERSION = 2  # written when some tensor has its own spec (TensorEntry.quant)
+READABLE_VERSIONS = (FORMAT_VERSION, MIXED_FORMAT_VERSION)
 MANIFEST_NAME = "offload_manifest.json"
 QUANTIZED_ROLES = ("linear", "lm_head", "expert")  # expert: one expert's matrix
 DENSE_ROLES = ("embedding", "norm", "bias", "other")
@@ -51,6 +58,8 @@ class TensorEntry:
     shape: list  # logical shape, e.g. [out_features, in_features]
     source_dtype: str  # dtype in the source checkpoint, safetensors spelling
     components: Dict[str, Component] = field(default_factory=dict)
+    # {"scheme", "group_size", "scale_dtype"} when this tensor's spec is not the manifest's
+    quant: Optional[dict] = None
 
     @property
     def quantized(self) -> bool:
@@ -86,7 +95,25 @@ class Manifest:
 
     @property
     def spec(self) -> QuantSpec:
+        """The directory's spec: every quantized tensor's unless its entry has its own."""
         return QuantSpec(self.scheme, self.group_size, self.scale_dtype)
+
+    def spec_of(self, entry: TensorEntry) -> QuantSpec:
+        """The spec one quantized tensor is stored with."""
+        return self.spec if entry.quant is None else spec_from_dict(entry.quant)
+
+    def specs(self) -> Dict[QuantSpec, int]:
+        """Every spec of the quantized tensors -> parameters stored with it."""
+        counts: Dict[QuantSpec, int] = {}
+        for entry in self.tensors.values():
+            if entry.quantized:
+                spec = self.spec_of(entry)
+                counts[spec] = counts.get(spec, 0) + entry.shape[0] * entry.shape[1]
+        return counts
+
+    @property
+    def mixed(self) -> bool:
+        return any(e.quant is not None for e in self.tensors.values())
 
     def bytes_by_role(self) -> Dict[str, int]:
         totals: Dict[str, int] = {}
@@ -95,7 +122,22 @@ class Manifest:
         return totals
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        data = asdict(self)
+        data["format_version"] = MIXED_FORMAT_VERSION if self.mixed else self.format_version
+        for entry in data["tensors"].values():
+            if entry["quant"] is None:
+                del entry["quant"]
+        return json.dumps(data, indent=1)
+
+
+def spec_dict(spec: QuantSpec) -> dict:
+    """A TensorEntry's ``quant``: what names a spec in the manifest."""
+    return {"scheme": spec.scheme, "group_size": spec.group_size,
+            "scale_dtype": spec.scale_dtype}
+
+
+def spec_from_dict(data: dict) -> QuantSpec:
+    return QuantSpec(data["scheme"], int(data["group_size"]), data["scale_dtype"])
 
 
 def manifest_from_dict(data: dict, where: Path) -> Manifest:
@@ -106,11 +148,11 @@ def manifest_from_dict(data: dict, where: Path) -> Manifest:
             "convert the model with `offload-engine quantize SRC DST`"
         )
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FormatError(
             f"{where}: format version {version} is not supported by this release (it reads "
-            f"version {FORMAT_VERSION}); re-convert the model with this release's "
-            "`offload-engine quantize`, or install the release that wrote it"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-convert the model with "
+            "this release's `offload-engine quantize`, or install the release that wrote it"
         )
     try:
         tensors = {
@@ -119,6 +161,7 @@ def manifest_from_dict(data: dict, where: Path) -> Manifest:
                 shape=list(entry["shape"]),
                 source_dtype=entry["source_dtype"],
                 components={k: Component(**c) for k, c in entry["components"].items()},
+                quant=None if entry.get("quant") is None else dict(entry["quant"]),
             )
             for name, entry in data["tensors"].items()
         }
@@ -131,8 +174,12 @@ def manifest_from_dict(data: dict, where: Path) -> Manifest:
             created_by=data.get("created_by", ""),
             scale_dtype=data.get("scale_dtype", "bf16"),
             checksums=dict(data.get("checksums") or {}),
+            format_version=version,
         )
         QuantSpec(manifest.scheme, manifest.group_size, manifest.scale_dtype)  # raises if unknown
+        for entry in tensors.values():
+            if entry.quant is not None:
+                spec_from_dict(entry.quant)
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{where}: malformed manifest ({exc!r}); re-convert the model") from exc
     return manifest
@@ -189,7 +236,8 @@ def verify_directory(directory: Path, manifest: Optional[Manifest] = None) -> Ma
             )
         headers[shard] = stfile.read_header(path)
     for name, entry in manifest.tensors.items():
-        _verify_entry(directory, name, entry, headers, manifest.spec)
+        spec = manifest.spec_of(entry) if entry.quantized else manifest.spec
+        _verify_entry(directory, name, entry, headers, spec)
     return manifest
 
 

@@ -44,6 +44,12 @@ def run(args) -> int:
           + (f" (imported from {source.get('format')}; quantized here, from float: "
              f"{', '.join(source['requantized'])})" if source.get("requantized") else ""))
     print(f"  method: {_method(source)}")
+    if manifest.mixed:  # per-tensor specs (a GGUF Q4_K_M import): parameters by spec
+        specs = manifest.specs()
+        total = sum(specs.values())
+        print("  per-tensor schemes: " + ", ".join(
+            f"{spec.scheme} g{spec.group_size} {100 * count / total:.1f}%"
+            for spec, count in sorted(specs.items(), key=lambda kv: -kv[1])))
     quantized = sum(entry.quantized for entry in manifest.tensors.values())
     print(f"  tensors: {len(manifest.tensors)} ({quantized} quantized) "
           f"in {len(manifest.shards)} shard(s), {format_bytes(sum(manifest.shards.values()))}")

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..quant import layout
+from ..quant import block_formats, layout
 from ..quant.layout import QuantSpec
 from ..quant.quantize import QuantizedWeight, dequantize_weight, quantize_weight
 from . import gateway
@@ -50,7 +50,11 @@ class Case:
 def random_weight(spec: QuantSpec, out_features: int, in_features: int,
                   gen: torch.Generator) -> QuantizedWeight:
     """Random codes, scales and offsets in every code's range: what an imported checkpoint
-    may hold, not only what our quantizer would choose."""
+    may hold, not only what our quantizer would choose. Raw-block schemes get random
+    blocks (in_features a whole number of them)."""
+    if spec.raw_blocks:
+        rows = block_formats.random_rows(spec.block_format, out_features, in_features, gen)
+        return QuantizedWeight.from_parts({"qweight": rows}, spec, out_features, in_features)
     shapes = spec.component_shapes(out_features, in_features)
     parts = {}
     for name, (shape, dtype) in shapes.items():

@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 from ..quant.quantize import QuantizedWeight
-from .triton_tiles import block_k_for, check_launchable, interpreted, load_weight_tile, weight_args
+from .triton_tiles import (
+    block_args,
+    block_k_for,
+    check_launchable,
+    interpreted,
+    load_weight_tile,
+    weight_args,
+)
 
 # Upper bound on one scratch buffer: 64 Mi elements (128 MiB in bf16).
 DEFAULT_MAX_SCRATCH_ELEMENTS = 1 << 26
@@ -62,13 +69,14 @@ def _dequant_kernel(
     q_ptr, s_ptr, z_ptr, out_ptr, N, K, padded_in, n_groups,
     GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):
     """out[n, k] = dequant(W)[n, k] in out's dtype for the unpadded (N, K) weight."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = load_weight_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-                         GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
+                         GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K, BLOCKS, BLOCK_BYTES)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -96,7 +104,7 @@ def dequantize_into(weight: QuantizedWeight, out: torch.Tensor, row_start: int =
         qweight[row_start:stop], scales[row_start:stop], zeros, out,
         rows, in_features, padded, n_groups,
         GROUP=spec.group_size, BITS=spec.bits, OFFSET=spec.offset_mode,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, **block_args(weight),
     )
 
 

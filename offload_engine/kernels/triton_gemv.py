@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 from ..quant.quantize import QuantizedWeight
-from .triton_tiles import block_k_for, check_launchable, interpreted, load_weight_tile, weight_args
+from .triton_tiles import (
+    block_args,
+    block_k_for,
+    check_launchable,
+    interpreted,
+    load_weight_tile,
+    weight_args,
+)
 
 MAX_ROWS = 16  # the decode kernel takes at most this many rows of x
 
@@ -60,6 +67,7 @@ def _acc_one_row(
     x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, K, N, padded_in, n_groups,
     GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):
     """(BLOCK_N,) float32 partial dot products of one row of x: a multiply and a row sum."""
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -67,7 +75,7 @@ def _acc_one_row(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
         w = load_weight_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-                             GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
+                             GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K, BLOCKS, BLOCK_BYTES)
         # Round the weight to x's dtype, as the reference dequantizes in x's dtype.
         w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.sum(w * xv[None, :], axis=1)
@@ -79,7 +87,7 @@ def _acc_rows(
     x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, K, N, padded_in, n_groups, stride_xm,
     GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_N) float32 partial products of up to BLOCK_M rows, by tl.dot."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -90,7 +98,7 @@ def _acc_rows(
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         xt = tl.load(x_ptrs, mask=x_mask, other=0)  # (BLOCK_M, BLOCK_K) in x's dtype
         w = load_weight_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
-                             GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
+                             GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K, BLOCKS, BLOCK_BYTES)
         w = w.to(x_ptr.dtype.element_ty)
         if DOT_FP32:  # fp32 x, or the interpreter (which cannot multiply bf16)
             acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
@@ -106,7 +114,7 @@ def _gemv_kernel(
     M, N, K, padded_in, n_groups, stride_xm, k_per_split, stride_ys,
     GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):
     """y[s, m, n] = sum over this program's K slice s; bias only when there is one slice."""
     pid_n = tl.program_id(0)
@@ -117,14 +125,15 @@ def _gemv_kernel(
     y_base = y_ptr + pid_k * stride_ys
     if BLOCK_M == 1:
         acc = _acc_one_row(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, K, N, padded_in,
-                           n_groups, GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
+                           n_groups, GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K, BLOCKS,
+                           BLOCK_BYTES)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
         tl.store(y_base + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
     else:
         acc = _acc_rows(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, K, N, padded_in,
                         n_groups, stride_xm, GROUP, BITS, OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
-                        DOT_FP32)
+                        DOT_FP32, BLOCKS, BLOCK_BYTES)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
             acc += bias[None, :]
@@ -168,7 +177,7 @@ def gemv(
         GROUP=spec.group_size, BITS=spec.bits, OFFSET=spec.offset_mode,
         HAS_BIAS=in_kernel_bias, BLOCK_M=1 if rows == 1 else MAX_ROWS, BLOCK_N=cfg.block_n,
         BLOCK_K=block_k, DOT_FP32=interpreted() or x.dtype == torch.float32,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **block_args(weight),
     )
     if split_k > 1:
         total = out.sum(dim=0)

@@ -7,7 +7,8 @@ The layout read here is the one of :mod:`offload_engine.quant.layout`: row n of 
 weight holds element 2j in the low nibble of byte j and element 2j + 1 in the high
 nibble; int8 weights store signed values; one bf16 or fp16 scale (and one uint8 zero
 point for int4-asym, or one float minimum for int4-min) per ``group_size`` elements
-along the padded input dimension.
+along the padded input dimension. Raw-block weights (GGUF Q4_K...) are read by
+:mod:`.triton_blocks`, chosen by the BLOCKS constexpr (0: our own layout).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton.language as tl
 
 from ..quant import layout
 from ..quant.quantize import QuantizedWeight
+from .triton_blocks import load_block_tile
 
 # The symmetric int4 offset, as a value the jit functions can fold in.
 SYM_OFFSET = tl.constexpr(layout.INT4_SYMMETRIC_OFFSET)
@@ -72,12 +74,30 @@ def load_weight_tile(
     q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
     GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):
     """Dequantized float32 tile W[offs_n, k0:k0 + BLOCK_K]; zero outside the weight.
 
-    OFFSET is the spec's offset_mode: z_ptr holds zero points (OFFSET_ZERO), float
-    minimums (OFFSET_MIN) or nothing that is read.
+    BLOCKS is 0 for our layout, else the raw-block type (:func:`block_args`) with GROUP
+    elements and BLOCK_BYTES bytes per block.
     """
+    if BLOCKS == 0:
+        w = _layout_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
+                         GROUP, BITS, OFFSET, BLOCK_N, BLOCK_K)
+    else:
+        w = load_block_tile(q_ptr, offs_n, k0, N, padded_in, BLOCKS, GROUP, BLOCK_BYTES,
+                            BLOCK_N, BLOCK_K)
+    return w
+
+
+@triton.jit
+def _layout_tile(
+    q_ptr, s_ptr, z_ptr, offs_n, k0, N, padded_in, n_groups,
+    GROUP: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile of a weight in our layout. OFFSET is the spec's offset_mode: z_ptr holds zero
+    points (OFFSET_ZERO), float minimums (OFFSET_MIN) or nothing that is read."""
     rows = offs_n.to(tl.int64)
     n_mask = offs_n < N
     if BITS == 4:
@@ -112,11 +132,21 @@ def load_weight_tile(
     return tl.reshape(dense, (BLOCK_N, BLOCK_K))
 
 
+def block_args(weight: QuantizedWeight) -> dict:
+    """The BLOCKS and BLOCK_BYTES constexprs of a weight: (0, 0) for our own layout."""
+    fmt = weight.spec.block_format
+    if fmt is None:
+        return {"BLOCKS": 0, "BLOCK_BYTES": 0}
+    return {"BLOCKS": fmt.kernel_code, "BLOCK_BYTES": fmt.block_bytes}
+
+
 def weight_args(weight: QuantizedWeight) -> tuple:
     """(qweight, scales, zeros-or-mins-or-scales, padded_in, n_groups) as the kernels take
-    them: the third is read only when the spec's offset_mode says so."""
+    them: the third is read only when the spec's offset_mode says so (raw-block weights
+    have no scales: qweight stands in, unread)."""
     spec = weight.spec
+    scales = weight.scales if weight.scales is not None else weight.qweight
     zeros = weight.zeros if weight.zeros is not None else weight.mins
-    zeros = zeros if zeros is not None else weight.scales  # unread dummy
+    zeros = zeros if zeros is not None else scales  # unread dummy
     padded = spec.padded_in(weight.in_features)
-    return weight.qweight, weight.scales, zeros, padded, padded // spec.group_size
+    return weight.qweight, scales, zeros, padded, padded // spec.group_size

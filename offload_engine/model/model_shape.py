@@ -27,6 +27,9 @@ class LinearShape:
     out_features: int
     in_features: int
     is_lm_head: bool
+    # its own spec when a quantized directory mixes them (a GGUF Q4_K_M import); None: the
+    # model's (ModelShape.spec)
+    spec: Optional[QuantSpec] = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class ModelShape:
         if self.experts is None:
             return self.total_params
         return self.total_params - self.experts.total_params + self.experts.active_params
+
+    def spec_of(self, linear: LinearShape) -> QuantSpec:
+        return linear.spec or self.spec
 
 
 def shape_from_config(hf_config, spec: QuantSpec, source: str, quantized: bool = False,

@@ -8,6 +8,7 @@ scheme asked for.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -50,6 +51,10 @@ def describe_model(path: Union[str, Path], spec: Optional[QuantSpec] = None) -> 
     host_dense = sum(b for role, b in roles.items() if role not in QUANTIZED_ROLES)
     shape = shape_from_config(hf_config, manifest.spec, str(path), quantized=True,
                               host_dense_bytes=host_dense)
+    if manifest.mixed:  # each linear as stored (a GGUF Q4_K_M import mixes block types)
+        entries = manifest.tensors
+        shape.linears = [replace(lin, spec=manifest.spec_of(entries[f"{lin.name}.weight"]))
+                         if f"{lin.name}.weight" in entries else lin for lin in shape.linears]
     _check_layers(path, shape.num_layers, manifest.tensors)
     return attach_decode_ops(shape, hf_config)
 

@@ -203,9 +203,10 @@ def cache_entries(shape: ModelShape, cache_format: str,
     """[(name, held bytes, copy bytes)] in execution order, as the runtime computes them."""
     entries = []
     for linear in shape.linears:
-        weight = _meta_weight(shape.spec, linear)
+        spec = shape.spec_of(linear)
+        weight = _meta_weight(spec, linear)
         entries.append((linear.name, held_nbytes(weight, cache_format, dtype),
-                        shape.spec.nbytes(linear.out_features, linear.in_features)))
+                        spec.nbytes(linear.out_features, linear.in_features)))
     return entries
 
 
@@ -243,7 +244,7 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
     kv = kv_layout_for(shape, request.kv_cache, itemsize)
     host_store = 0
     if request.profile.device == "cpu":  # the INT4 store shares the same RAM
-        host_store = sum(shape.spec.nbytes(lin.out_features, lin.in_features)
+        host_store = sum(shape.spec_of(lin).nbytes(lin.out_features, lin.in_features)
                          for lin in shape.linears)
         experts = expert_sizes(shape, request.resolved_cache_format(), request.torch_dtype())
         host_store += experts.total_copy if experts else 0

@@ -311,6 +311,15 @@ class _GreedyStepper:
         return int(out.logits[0, -1].argmax())
 
 
+def main_spec(store):
+    """The spec holding the most linear parameters (a GGUF import may mix several)."""
+    counts: dict = {}
+    for name in store:
+        weight = store.describe(name)  # shapes only: no read from a disk tier
+        counts[weight.spec] = counts.get(weight.spec, 0) + weight.out_features * weight.in_features
+    return max(counts, key=counts.get)
+
+
 def linear_bytes_per_param(store) -> float:
     """Stored bytes per parameter of the quantized weights (padding and scales included)."""
     stored = sum(weight.nbytes for weight in store.values())
@@ -332,7 +341,7 @@ def evaluate(engine, reference, text: Optional[str] = None,
     matching = greedy_agreement(engine, reference, prompt, steps)
     perplexity = math.exp(totals.nll / totals.count)
     reference_perplexity = math.exp(totals.reference_nll / totals.count)
-    spec = next(iter(engine.store.values())).spec
+    spec = main_spec(engine.store)
     return EvalReport(
         model=str(engine.directory), reference=getattr(reference, "reference_path", "?"),
         scheme=spec.scheme, group_size=spec.group_size,

@@ -13,10 +13,11 @@ our ``int4-min`` (code * scale + min), Q8_0 our ``int8``, all with group 32 and 
 scales. Only the nibble order differs (ours: element 2j low, 2j + 1 high), so codes are
 unpacked and packed again; no value is rounded.
 
-K-quants (Q4_K, Q6_K, ...) hold 6-bit sub-block scales under a super-block fp16 scale:
-their effective per-group scale d * sc is a product of an fp16 and a 6-bit integer that
-does not in general round to an fp16, so they are not listed here (see
-docs/import.md): they are imported through ``--requantize``.
+K-quants (Q2_K ... Q6_K) hold 4- to 8-bit sub-block scales under a super-block fp16
+scale: their effective per-group scale d * sc is a product of an fp16 and an integer that
+does not in general round to an fp16, and Q5_0/Q5_1 have 5-bit codes. Those are kept as
+the file's own blocks (the raw-block schemes of :mod:`.block_formats`): qweight is the
+rows' bytes, copied; nothing is unpacked at import.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import numpy as np
 import torch
 
 from ..errors import QuantizationError
-from . import layout
+from . import block_formats, layout
 from .layout import QuantSpec
 from .quantize import QuantizedWeight
 
-BLOCK = 32  # elements per block for every type here
+BLOCK = 32  # elements per block of Q4_0, Q4_1, Q8_0 (and Q5_0, Q5_1)
 # Rows converted at once: bounds the int16/uint8 temporaries whatever the tensor size.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -68,9 +69,22 @@ class BlockType:
     """One GGUF block type we import exactly."""
 
     name: str  # GGML type name, e.g. "Q4_1"
-    block_bytes: int  # bytes per block of 32 elements
+    block_bytes: int  # bytes per block
     spec: QuantSpec  # what the block becomes in our layout
     to_parts: Callable[[torch.Tensor], dict]  # (rows, blocks, block_bytes) uint8 -> parts
+
+    @property
+    def block_elements(self) -> int:
+        return self.spec.group_size
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.block_bytes / self.block_elements
+
+
+def _raw(blocks: torch.Tensor) -> dict:
+    """A raw-block scheme's one component: the rows' bytes as they are."""
+    return {"qweight": blocks.reshape(blocks.shape[0], -1)}
 
 
 EXACT_TYPES: Dict[str, BlockType] = {
@@ -78,13 +92,14 @@ EXACT_TYPES: Dict[str, BlockType] = {
         BlockType("Q4_0", 18, QuantSpec("int4", BLOCK, "fp16"), _q4_0),
         BlockType("Q4_1", 20, QuantSpec("int4-min", BLOCK, "fp16"), _q4_1),
         BlockType("Q8_0", 34, QuantSpec("int8", BLOCK, "fp16"), _q8_0),
-    )
+    ) + tuple(BlockType(f.ggml_type, f.block_bytes, QuantSpec(f.scheme, f.block_elements, "fp16"),
+                        _raw) for f in block_formats.FORMATS.values())
 }
 
 
 def import_rows(type_name: str, rows: torch.Tensor, in_features: int,
                 name: str = "<tensor>") -> QuantizedWeight:
-    """Our QuantizedWeight of a GGUF weight given as its raw uint8 rows (N, K/32 * bytes).
+    """Our QuantizedWeight of a GGUF weight given as its raw uint8 rows (N, K/block * bytes).
 
     ``rows`` (a NumPy array or torch tensor) may be a view of a memory-mapped file: it is
     copied a chunk of rows at a time.
@@ -94,8 +109,9 @@ def import_rows(type_name: str, rows: torch.Tensor, in_features: int,
         raise QuantizationError(f"tensor {name!r}: GGUF type {type_name} has no exact import; "
                                 f"exact types are {', '.join(EXACT_TYPES)}")
     out_features = rows.shape[0]
-    n_blocks = in_features // BLOCK
-    if in_features % BLOCK or rows.shape[1] != n_blocks * block_type.block_bytes:
+    n_blocks = in_features // block_type.block_elements
+    expected = n_blocks * block_type.block_bytes
+    if in_features % block_type.block_elements or rows.shape[1] != expected:
         raise QuantizationError(f"tensor {name!r}: {tuple(rows.shape)} bytes do not hold "
                                 f"{in_features} {type_name} elements per row; is the file "
                                 "truncated or damaged?")

@@ -28,6 +28,12 @@ Components of a quantized weight:
 Dequantized value, computed in float32: (value - zero) * scale for int4/int4-asym/int8,
 code * scale + min for int4-min (multiply, then add: the order gguf-py uses, so an
 imported Q4_1 block dequantizes bit for bit as ``gguf.quants.dequantize`` does).
+
+Raw-block schemes (``gguf-q2_k``, ``gguf-q3_k``, ``gguf-q4_k``, ``gguf-q5_k``,
+``gguf-q6_k``, ``gguf-q5_0``, ``gguf-q5_1``; see :mod:`.block_formats`) hold a GGUF
+tensor's blocks as the file stores them: qweight is uint8
+(N, K / block_elements * block_bytes), there is no scales component, ``group_size`` is
+the block's element count and K is a whole number of blocks.
 """
 
 from __future__ import annotations
@@ -37,9 +43,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .block_formats import BLOCK_SCHEMES, FORMATS, BlockFormat
 from .schemes import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, GROUP_SIZES, SCHEMES  # noqa: F401
 
-IMPORT_SCHEMES = ("int4-min",)  # only imported checkpoints hold these (GGUF Q4_1)
+# only imported checkpoints hold these: GGUF Q4_1's float minimum, GGUF raw blocks
+IMPORT_SCHEMES = ("int4-min",) + BLOCK_SCHEMES
+QUANTIZABLE_SCHEMES = SCHEMES + ("int4-min",)  # what quantize_weight writes
 STORED_SCHEMES = SCHEMES + IMPORT_SCHEMES
 SCALE_DTYPE = torch.bfloat16  # what our quantizer writes
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # manifest spelling -> dtype
@@ -74,9 +83,26 @@ class QuantSpec:
                 f"unsupported --group-size {self.group_size}: use one of "
                 f"{', '.join(map(str, GROUP_SIZES))}"
             )
+        fmt = self.block_format
+        if fmt is not None and (self.group_size != fmt.block_elements
+                                or self.scale_dtype != "fp16"):
+            raise ConfigError(f"scheme {self.scheme} holds {fmt.ggml_type} blocks: group size "
+                              f"{fmt.block_elements} with fp16 scales, not g{self.group_size} "
+                              f"{self.scale_dtype}")
+
+    @property
+    def block_format(self) -> BlockFormat | None:
+        """The GGUF block type of a raw-block scheme, None for our own layout."""
+        return FORMATS.get(self.scheme)
+
+    @property
+    def raw_blocks(self) -> bool:
+        return self.scheme in FORMATS
 
     @property
     def bits(self) -> int:
+        if self.raw_blocks:
+            return self.block_format.bits
         return 8 if self.scheme == "int8" else 4
 
     @property
@@ -108,6 +134,10 @@ class QuantSpec:
 
     def component_shapes(self, out_features: int, in_features: int) -> dict:
         """Shape and dtype of every stored component of an (N, K) weight."""
+        if self.raw_blocks:
+            fmt = self.block_format
+            return {"qweight": ((out_features, self.num_groups(in_features) * fmt.block_bytes),
+                                torch.uint8)}
         padded = self.padded_in(in_features)
         groups = padded // self.group_size
         shapes = {

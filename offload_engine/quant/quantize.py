@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..errors import QuantizationError
-from . import layout
+from . import block_formats, layout
 from .layout import QuantSpec
 
 # Rows are quantized in blocks of about this many elements so that the float32
@@ -24,8 +24,10 @@ CHUNK_ELEMENTS = 1 << 20
 class QuantizedWeight:
     """One quantized linear weight: its components plus what is needed to read them."""
 
-    qweight: torch.Tensor  # uint8 (N, padded_in/2) for int4, int8 (N, padded_in) for int8
-    scales: torch.Tensor  # (N, groups) in spec.scale_dtype
+    # uint8 (N, padded_in/2) for int4, int8 (N, padded_in) for int8, uint8 GGUF block rows
+    # for the raw-block schemes (layout.py)
+    qweight: torch.Tensor
+    scales: Optional[torch.Tensor]  # (N, groups) in spec.scale_dtype; None for raw blocks
     zeros: Optional[torch.Tensor]  # uint8 (N, groups) for int4-asym, else None
     spec: QuantSpec
     out_features: int  # N
@@ -36,11 +38,13 @@ class QuantizedWeight:
     def from_parts(cls, parts: dict, spec: QuantSpec, out_features: int,
                    in_features: int) -> QuantizedWeight:
         """Rebuild a weight from its components() (a manifest entry, device views)."""
-        return cls(parts["qweight"], parts["scales"], parts.get("zeros"), spec, out_features,
+        return cls(parts["qweight"], parts.get("scales"), parts.get("zeros"), spec, out_features,
                    in_features, mins=parts.get("mins"))
 
     def components(self) -> dict:
-        parts = {"qweight": self.qweight, "scales": self.scales}
+        parts = {"qweight": self.qweight}
+        if self.scales is not None:
+            parts["scales"] = self.scales
         if self.zeros is not None:
             parts["zeros"] = self.zeros
         if self.mins is not None:
@@ -50,6 +54,14 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.components().values())
+
+    def scale_values(self) -> torch.Tensor:
+        """Every stored scale (and, for raw blocks, minimum) as float32: what a check for
+        non-finite data reads, since codes cannot be non-finite."""
+        fmt = self.spec.block_format
+        if fmt is not None:
+            return block_formats.block_scales(fmt, self.qweight)
+        return self.scales.to(torch.float32)
 
 
 def grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -95,9 +107,12 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
             f"tensor {name!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise QuantizationError(f"tensor {name!r}: expected a float weight, got {weight.dtype}")
-    # Every stored scheme and fp16 scales are written too: one manifest holds one spec, so
-    # the linears an import cannot copy (an AWQ/GPTQ float lm_head, a GGUF Q4_1 model's
-    # Q6_K output) are quantized here with the imported spec (int4-min for GGUF Q4_1).
+    # Every stored scheme but the raw GGUF blocks, and fp16 scales, are written too: the
+    # linears an import cannot copy (an AWQ/GPTQ float lm_head, a GGUF's F16 output) are
+    # quantized here with the imported spec (int4-min for GGUF Q4_1).
+    if spec.raw_blocks:
+        raise QuantizationError(f"tensor {name!r}: scheme {spec.scheme} holds GGUF blocks as a "
+                                "file stores them; it is imported, never quantized here")
     check_finite(name, weight)
     out_features, in_features = weight.shape
     rows_per_chunk = max(1, CHUNK_ELEMENTS // spec.padded_in(in_features))
@@ -194,6 +209,10 @@ def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float3
     """Reference dequantizer: the (out_features, in_features) float weight."""
     spec = weight.spec
     out_features = weight.out_features
+    if spec.raw_blocks:
+        dense = block_formats.dequantize_rows(spec.block_format, weight.qweight,
+                                              weight.in_features)
+        return dense.to(dtype)
     if spec.bits == 4:
         values = layout.unpack_int4(weight.qweight).to(torch.float32)
         if spec.offset_mode == layout.OFFSET_NONE:

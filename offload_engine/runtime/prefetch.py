@@ -72,7 +72,7 @@ def _borrow(source):
 def _check_scales(name: str, weight: QuantizedWeight) -> None:
     # Scales are 1/group_size of the data: checking them is cheap and catches the
     # corruption that would otherwise turn into silent NaN logits.
-    if not torch.isfinite(weight.scales).all():
+    if not torch.isfinite(weight.scale_values()).all():
         raise ValueError(f"weight {name!r} has non-finite scales in host memory (corrupt data)")
 
 

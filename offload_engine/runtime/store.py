@@ -103,7 +103,8 @@ class HostStore(Mapping):
                 check_finite(directory, name, comp, tensor)
                 parts[part] = arena.take(tuple(comp.shape), tensor.dtype).copy_(tensor)
             weights[module_name(name)] = QuantizedWeight.from_parts(
-                parts, manifest.spec, out_features=entry.shape[0], in_features=entry.shape[1])
+                parts, manifest.spec_of(entry), out_features=entry.shape[0],
+                in_features=entry.shape[1])
         return cls(weights, pinned=arena.pinned, arena=arena)
 
     def __getitem__(self, name: str) -> QuantizedWeight:

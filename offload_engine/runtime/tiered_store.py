@@ -47,7 +47,7 @@ def layout_of(entry: TensorEntry, spec) -> QuantizedWeight:
 
 def quantized_layouts(manifest: Manifest) -> Dict[str, QuantizedWeight]:
     """module name -> layout of every quantized weight, from the manifest alone."""
-    return {module_name(name): layout_of(entry, manifest.spec)
+    return {module_name(name): layout_of(entry, manifest.spec_of(entry))
             for name, entry in manifest.tensors.items() if entry.quantized}
 
 

@@ -5,7 +5,10 @@ Every source answers the same questions: is this path mine (``claims``)? which t
 to quantize or, when the file already holds codes our layout can represent
 (``import_spec`` is not None), a QuantizedWeight copied exactly. An importing source
 lists in ``requantized`` the linears it yields as float all the same (an AWQ float
-``lm_head``, a GGUF's Q6_K output matrix): convert quantizes them with ``import_spec``.
+``lm_head``, a GGUF's F16 output matrix): convert quantizes them with ``import_spec``,
+or with ``requantize_spec`` where a source sets one (a GGUF whose main type is a raw-block
+scheme, which we never quantize to). A source may yield weights of several specs (a
+GGUF Q4_K_M file); the manifest names each tensor's.
 Each also writes its config and tokenizer files beside ours (``write_side_files``) and
 names its format (``source_format``) for the manifest.
 

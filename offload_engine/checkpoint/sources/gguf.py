@@ -1,12 +1,15 @@
 """A .gguf file, read block by block with the gguf package's memory-mapped reader.
 
-Linear weights whose GGUF type maps onto our layout (Q4_0, Q4_1, Q8_0: see
-:mod:`offload_engine.quant.gguf_blocks`) are imported exactly: their codes, fp16 scales
-and minimums are copied, never re-rounded. One manifest holds one spec, so the import
-takes the exact type that holds most of the linear parameters; llama.cpp's quantizer
-gives a few tensors another type (the output matrix is Q6_K in a Q4_0 or Q4_1 file),
-and those linears are dequantized and quantized here with the import's spec, listed in
-``requantized`` as the AWQ/GPTQ sources list their float ``lm_head``. Every other tensor
+Linear weights of an exact GGUF type are imported exactly, each with its own type (see
+:mod:`offload_engine.quant.gguf_blocks`): Q4_0, Q4_1 and Q8_0 codes, fp16 scales and
+minimums are copied into our layout; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 blocks
+are copied as they are. So a Q4_K_M file (Q4_K and Q6_K, with Q5_0/Q8_0 where a row is not a whole
+number of 256-element super-blocks) is copied whole. The manifest's spec is that of the
+exact type holding most linear parameters; the others are named per tensor. Linears of
+other types (F16/F32, the IQ and TQ types) are dequantized and quantized here
+with ``requantize_spec``, listed in ``requantized`` as the AWQ/GPTQ sources list their
+float ``lm_head``, provided exact types hold more than half of the linear parameters;
+otherwise the file is refused before any work, unless ``--requantize``. Every other tensor
 (norms, embeddings, and with ``--requantize`` every linear) is dequantized with
 ``gguf.quants.dequantize``, one tensor at a time, so peak RAM stays about twice the
 largest tensor in float32 plus the shard buffer, not 4 bytes per parameter.
@@ -31,6 +34,11 @@ import torch
 from ...errors import InexactImportError, SourceError
 from ...model import architecture
 from ...quant.gguf_blocks import EXACT_TYPES, import_rows
+from ...quant.layout import QuantSpec
+
+# What float linears of an import whose main type is a raw-block one (Q4_K...) are
+# quantized to: we write no GGUF blocks, and int8 g32 with fp16 scales is Q8_0's form.
+RAW_IMPORT_FLOAT_SPEC = QuantSpec("int8", 32, "fp16")
 
 logger = logging.getLogger(__name__)
 # the smallest header entries: a tensor info (name length 8, a 1-byte name, n_dims 4, no
@@ -55,7 +63,7 @@ class GGUFTensorPlan:
 
 
 class GGUFSource:
-    """A .gguf file: exact import of Q4_0/Q4_1/Q8_0 linears, or ``requantize``."""
+    """A .gguf file: exact import of every linear of an exact type, or ``requantize``."""
 
     kind = "gguf"
 
@@ -76,10 +84,13 @@ class GGUFSource:
         self._processor = _tensor_processor(self._reader, self.config)
         self.plans = self._plan_tensors()
         self.linear_types = sorted({p.type_name for p in self.plans if p.is_linear})
-        # the GGML type whose linears are copied exactly (None: --requantize, none are)
-        self.exact_type = None if requantize else _majority_exact_type(self.path, self.plans)
+        self.requantize = requantize
+        # the exact type holding most linear parameters (None: --requantize, none copied)
+        self.exact_type = None if requantize else _main_exact_type(self.path, self.plans)
         self.import_spec = None if requantize else EXACT_TYPES[self.exact_type].spec
-        # linears of other types: dequantized here and quantized with import_spec
+        # what the linears of other types are quantized to, here
+        self.requantize_spec = None if self.import_spec is None or not (
+            self.import_spec.raw_blocks) else RAW_IMPORT_FLOAT_SPEC
         self.requantized = [] if requantize else self._other_type_linears()
 
     @classmethod
@@ -91,18 +102,18 @@ class GGUFSource:
         return f"gguf {'/'.join(self.linear_types)}"
 
     def _imports_exactly(self, plan: GGUFTensorPlan) -> bool:
-        return plan.is_linear and plan.type_name == self.exact_type
+        return not self.requantize and plan.is_linear and plan.type_name in EXACT_TYPES
 
     def _other_type_linears(self) -> List[str]:
-        """Linears not of the import's type, named and logged once: they are quantized here."""
+        """Linears of no exact type, named and logged once: they are quantized here."""
         others = [p for p in self.plans if p.is_linear and not self._imports_exactly(p)]
         if others:
-            spec = self.import_spec
-            logger.warning("%s: %d of %d linear weights are not %s (%s); they are dequantized "
-                           "and quantized here as %s g%d with %s scales, not imported exactly",
+            spec = self.requantize_spec or self.import_spec
+            logger.warning("%s: %d of %d linear weights have no exact import (%s); they are "
+                           "dequantized and quantized here as %s g%d with %s scales",
                            self.path, len(others), sum(p.is_linear for p in self.plans),
-                           self.exact_type, _names_by_type(others), spec.scheme,
-                           spec.group_size, spec.scale_dtype)
+                           _names_by_type(others), spec.scheme, spec.group_size,
+                           spec.scale_dtype)
         return [p.hf_name for p in others]
 
     def _plan_tensors(self) -> List[GGUFTensorPlan]:
@@ -273,22 +284,20 @@ def _names_by_type(plans: List[GGUFTensorPlan], shown: int = 4) -> str:
     return "; ".join(parts)
 
 
-def _majority_exact_type(path: Path, plans: List[GGUFTensorPlan]) -> str:
-    """The exact type holding more than half of the linear parameters, or a SourceError
-    before any work.
+def _main_exact_type(path: Path, plans: List[GGUFTensorPlan]) -> str:
+    """The exact type holding most linear parameters, or a SourceError before any work
+    when exact types together hold no more than half of them.
 
-    Parameters, not tensors, decide: what is copied exactly is the bulk of the weights
-    (llama.cpp's Q4_0 of Qwen2.5-7B: 196 Q4_0 linears and one Q6_K output matrix, 8% of
-    the linear parameters). Below half (a Q4_K_M file: Q4_K and Q6_K linears),
-    re-quantizing most of the model is no import, and ``--requantize`` is its name.
+    Parameters, not tensors, decide: what is copied exactly must be the bulk of the
+    weights (an F16 output matrix beside Q4_0 linears is quantized here; an IQ4_XS file
+    with a few Q5_0 fallbacks is no import, and ``--requantize`` is its name).
     """
     counts = _linear_parameters_by_type(plans)
     if not counts:
         raise SourceError(f"{path}: no linear weights of the model were found in this file")
     exact = [t for t in counts if t in EXACT_TYPES]
-    best = max(exact, key=counts.get) if exact else None
-    if best is not None and 2 * counts[best] > sum(counts.values()):
-        return best
+    if 2 * sum(counts[t] for t in exact) > sum(counts.values()):
+        return max(exact, key=counts.get)
     raise _no_majority_error(path, plans, counts)
 
 
@@ -302,8 +311,9 @@ def _no_majority_error(path: Path, plans: List[GGUFTensorPlan],
         listing.append(f"{type_name}: {len(names)} tensors, {100 * parameters / total:.1f}% "
                        f"of the parameters ({names[0]}{', ...' if len(names) > 1 else ''})")
     inexact = sorted(t for t in counts if t not in EXACT_TYPES)
-    why = "no exact type holds more than half of their parameters" + (
-        f"; types {', '.join(inexact)} have no exact import" if inexact else "")
+    share = 100 * sum(p for t, p in counts.items() if t in EXACT_TYPES) / total
+    why = (f"exact types hold {share:.1f}% of their parameters, not more than half; types "
+           f"{', '.join(inexact)} have no exact import")
     return InexactImportError(
         f"{path}: its linear weights cannot be imported exactly ({why}; linears by type: "
         f"{'; '.join(listing)}). Exact types: {', '.join(EXACT_TYPES)}. Pass --requantize to "
