@@ -334,7 +334,9 @@ def check_loadable(directory: Path, manifest) -> None:
     hf_config = read_hf_config(directory)
     check_tokenizer_files(directory)
     model = architecture.build_skeleton(hf_config)
-    _check_manifest_matches(manifest, architecture.find_linears(model, hf_config), directory)
+    linears = architecture.find_linears(model, hf_config)
+    _check_manifest_matches(manifest, {**linears, **expert_linears(find_experts(model))},
+                            directory)
     check_float_components(directory, manifest)
 
 
