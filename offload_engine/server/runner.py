@@ -111,7 +111,7 @@ def serve(model, engine_config, config: ServerConfig,
     """
     from ..decode.api import load
 
-    if engine_config.compile:
+    if engine_config is not None and engine_config.compile:
         raise ConfigError("serve --compile: the server's continuous batcher changes the batch "
                           "and the KV cache's shape every step, so its step cannot be one "
                           "compiled graph yet; drop --compile (run, chat, bench and "
