@@ -68,10 +68,37 @@ def test_method_round_trips_and_engine_matches_dequantized_model(request, tmp_pa
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_awq_folds_leave_the_float_model_unchanged(request, arch):
+@pytest.mark.parametrize("any_src", ["smollm3", "ministral"], indirect=True)
+def test_awq_on_the_llama_like_types_matches_the_dequantized_model(tmp_path, any_src):
+    """SmolLM3 and Ministral fold as Llama does: awq converts and the engine equals the
+    stock model holding what was written."""
+    _, src = any_src
+    dst = tmp_path / "q"
+    convert(src, dst, QuantSpec("int4-asym", 64), progress=False, method=_method("awq"))
+    assert verify_directory(dst).source["quantization_method"]["name"] == "awq"
+    with load(dst, progress=False) as engine:
+        reference = _model_from_directory(dst, engine)
+        with torch.no_grad():
+            ours = engine.model(PROMPT_IDS).logits
+            theirs = reference(PROMPT_IDS).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def any_src(request, tmp_path_factory, tokenizer_dir):
+    """The session's qwen2/llama checkpoints, or a tiny one of another foldable type."""
+    arch = request.param
+    if arch in ("qwen2", "llama"):
+        return arch, request.getfixturevalue(f"{arch}_src")
+    return arch, tiny.make_checkpoint(tmp_path_factory.mktemp(arch) / "src", arch,
+                                      tokenizer_dir=tokenizer_dir)
+
+
+@pytest.mark.parametrize("any_src", ["qwen2", "llama", "smollm3", "ministral"],
+                         indirect=True)
+def test_awq_folds_leave_the_float_model_unchanged(any_src):
     """Scaling columns by s and dividing the producer by s must not change any output."""
-    src = request.getfixturevalue(f"{arch}_src")
+    arch, src = any_src
     source = open_source(src)
     skeleton = architecture.build_skeleton(source.config)
     plan = calibrate(source, skeleton, QuantSpec("int4-asym", 64), SMALL_CALIBRATION,

@@ -43,6 +43,14 @@ def tiny_config(arch: str = "qwen2", **overrides):
         from transformers import Qwen3Config
 
         return Qwen3Config(tie_word_embeddings=False, head_dim=16, **common)
+    if arch == "smollm3":  # Llama's layer layout; every 4th layer without rotary (NoPE)
+        from transformers import SmolLM3Config
+
+        return SmolLM3Config(tie_word_embeddings=True, **common)
+    if arch == "ministral":  # Mistral's layout
+        from transformers import MinistralConfig
+
+        return MinistralConfig(tie_word_embeddings=False, head_dim=16, **common)
     raise ValueError(arch)
 
 

@@ -9,7 +9,8 @@ input group, at most ``search_tokens`` rows of inputs for scoring the scale cand
 The result is a FoldPlan of small vectors; convert.py applies it while streaming the
 tensors to disk, so no modified full-size weight is ever kept.
 
-Where scales are folded (Llama-style decoders: llama, mistral, qwen2, qwen3):
+Where scales are folded (Llama-style decoders: llama, mistral, qwen2, qwen3,
+smollm3, ministral):
 - q/k/v_proj: into input_layernorm's weight (an RMSNorm multiplies by its weight);
 - gate/up_proj: into post_attention_layernorm's weight;
 - down_proj: into the rows of up_proj (the MLP's product act(gate) * up is linear in up);
@@ -39,7 +40,9 @@ from . import stfile
 from .calibration_data import CalibrationData, calibration_ids
 
 logger = logging.getLogger(__name__)
-FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoder layers laid out as Llama's (input_layernorm -> q/k/v, v -> o,
+# post_attention_layernorm -> gate/up, up -> down), with RMSNorm weights that scale rows
+FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "ministral")
 LONG_CALIBRATION_S = 30.0  # an estimate is announced when the whole pass looks longer
 
 
