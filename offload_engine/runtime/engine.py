@@ -215,16 +215,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     order = list(linears)
     layouts = quantized_layouts(manifest)
     placement = resolve_placement(config, order, layouts, directory)
-    if config.compile and placement.cpu_names:
-        raise ConfigError("--compile runs the decode step as one graph on the device; "
-                          f"--placement {config.placement} computes layer parts on the CPU, "
-                          "which it cannot hold yet: use --placement stream or drop --compile")
-    if experts and (placement.cpu_names or config.compile):
-        raise ConfigError(f"{directory.name} is a mixture-of-experts model: its experts run "
-                          "from the device's expert cache only, so "
-                          + ("--compile" if config.compile else
-                             f"--placement {config.placement}")
-                          + " does not apply to it yet; drop the flag")
+    _check_combinations(config, placement, bool(experts), directory)
     device_order = [n for n in order if n not in placement.cpu_names]
     plan, expert_plan = _plan_arena(config, directory, device_order, experts, layouts, fmt,
                                     dtype)
@@ -246,15 +237,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
         raise
     try:
         host = HostWeights(store, [n for n in order if n in placement.cpu_names], boundary)
-        for name, module in swapped.items():
-            if isinstance(module, OffloadedExperts):
-                module.attach(cache.experts)
-            else:
-                module.attach(host if name in placement.cpu_names else cache)
-        if config.compile:
-            from . import compile_step
-
-            compile_step.attach(swapped.values(), cache)
+        _attach(swapped, placement, cache, host, config.compile)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
         wrap_parts(model, [part.module for part in placement.cpu_parts], device, boundary)
@@ -270,6 +253,35 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     engine.placement, engine.host_weights, engine.boundary = placement, host, boundary
     engine.synthetic_note = synthetic_note(manifest)
     return engine
+
+
+def _check_combinations(config: EngineConfig, placement: Placement, moe: bool,
+                        directory: Path) -> None:
+    """What the compiled step and the expert cache cannot hold yet, refused before any work."""
+    if config.compile and placement.cpu_names:
+        raise ConfigError("--compile runs the decode step as one graph on the device; "
+                          f"--placement {config.placement} computes layer parts on the CPU, "
+                          "which it cannot hold yet: use --placement stream or drop --compile")
+    if moe and (placement.cpu_names or config.compile):
+        flag = "--compile" if config.compile else f"--placement {config.placement}"
+        raise ConfigError(f"{directory.name} is a mixture-of-experts model: its experts run "
+                          f"from the device's expert cache only, so {flag} does not apply to "
+                          "it yet; drop the flag")
+
+
+def _attach(swapped: dict, placement: Placement, cache: DeviceCache, host: HostWeights,
+            compiled: bool) -> None:
+    """Each swapped module to what serves its weights: the expert cache, the host (CPU
+    placement) or the device cache; with --compile, through the custom op."""
+    for name, module in swapped.items():
+        if isinstance(module, OffloadedExperts):
+            module.attach(cache.experts)
+        else:
+            module.attach(host if name in placement.cpu_names else cache)
+    if compiled:
+        from . import compile_step
+
+        compile_step.attach(swapped.values(), cache)
 
 
 def _close(cache: DeviceCache, store: HostStore) -> None:
