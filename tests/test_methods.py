@@ -56,16 +56,7 @@ def _model_from_directory(directory, engine):
 def test_method_round_trips_and_engine_matches_dequantized_model(request, tmp_path, arch,
                                                                    method):
     src = request.getfixturevalue(f"{arch}_src")
-    dst = tmp_path / "q"
-    convert(src, dst, QuantSpec("int4-asym", 64), progress=False, method=_method(method))
-    manifest = verify_directory(dst)
-    assert manifest.source["quantization_method"]["name"] == method
-    with load(dst, progress=False) as engine:
-        reference = _model_from_directory(dst, engine)
-        with torch.no_grad():
-            ours = engine.model(PROMPT_IDS).logits
-            theirs = reference(PROMPT_IDS).logits
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    _assert_method_round_trips(src, tmp_path / "q", method)
 
 
 @pytest.mark.parametrize("any_src", ["smollm3", "ministral"], indirect=True)
@@ -73,9 +64,13 @@ def test_awq_on_the_llama_like_types_matches_the_dequantized_model(tmp_path, any
     """SmolLM3 and Ministral fold as Llama does: awq converts and the engine equals the
     stock model holding what was written."""
     _, src = any_src
-    dst = tmp_path / "q"
-    convert(src, dst, QuantSpec("int4-asym", 64), progress=False, method=_method("awq"))
-    assert verify_directory(dst).source["quantization_method"]["name"] == "awq"
+    _assert_method_round_trips(src, tmp_path / "q", "awq")
+
+
+def _assert_method_round_trips(src, dst, method: str) -> None:
+    """Convert SRC with METHOD; the engine equals the stock model holding what was written."""
+    convert(src, dst, QuantSpec("int4-asym", 64), progress=False, method=_method(method))
+    assert verify_directory(dst).source["quantization_method"]["name"] == method
     with load(dst, progress=False) as engine:
         reference = _model_from_directory(dst, engine)
         with torch.no_grad():
