@@ -38,7 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "kernel's form); auto: packed on CUDA; on CPU prepacked with "
                             "--dtype bfloat16 and an int4 scheme, else dequantized")
     group.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
-                       help="compute dtype; auto: bfloat16 on CUDA, float32 on CPU")
+                       help="compute dtype; auto: bfloat16 on CUDA, and on CPU for int4 schemes "
+                            "(the CPU int4 kernel), else float32")
     group.add_argument("--attention", default="auto",
                        choices=("auto", "flash_attention_2", "sdpa", "eager"),
                        help="attention kernel; auto: flash_attention_2 when installed on CUDA")

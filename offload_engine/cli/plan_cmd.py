@@ -55,7 +55,8 @@ def register(commands) -> None:
     parser.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
                         help="auto: packed on a cuda profile, dequantized on cpu")
     parser.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
-                        help="compute dtype; auto: bfloat16 on a cuda profile, float32 on cpu")
+                        help="compute dtype; auto: bfloat16 on a cuda profile, and on cpu for "
+                             "int4 schemes, else float32")
     parser.add_argument("--embeddings", choices=("device", "host"), default="device",
                         help="host: plan for the token embedding table kept in host RAM")
     parser.add_argument("--host-budget", default=None, metavar="B",

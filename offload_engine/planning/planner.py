@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -37,7 +37,7 @@ from .placement import Placement, check_placement, place_parts, split_parts
 from .policy import POLICIES, CachePlan, plan_cache
 from .profiles import HardwareProfile
 from .settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
-from .sizes import CACHE_FORMATS, auto_cache_format, held_nbytes
+from .sizes import CACHE_FORMATS, auto_cache_format, auto_dtype, held_nbytes
 
 logger = logging.getLogger(__name__)
 __all__ = ["Plan", "PlanRequest", "describe_model", "make_plan", "predict"]
@@ -57,7 +57,7 @@ class PlanRequest:
     policy: str = "static"  # cache policy, as in the runtime
     prefetch_depth: int = 2  # staging slots beyond the one computing
     cache_format: str = "auto"  # packed, dequantized, prepacked; auto: as sizes.auto_cache_format
-    dtype: str = "auto"  # compute dtype; auto: bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # compute dtype; auto: as sizes.auto_dtype (bfloat16 on cuda)
     embeddings: str = "device"  # "host": the token embedding table stays in host RAM
     host_budget: Optional[Union[str, int]] = None  # host RAM for weights; None: unbounded
     draft_bytes: int = 0  # a --draft-model kept whole on the device (planning/speculation.py)
@@ -86,15 +86,15 @@ class PlanRequest:
             raise ConfigError(f"unknown --embeddings {self.embeddings!r}: use device or host")
 
     # Same defaults as EngineConfig, decided by the profile's device instead of this machine's.
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self, spec=None) -> torch.dtype:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
-        return torch.bfloat16 if self.profile.device == "cuda" else torch.float32
+        return auto_dtype(self.profile.device, spec)
 
     def resolved_cache_format(self, spec=None) -> str:
         if self.cache_format != "auto":
             return self.cache_format
-        return auto_cache_format(self.profile.device, self.torch_dtype(), spec)
+        return auto_cache_format(self.profile.device, self.torch_dtype(spec), spec)
 
     def explicit_budget(self) -> Tuple[bool, Optional[int]]:
         """(given, bytes): bytes None means unbounded; a fraction is of usable memory."""
@@ -267,6 +267,8 @@ def fixed_memory(shape: ModelShape, request: PlanRequest) -> Memory:
 # ----- the plan -----------------------------------------------------------------------------
 def make_plan(shape: ModelShape, request: PlanRequest) -> Plan:
     """Size everything, split the arena with the runtime's policy, predict the speed."""
+    if request.dtype == "auto":  # made concrete once: every size below counts with it
+        request = replace(request, dtype=str(request.torch_dtype(shape.spec))[len("torch."):])
     fmt, dtype = request.resolved_cache_format(shape.spec), request.torch_dtype()
     entries = cache_entries(shape, fmt, dtype)
     memory = fixed_memory(shape, request)

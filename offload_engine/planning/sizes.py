@@ -48,6 +48,15 @@ def _numel(shape) -> int:
     return count
 
 
+def auto_dtype(device_type: str, spec: Optional[QuantSpec] = None) -> torch.dtype:
+    """--dtype auto: bfloat16 on CUDA; on CPU bfloat16 where the CPU int4 kernel runs the
+    scheme (it reads the int4 codes where they lie, and only bfloat16 is vectorized there:
+    kernels/cpu_int4.py), float32 otherwise (dequantized weights through F.linear)."""
+    if device_type == "cuda" or (spec is not None and cpu_int4.supports(spec)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def auto_cache_format(device_type: str, dtype: torch.dtype,
                       spec: Optional[QuantSpec] = None) -> str:
     """--cache-format auto: packed on CUDA (the fused kernels read it); on CPU prepacked

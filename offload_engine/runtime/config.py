@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import psutil
@@ -15,7 +15,7 @@ from ..planning.kv_sizes import check_kv_mode
 from ..planning.placement import check_placement
 from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
-from ..planning.sizes import CACHE_FORMATS, auto_cache_format
+from ..planning.sizes import CACHE_FORMATS, auto_cache_format, auto_dtype
 from ..planning.speculation import check_speculation
 from ..planning.words import EXPERT_POLICIES
 from ..units import parse_budget, parse_bytes
@@ -33,7 +33,8 @@ class EngineConfig:
     expert_policy: str = "lfu"  # MoE expert cache: "lfu" (most used stay) or "lru"
     cache_format: str = "auto"  # "packed", "dequantized", "prepacked" (CPU); auto: packed on
     # CUDA; on CPU prepacked for bfloat16 and the int4 schemes (CPU int4 kernel), else dequantized
-    dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA and, on CPU, for the schemes
+    # the CPU int4 kernel runs (int4, int4-asym, int4-min), else float32 (sizes.auto_dtype)
     attention: str = "auto"  # "flash_attention_2", "sdpa", "eager"; auto picks
     hw_profile: Optional[str] = None  # preset name or TOML path: budget as `plan` derives it
     embeddings: str = "device"  # "host" keeps the token embedding table off the device
@@ -92,17 +93,25 @@ class EngineConfig:
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self, spec=None) -> torch.dtype:
+        """The compute dtype; for auto, the one that suits the device and the checkpoint's
+        QuantSpec ``spec`` (None: unknown, CPU gets float32)."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
-        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return auto_dtype(self.torch_device().type, spec)
+
+    def resolved(self, spec) -> EngineConfig:
+        """This config with ``dtype`` auto made concrete for a checkpoint of ``spec``."""
+        if self.dtype != "auto":
+            return self
+        return replace(self, dtype=str(self.torch_dtype(spec)).replace("torch.", ""))
 
     def resolved_cache_format(self, spec=None) -> str:
         """The --cache-format; for auto, the one that suits the device, dtype and the
         checkpoint's QuantSpec ``spec`` (None: unknown, CPU gets dequantized)."""
         if self.cache_format != "auto":
             return self.cache_format
-        return auto_cache_format(self.torch_device().type, self.torch_dtype(), spec)
+        return auto_cache_format(self.torch_device().type, self.torch_dtype(spec), spec)
 
     def budget_bytes(self) -> Optional[int]:
         """The arena budget in bytes; None when unbounded."""

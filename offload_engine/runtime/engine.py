@@ -201,6 +201,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     config = replace(config or EngineConfig(), **overrides)
     directory = Path(path)
     manifest = verify_directory(directory)
+    config = config.resolved(manifest.spec)  # dtype auto -> what suits this checkpoint
     device, dtype = config.torch_device(), config.torch_dtype()
     hf_config = read_hf_config(directory)
     check_tokenizer_files(directory)
