@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from collections.abc import Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +29,23 @@ from ..model.experts import ExpertsInfo, expert_module_name, find_experts
 from ..quant.quantize import QuantizedWeight
 
 logger = logging.getLogger(__name__)
+
+
+class PerExpert(Sequence):
+    """A fused experts parameter a source hands over one expert at a time (gpt-oss's MXFP4
+    ``gate_up_proj_blocks``/``_scales``): item e is expert e's matrix, already as
+    (out_features, in_features), a QuantizedWeight or a float tensor, read when asked."""
+
+    def __init__(self, count: int, read: Callable[[int], object]):
+        self.count, self.read = count, read
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, expert):
+        if not 0 <= expert < self.count:
+            raise IndexError(expert)
+        return self.read(expert)
 
 
 class KeyMap:
@@ -111,6 +129,9 @@ class KeyMap:
 
     def _plain(self, key: str, target: str, tensor):
         found = self._params.get(target)
+        if found is not None and isinstance(tensor, PerExpert):
+            yield from self._per_expert(key, target, tensor, *found)
+            return
         if found is None or not isinstance(tensor, torch.Tensor):
             yield target, tensor, [key]
             return
@@ -120,6 +141,21 @@ class KeyMap:
                                   f"{target} expects {info.num_experts} experts")
         for expert in range(info.num_experts):
             yield (_weight_name(target, expert), _oriented(tensor[expert], matrix),
+                   [key] if expert == info.num_experts - 1 else [])
+
+    def _per_expert(self, key: str, target: str, stack: PerExpert, info, matrix):
+        if len(stack) != info.num_experts:
+            raise ConversionError(f"checkpoint tensor {key!r} holds {len(stack)} experts; "
+                                  f"{target} expects {info.num_experts}")
+        for expert in range(info.num_experts):
+            weight = stack[expert]
+            shape = ((weight.out_features, weight.in_features)
+                     if isinstance(weight, QuantizedWeight) else tuple(weight.shape))
+            if shape != (matrix.out_features, matrix.in_features):
+                raise ConversionError(f"checkpoint tensor {key!r}: expert {expert} is {shape}; "
+                                      f"{target} expects ({matrix.out_features}, "
+                                      f"{matrix.in_features}) per expert")
+            yield (_weight_name(target, expert), weight,
                    [key] if expert == info.num_experts - 1 else [])
 
     def _convert(self, group: tuple, pieces: Dict[str, object]):
