@@ -120,6 +120,16 @@ def test_requantize_dequantizes_the_experts(gpt_oss, tmp_path):
     assert sum(e.role == "expert" for e in manifest.tensors.values()) == 16
 
 
+def test_export_refuses_mxfp4_experts(gpt_oss, tmp_path):
+    from offload_engine.checkpoint.export import export_compressed_tensors
+
+    # the int8 attention comes first in the manifest: refused as a mix of specs, or the
+    # experts as blocks with no compressed-tensors form
+    with pytest.raises(ConversionError, match="other tensors as mxfp4|MXFP4 blocks.*e2m1"):
+        export_compressed_tensors(gpt_oss[3], tmp_path / "ct", progress=False)
+    assert not (tmp_path / "ct").exists()
+
+
 def test_damaged_mxfp4_checkpoints_are_refused(gpt_oss, tmp_path):
     from safetensors.torch import load_file, save_file
 
