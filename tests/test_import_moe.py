@@ -111,3 +111,17 @@ def test_an_expert_mixing_float_and_quantized_pieces_is_refused(tmp_path, tokeni
     with pytest.raises(ConversionError, match="up_proj.weight is stored in float"):
         convert(ct, tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_a_merge_that_moves_columns_is_refused(tmp_path, tokenizer_dir, monkeypatch):
+    """Only merges of whole rows keep groups intact; the row map checks every column of
+    the converter's output, so a converter that moved columns would be refused."""
+    from offload_engine.checkpoint.keymap import KeyMap
+
+    src = _moe_src(tmp_path, tokenizer_dir, "qwen3_moe")
+    ct = tiny_ct.make_ct_checkpoint(src, tmp_path / "ct", "group", True, 32)
+    run = KeyMap._run_converter
+    monkeypatch.setattr(KeyMap, "_run_converter",
+                        lambda self, group, pieces: run(self, group, pieces).flip(-1))
+    with pytest.raises(ConversionError, match="other than by whole rows"):
+        convert(ct, tmp_path / "q", progress=False)
