@@ -109,9 +109,11 @@ def tiny_moe_config(arch: str = "qwen3_moe", **overrides):
                   max_position_embeddings=256, initializer_range=0.3, bos_token_id=1,
                   eos_token_id=0, pad_token_id=0, num_experts_per_tok=2,
                   tie_word_embeddings=False)
+    moe_intermediate_size = overrides.pop("moe_intermediate_size", 48)  # Qwen3-MoE's only
     common.update(overrides)
     if arch == "qwen3_moe":
-        return Qwen3MoeConfig(num_experts=4, moe_intermediate_size=48, head_dim=16, **common)
+        return Qwen3MoeConfig(num_experts=4, moe_intermediate_size=moe_intermediate_size,
+                              head_dim=16, **common)
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=4, **common)
     if arch == "olmoe":
@@ -143,6 +145,37 @@ def dequantized_reference(src: Path, directory: Path):
             param[expert].copy_(dense.t() if matrix.transposed else dense)
     model.tie_weights()
     return model
+
+
+def model_with_weights(src: Path, weights: dict, directory: Path):
+    """The transformers model of SRC with ``weights`` (checkpoint key -> float tensor, e.g.
+    a library's decompression of per-expert keys) in place of SRC's, loaded by
+    transformers' own key conversion from a float32 checkpoint written to DIRECTORY."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    state = {}
+    for shard in sorted(Path(src).glob("*.safetensors")):
+        state.update(load_file(shard))
+    unknown = sorted(set(weights) - set(state))
+    assert not unknown, f"not keys of {src}: {unknown[:3]}"
+    state.update(weights)
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    save_file({k: v.float().contiguous() for k, v in state.items()},
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for path in Path(src).iterdir():
+        if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
+            (directory / path.name).write_bytes(path.read_bytes())
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def moe_minimum_budget(directory: Path) -> int:
+    """The smallest --gpu-budget a MoE directory loads with (one expert slot per layer)."""
+    from offload_engine import load
+
+    with load(directory, progress=False) as engine:
+        return engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
 
 
 # Architectures that once failed (issue 25), as tiny configs of transformers' own classes.

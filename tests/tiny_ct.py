@@ -45,7 +45,10 @@ def make_ct_checkpoint(src: Path, dst: Path, strategy: str = "group", symmetric:
         state.update(load_file(shard))
     out = {}
     for key, tensor in state.items():
-        linear = key.endswith("proj.weight") or (key == "lm_head.weight" and not tied)
+        # Mixtral's experts are w1/w2/w3; routers (mlp.gate) stay dense, as llm-compressor
+        # recipes leave them
+        linear = (key.endswith(("proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))
+                  or (key == "lm_head.weight" and not tied))
         if not linear:
             out[key] = tensor
             continue

@@ -134,6 +134,43 @@ def write_checkpoint(directory: Path, fmt: str, tokenizer_dir: Path, group_size:
     return directory, dense
 
 
+MOE_EXPERT_SUFFIXES = ("w1", "w2", "w3")  # Mixtral's expert linears (block_sparse_moe)
+
+
+def pack_checkpoint(src: Path, dst: Path, fmt: str, group_size: int = 32, version: int = 1):
+    """Pack every linear of the saved dense checkpoint SRC (per-expert keys, as hub MoE
+    checkpoints keep them) into the AWQ/GPTQ directory DST, routers left in float as
+    the quantizers leave them. Returns {linear weight key: decompressed float32 (N, K)}."""
+    from safetensors.torch import load_file, save_file
+
+    state = {}
+    for shard in sorted(Path(src).glob("*.safetensors")):
+        state.update(load_file(shard))
+    tensors, dense = {}, {}
+    for key, value in state.items():
+        module = key.rsplit(".", 1)[0]
+        linear = module.endswith(LINEAR_SUFFIXES + MOE_EXPERT_SUFFIXES) or module == "lm_head"
+        if not (key.endswith(".weight") and linear):
+            tensors[key] = value
+            continue
+        codes, zeros, scales = rtn_asym(value.float(), group_size,
+                                        min_zero=1 if fmt == "gptq" and version == 1 else 0)
+        dense[key] = decompressed(codes, zeros, scales, group_size)
+        parts = (pack_awq(codes, zeros, scales) if fmt == "awq"
+                 else pack_gptq(codes, zeros, scales, group_size, version))
+        tensors.update({f"{module}.{name}": part for name, part in parts.items()})
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for path in Path(src).iterdir():
+        if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
+            (dst / path.name).write_bytes(path.read_bytes())
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = _quant_config(fmt, group_size, version, False)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dense
+
+
 def _quant_config(fmt: str, group_size: int, version: int, act_order: bool) -> dict:
     if fmt == "awq":  # as AutoAWQ writes it
         return {"quant_method": "awq", "bits": 4, "group_size": group_size,

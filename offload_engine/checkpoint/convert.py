@@ -165,9 +165,16 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     if note and notify is not None:
         notify(note)
     prepared = prepare_method(method, source, skeleton, spec, progress, notify)  # calibrates
+    quantized_here: list = []  # float linears of an import, quantized by _write_tensors
     with staged_output(dst, f"converting {src}") as tmp:
         manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress,
-                                  prepared)
+                                  prepared, quantized_here)
+        requantized = sorted(set(getattr(source, "requantized", ())) | set(quantized_here))
+        if quantized_here:
+            logger.warning("%s: %d more linear weights are stored unquantized (%s); they are "
+                           "quantized here (%s), not imported exactly", src, len(quantized_here),
+                           ", ".join(quantized_here[:3]),
+                           getattr(source, "requantize_spec", None) or spec)
         manifest.source = {
             "kind": source.kind,
             "path": str(Path(src).resolve()),
@@ -176,8 +183,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
             "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
             # codes copied, nothing re-rounded; the requantized linears (an AWQ float
             # lm_head, a GGUF's Q6_K output) are not
-            "exact": source.import_spec is not None and not getattr(source, "requantized", ()),
-            "requantized": list(getattr(source, "requantized", ())),
+            "exact": source.import_spec is not None and not requantized,
+            "requantized": requantized,
             "quantization_method": None if source.import_spec else prepared.describe(),
         }
         source.write_side_files(tmp)
@@ -189,11 +196,13 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                              source.source_format if source.import_spec else "",
                              method.name, prepared.calibration_seconds,
                              prepared.calibration_layers,
-                             tuple(getattr(source, "requantized", ())))
+                             tuple(requantized))
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
-                   shard_bytes: int, progress: bool, prepared) -> Manifest:
+                   shard_bytes: int, progress: bool, prepared, quantized_here: list) -> Manifest:
+    """Write every tensor; the float linears an importing source yields (beyond those it
+    announced in ``requantized``, e.g. experts left unquantized) go to ``quantized_here``."""
     weight_names = {f"{name}.weight": info for name, info in linears.items()}
     tied = architecture.ties_embeddings(source.config)
     # float linears of an import are quantized with this (we never write raw GGUF blocks)
@@ -222,6 +231,9 @@ def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
             source_dtype = stfile.DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
             tensor = prepared.adjust(name, tensor)  # awq: scales folded into norms/linears
             if info is not None:
+                if (source.import_spec is not None
+                        and name not in getattr(source, "requantized", ())):
+                    quantized_here.append(name)
                 entry = _quantized_entry(name, tensor, info, float_spec, writer,
                                          source_dtype, prepared, spec)
             else:

@@ -128,10 +128,12 @@ def _check_one_exportable_spec(manifest: Manifest, where: Path) -> None:
             continue
         spec = manifest.spec_of(entry)
         if spec.raw_blocks:
+            fmt = spec.block_format
+            why = ("4-bit e2m1 float codes, not integers" if fmt.e8m0_fields else
+                   f"{fmt.bits}-bit codes under sub-block scales that are no fp16")
             raise ConversionError(
-                f"{where}: {name} holds GGUF {spec.block_format.ggml_type} blocks (imported "
-                "exactly from a GGUF file), which have no compressed-tensors form: "
-                f"{spec.block_format.bits}-bit codes under sub-block scales that are no fp16. "
+                f"{where}: {name} holds GGUF {fmt.ggml_type} blocks (imported exactly as the "
+                f"source stored them), which have no compressed-tensors form: {why}. "
                 "Export refuses rather than re-round them; quantize the original float "
                 "model with `offload-engine quantize --scheme int4-asym` and export that")
         if spec != manifest.spec:

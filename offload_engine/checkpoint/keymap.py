@@ -9,7 +9,9 @@ experts are never merged into a layer-sized tensor. Each expert's pieces are run
 the converter's own operations on their own (a stack of one), giving that expert's slice
 of the fused parameter, which is stored as one quantized matrix named
 ``<experts module>.<parameter>.<expert>.weight`` (see :mod:`offload_engine.model.experts`).
-Memory stays at one expert's matrices, not a layer's.
+Memory stays at one expert's matrices, not a layer's. Pre-quantized pieces
+(per-expert AWQ/GPTQ/compressed-tensors linears) are merged by gathering their rows in
+the order the same converter puts them (:meth:`KeyMap._row_map`), never dequantized.
 """
 
 from __future__ import annotations
@@ -17,14 +19,33 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from collections.abc import Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from ..errors import ConversionError
 from ..model.experts import ExpertsInfo, expert_module_name, find_experts
+from ..quant.quantize import QuantizedWeight
 
 logger = logging.getLogger(__name__)
+
+
+class PerExpert(Sequence):
+    """A fused experts parameter a source hands over one expert at a time (gpt-oss's MXFP4
+    ``gate_up_proj_blocks``/``_scales``): item e is expert e's matrix, already as
+    (out_features, in_features), a QuantizedWeight or a float tensor, read when asked."""
+
+    def __init__(self, count: int, read: Callable[[int], object]):
+        self.count, self.read = count, read
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, expert):
+        if not 0 <= expert < self.count:
+            raise IndexError(expert)
+        return self.read(expert)
 
 
 class KeyMap:
@@ -53,6 +74,7 @@ class KeyMap:
         self._piece: Dict[str, Tuple[tuple, str]] = {}  # source key -> (group, pattern)
         self._members: Dict[tuple, set] = {}  # (model param, expert) -> its source keys
         self._converter: Dict[tuple, object] = {}
+        self._row_maps: Dict[tuple, tuple] = {}  # see _row_map
         for key in source_names:
             target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
             if target not in meta and key in meta:  # as transformers does: keep the key
@@ -107,6 +129,9 @@ class KeyMap:
 
     def _plain(self, key: str, target: str, tensor):
         found = self._params.get(target)
+        if found is not None and isinstance(tensor, PerExpert):
+            yield from self._per_expert(key, target, tensor, *found)
+            return
         if found is None or not isinstance(tensor, torch.Tensor):
             yield target, tensor, [key]
             return
@@ -118,8 +143,29 @@ class KeyMap:
             yield (_weight_name(target, expert), _oriented(tensor[expert], matrix),
                    [key] if expert == info.num_experts - 1 else [])
 
-    def _convert(self, group: tuple, pieces: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """One expert's slice of the fused parameter, by the converter's own operations."""
+    def _per_expert(self, key: str, target: str, stack: PerExpert, info, matrix):
+        if len(stack) != info.num_experts:
+            raise ConversionError(f"checkpoint tensor {key!r} holds {len(stack)} experts; "
+                                  f"{target} expects {info.num_experts}")
+        for expert in range(info.num_experts):
+            weight = stack[expert]
+            shape = ((weight.out_features, weight.in_features)
+                     if isinstance(weight, QuantizedWeight) else tuple(weight.shape))
+            if shape != (matrix.out_features, matrix.in_features):
+                raise ConversionError(f"checkpoint tensor {key!r}: expert {expert} is {shape}; "
+                                      f"{target} expects ({matrix.out_features}, "
+                                      f"{matrix.in_features}) per expert")
+            yield (_weight_name(target, expert), weight,
+                   [key] if expert == info.num_experts - 1 else [])
+
+    def _convert(self, group: tuple, pieces: Dict[str, object]):
+        """One expert's matrix (out, in): its slice of the fused parameter, by the
+        converter's own operations; from pre-quantized pieces, their rows gathered."""
+        if any(isinstance(p, QuantizedWeight) for p in pieces.values()):
+            return self._convert_quantized(group, pieces)
+        return self._run_converter(group, pieces)
+
+    def _run_converter(self, group: tuple, pieces: Dict[str, torch.Tensor]) -> torch.Tensor:
         target, _ = group
         converter = copy.deepcopy(self._converter[group])
         collected: Dict[str, list] = {}
@@ -139,6 +185,60 @@ class KeyMap:
                 f"{[tuple(v.shape) for v in values]}, not one {expected} slice; this model "
                 f"type ({self.skeleton.config.model_type}) is not supported")
         return _oriented(values[0][0], matrix)
+
+    def _convert_quantized(self, group: tuple, pieces: Dict[str, object]) -> QuantizedWeight:
+        """Pre-quantized pieces (per-expert AWQ/GPTQ/compressed-tensors linears) merged
+        exactly: every component of ours is one row per output feature with the groups
+        along the input, so a merge that only stacks and concatenates whole rows (gate
+        and up into gate_up) is a gather of rows; anything else is refused."""
+        target, expert = group
+        keys = sorted(pieces)
+        weights = [pieces[k] for k in keys]
+        floats = [k for k in keys if not isinstance(pieces[k], QuantizedWeight)]
+        if floats:
+            raise ConversionError(f"{target} for expert {expert}: {floats[0]} is stored in float "
+                                  "but the other pieces are quantized; one matrix holds one "
+                                  "spec. Convert the unquantized original instead")
+        first = weights[0]
+        if any(w.spec != first.spec or w.in_features != first.in_features for w in weights):
+            raise ConversionError(f"{target} for expert {expert}: its pieces {keys} are "
+                                  "quantized differently (spec or input size); one matrix "
+                                  "holds one spec")
+        piece, row = self._row_map(group, keys, [w.out_features for w in weights],
+                                   first.in_features)
+        offsets = torch.tensor([0] + [w.out_features for w in weights]).cumsum(0)
+        index = offsets[piece] + row
+        parts = {name: torch.cat([w.components()[name] for w in weights])[index]
+                 for name in first.components()}
+        return QuantizedWeight.from_parts(parts, first.spec, int(index.numel()),
+                                          first.in_features)
+
+    def _row_map(self, group: tuple, keys: List[str], rows: List[int], columns: int):
+        """(piece, row) of each output row of the merged matrix, learnt by running the
+        converter on int64 probes whose every element says where it came from (piece,
+        row, column); cached per converter and piece shapes (every expert of every layer
+        merges alike). A ConversionError if an output row is not one whole input row."""
+        patterns = tuple(self._piece[k][1] for k in keys)
+        cache_key = (id(self._converter[group]), patterns, tuple(rows), columns)
+        if cache_key in self._row_maps:
+            return self._row_maps[cache_key]
+        if max(rows + [columns]) >= 1 << 20 or len(keys) >= 1 << 20:
+            raise ConversionError(f"{group[0]}: pieces of {rows} x {columns} are too large to "
+                                  "map row by row")
+        col = torch.arange(columns, dtype=torch.int64)
+        probes = {k: (i << 40) + (torch.arange(n, dtype=torch.int64) << 20)[:, None] + col
+                  for i, (k, n) in enumerate(zip(keys, rows, strict=True))}
+        merged = self._run_converter(group, probes)
+        first = merged[:, :1]
+        if merged.dtype != torch.int64 or not torch.equal(merged - col, first.expand_as(merged)):
+            raise ConversionError(
+                f"transformers merges the pieces of {group[0]} other than by whole rows; "
+                "pre-quantized experts of this model type "
+                f"({self.skeleton.config.model_type}) cannot be imported exactly. Convert the "
+                "unquantized original instead")
+        found = (first[:, 0] >> 40, (first[:, 0] >> 20) & ((1 << 20) - 1))
+        self._row_maps[cache_key] = found
+        return found
 
 
 def _expert_index(key: str, pattern: str) -> Optional[int]:

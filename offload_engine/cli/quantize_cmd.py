@@ -30,10 +30,9 @@ def register(commands) -> None:
     parser.add_argument("--shard-size", type=parse_positive_bytes, default="2GiB",
                         help="largest output shard, e.g. 512MiB (default 2GiB)")
     parser.add_argument("--requantize", action="store_true",
-                        help="a GGUF whose linears cannot be imported exactly (K-quants, mixed "
-                             "types): dequantize and quantize them again with --scheme and "
-                             "--group-size (lossy; Q4_0/Q4_1/Q8_0 files import exactly "
-                             "without it, ignoring --scheme)")
+                        help="a GGUF or gpt-oss MXFP4 source: dequantize it and quantize "
+                             "again with --scheme and --group-size (lossy; without it, the "
+                             "types our layout holds are imported exactly, ignoring --scheme)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_method_args(parser)

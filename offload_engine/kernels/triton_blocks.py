@@ -1,4 +1,4 @@
-"""Reading a tile of a raw-block weight (GGUF Q2_K ... Q6_K, Q5_0, Q5_1) in registers.
+"""Reading a tile of a raw-block weight (GGUF Q2_K ... Q6_K, Q5_0, Q5_1, MXFP4) in registers.
 
 The byte map is the one of :mod:`offload_engine.quant.block_formats` (llama.cpp's
 ``ggml-common.h``); each element of the (BLOCK_N, BLOCK_K) tile gathers its code bits,
@@ -23,6 +23,7 @@ Q6_K = tl.constexpr(FORMATS["gguf-q6_k"].kernel_code)
 Q5_0 = tl.constexpr(FORMATS["gguf-q5_0"].kernel_code)
 Q5_1 = tl.constexpr(FORMATS["gguf-q5_1"].kernel_code)
 Q2_K = tl.constexpr(FORMATS["gguf-q2_k"].kernel_code)
+MXFP4 = tl.constexpr(FORMATS["mxfp4"].kernel_code)
 
 
 @triton.jit
@@ -123,6 +124,20 @@ def _q5_tile(q_ptr, base, e, mask, HAS_MIN: tl.constexpr):
 
 
 @triton.jit
+def _mxfp4_tile(q_ptr, base, e, mask):
+    """MXFP4: 2^(E - 127) * e2m1, as half the scale times the doubled value (both exact).
+    E = 255 (NaN) never gets here: an import refuses it as a non-finite scale."""
+    code = (_byte(q_ptr, base + 1 + e % 16, mask) >> ((e // 16) * 4)) & 15
+    mag = code & 7  # doubled e2m1: 0 1 2 3, then 4 6 8 12 = (2 + (mag & 1)) << (mag/2 - 1)
+    shift = tl.maximum((mag >> 1) - 1, 0)
+    doubled = tl.where(mag < 4, mag, (2 + (mag & 1)) << shift)
+    value = tl.where(code >= 8, -doubled, doubled).to(tl.float32)  # code 8 -> +0
+    exponent = _byte(q_ptr, base, mask)
+    bits = tl.where(exponent < 2, 0x00200000 << exponent, (exponent - 1) << 23)
+    return bits.to(tl.float32, bitcast=True) * value
+
+
+@triton.jit
 def load_block_tile(
     q_ptr, offs_n, k0, N, K,
     BLOCKS: tl.constexpr, BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
@@ -148,6 +163,8 @@ def load_block_tile(
         w = _q5_tile(q_ptr, base, e, mask, True)
     elif BLOCKS == Q2_K:
         w = _q2_k_tile(q_ptr, base, e, mask)
+    elif BLOCKS == MXFP4:
+        w = _mxfp4_tile(q_ptr, base, e, mask)
     else:
         w = _q3_k_tile(q_ptr, base, e, mask)
     return tl.where(mask, w, 0.0)

@@ -31,10 +31,16 @@ Block layouts (llama.cpp ``ggml-common.h``; element e of a block, sub-block j):
   32j + i; a set bit means no offset), 64 bytes of 2-bit low parts (as Q2_K), 12 bytes of
   6-bit scales for 16 sub-blocks of 16 (:func:`k3_scales`), fp16 d;
   value = d*(sc - 32)*(low - 4*(1 - high)).
+- MXFP4 (ggml type 39; OCP microscaling FP4), 32 elements, 17 bytes: one e8m0 byte E (a
+  power of two, 2^(E - 127); 255 is NaN), 16 bytes of 4-bit e2m1 codes (element i < 16 the
+  low nibble of byte i, i + 16 its high nibble; code bit 3 is the sign, then magnitudes
+  0, 0.5, 1, 1.5, 2, 3, 4, 6); value = 2^(E - 127) * e2m1, exact in float32 (gpt-oss's
+  experts: :mod:`.mxfp4`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
@@ -153,6 +159,26 @@ def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
     return _f16(blocks, 0) * _q5_codes(blocks, 4).to(torch.float32) + _f16(blocks, 2)
 
 
+# e2m1 values doubled (integers), by code; code 8 (-0) reads as +0, as in gguf-py and
+# llama.cpp (transformers' table holds -0.0: equal as a value, not as a bit pattern)
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def e8m0_half(exponents: torch.Tensor) -> torch.Tensor:
+    """uint8 e8m0 exponents E -> 2^(E - 128) as float32 (half the block scale, which the
+    doubled e2m1 values take back), exact down to E = 0 (a subnormal); 255 -> NaN."""
+    e = exponents.to(torch.int32)
+    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32) << e, (e - 1) << 23)
+    half = bits.view(torch.float32)
+    return torch.where(e == 255, torch.tensor(float("nan")), half)
+
+
+def _mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    codes = _nibbles(blocks[:, 1:17], 16).reshape(n, 32).to(torch.int64)
+    return e8m0_half(blocks[:, :1]) * torch.tensor(E2M1_DOUBLED, dtype=torch.float32)[codes]
+
+
 @dataclass(frozen=True)
 class BlockFormat:
     """One GGUF block type held as raw bytes."""
@@ -165,6 +191,7 @@ class BlockFormat:
     bits: int  # bits per code (what a summary calls it)
     fp16_fields: Tuple[int, ...]  # byte offsets of the block's fp16 scale(s) and minimum
     dequantize: Callable[[torch.Tensor], torch.Tensor]  # (n, bytes) u8 -> (n, elements) f32
+    e8m0_fields: Tuple[int, ...] = ()  # byte offsets of power-of-two exponents (MXFP4)
 
     @property
     def bytes_per_param(self) -> float:
@@ -179,6 +206,7 @@ FORMATS: Dict[str, BlockFormat] = {f.scheme: f for f in (
     BlockFormat("gguf-q5_1", "Q5_1", 5, 32, 24, 5, (0, 2), _q5_1),
     BlockFormat("gguf-q2_k", "Q2_K", 6, QK_K, 84, 2, (80, 82), _q2_k),
     BlockFormat("gguf-q3_k", "Q3_K", 7, QK_K, 110, 3, (108,), _q3_k),
+    BlockFormat("mxfp4", "MXFP4", 8, 32, 17, 4, (), _mxfp4, e8m0_fields=(0,)),
 )}
 BLOCK_SCHEMES = tuple(FORMATS)
 BY_GGML_TYPE: Dict[str, BlockFormat] = {f.ggml_type: f for f in FORMATS.values()}
@@ -205,7 +233,8 @@ def block_scales(fmt: BlockFormat, rows: torch.Tensor) -> torch.Tensor:
     """Every fp16 scale and minimum of the blocks (n_blocks, fields), as float32: what a
     finiteness check reads (the codes cannot be non-finite)."""
     blocks = rows.reshape(-1, fmt.block_bytes)
-    return torch.cat([_f16(blocks, at) for at in fmt.fp16_fields], dim=1)
+    return torch.cat([_f16(blocks, at) for at in fmt.fp16_fields]
+                     + [e8m0_half(blocks[:, at:at + 1]) for at in fmt.e8m0_fields], dim=1)
 
 
 def random_rows(fmt: BlockFormat, out_features: int, in_features: int,
@@ -219,4 +248,8 @@ def random_rows(fmt: BlockFormat, out_features: int, in_features: int,
     for at in fmt.fp16_fields:
         values = (torch.randn(n_blocks, 1, generator=gen) * scale).to(torch.float16)
         blocks[:, at:at + 2] = values.view(torch.uint8)
+    for at in fmt.e8m0_fields:  # exponents within 2^+-8 of ``scale``, never 255 (NaN)
+        centre = int(round(math.log2(scale))) + 127
+        blocks[:, at] = torch.randint(max(centre - 8, 0), min(centre + 9, 255), (n_blocks,),
+                                      generator=gen, dtype=torch.int32).to(torch.uint8)
     return blocks.reshape(out_features, -1)

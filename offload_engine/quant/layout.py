@@ -30,8 +30,9 @@ code * scale + min for int4-min (multiply, then add: the order gguf-py uses, so 
 imported Q4_1 block dequantizes bit for bit as ``gguf.quants.dequantize`` does).
 
 Raw-block schemes (``gguf-q2_k``, ``gguf-q3_k``, ``gguf-q4_k``, ``gguf-q5_k``,
-``gguf-q6_k``, ``gguf-q5_0``, ``gguf-q5_1``; see :mod:`.block_formats`) hold a GGUF
-tensor's blocks as the file stores them: qweight is uint8
+``gguf-q6_k``, ``gguf-q5_0``, ``gguf-q5_1``, ``mxfp4``; see :mod:`.block_formats`) hold a
+GGUF tensor's blocks as the file stores them (gpt-oss's MXFP4 experts as GGUF's MXFP4
+blocks): qweight is uint8
 (N, K / block_elements * block_bytes), there is no scales component, ``group_size`` is
 the block's element count and K is a whole number of blocks.
 """

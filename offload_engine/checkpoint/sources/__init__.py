@@ -26,6 +26,7 @@ from .compressed_tensors import CompressedTensorsSource
 from .dense import SIDE_FILES, SafetensorsSource
 from .gguf import GGUFSource
 from .gptq import GPTQSource
+from .mxfp4 import MXFP4Source
 
 __all__ = ["GGUFSource", "SIDE_FILES", "SafetensorsSource", "open_source"]
 
@@ -34,6 +35,7 @@ PACKED_SOURCES = (
     CompressedTensorsSource,
     AWQSource,
     GPTQSource,
+    MXFP4Source,
 )
 
 
