@@ -62,6 +62,7 @@ def test_bench_reports_the_cpu_parts_bytes_per_second_beside_memory(qwen2_q, tmp
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "CPU GB/s" in printed and "this machine's memory:" in printed
+    assert "exp hit" not in printed  # a dense model has no expert columns
     row = next(csv.DictReader((out / "bench.csv").open()))
     rate = float(row["cpu_bytes_per_token"]) / float(row["cpu_seconds_per_token"]) / 1e9
     assert float(row["cpu_gb_per_s"]) == pytest.approx(rate) and rate > 0

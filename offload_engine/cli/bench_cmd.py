@@ -174,8 +174,9 @@ def table(rows: list) -> list:
             return f"{value * 1e3:.2f}"
         return fmt.format(value)
 
-    columns = [c for c in TABLE
-               if not c[1].startswith("expert") or any(c[1] in row for row in rows)]
+    moe = any(row.get("experts_fetched_per_token") or row.get("expert_hit_rate")
+              for row in rows)  # every row carries the fields; a dense model's are 0
+    columns = [c for c in TABLE if moe or not c[1].startswith("expert")]
     columns += COMPILE_TABLE if any("compile" in row for row in rows) else ()
     cells = [[cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
     widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, (name, _, _) in
