@@ -32,11 +32,11 @@ def test_quantize_and_run_match_transformers(tmp_path, tokenizer_dir, arch):
 def test_llama4_fetches_only_the_picked_experts_and_matches_at_the_minimum(tmp_path,
                                                                          tokenizer_dir):
     src, directory = _quantized(tmp_path, tokenizer_dir, "llama4_text")
-    with load(directory, progress=False) as engine:
+    with load(directory, progress=False, dtype="float32") as engine:
         minimum = engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
     tiny.assert_engine_matches(directory, tiny.dequantized_reference(src, directory),
                                gpu_budget=minimum, atol=1e-4, greedy_tokens=4)
-    with load(directory, progress=False, gpu_budget=minimum) as engine:
+    with load(directory, progress=False, dtype="float32", gpu_budget=minimum) as engine:
         engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=3)
         stats = engine.cache.stats
     # top-1 routing over 2 experts layers: at most 2 experts used per token
@@ -47,9 +47,9 @@ def test_gemma_host_embeddings_keep_the_embedding_scale(tmp_path, tokenizer_dir)
     _, directory = _quantized(tmp_path, tokenizer_dir, "gemma2")
     ids = torch.tensor([[5, 77, 123, 9]])
     with torch.no_grad():
-        with load(directory, progress=False) as engine:
+        with load(directory, progress=False, dtype="float32") as engine:
             on_device = engine.model(ids).logits
-        with load(directory, progress=False, embeddings="host") as engine:
+        with load(directory, progress=False, dtype="float32", embeddings="host") as engine:
             on_host = engine.model(ids).logits
     torch.testing.assert_close(on_host, on_device, rtol=0, atol=1e-5)
 
@@ -59,7 +59,7 @@ def test_explicit_attention_the_model_refuses_is_one_line(tmp_path, tokenizer_di
 
     _, directory = _quantized(tmp_path, tokenizer_dir, "gemma2")
     with pytest.raises(ConfigError, match="--attention sdpa is not supported.*gemma2"):
-        load(directory, progress=False, attention="sdpa")
+        load(directory, progress=False, dtype="float32", attention="sdpa")
 
 
 def test_unsupported_model_types_get_one_line(tmp_path, capsys):

@@ -53,6 +53,22 @@ def test_bench_sweeps_and_writes_measured_and_predicted(qwen2_q, tmp_path, capsy
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_reports_the_cpu_parts_bytes_per_second_beside_memory(qwen2_q, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", str(qwen2_q), "--budgets", "unbounded", "--policies", "static",
+                 "--tokens", "3", "--device", "cpu", "--placement", "cpu", "--out-dir",
+                 str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "CPU GB/s" in printed and "this machine's memory:" in printed
+    assert "exp hit" not in printed  # a dense model has no expert columns
+    row = next(csv.DictReader((out / "bench.csv").open()))
+    rate = float(row["cpu_bytes_per_token"]) / float(row["cpu_seconds_per_token"]) / 1e9
+    assert float(row["cpu_gb_per_s"]) == pytest.approx(rate) and rate > 0
+    assert json.loads((out / "bench.json").read_text())["memory_gb_per_s"] > 0
+
+
 def test_bench_refuses_a_fixed_budget(qwen2_q, capsys):
     assert main(["bench", str(qwen2_q), "--gpu-budget", "1MiB", "--device", "cpu"]) == 2
     assert "--budgets" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def test_bytes_changed_in_place_on_the_disk_tier_are_named(qwen2_q, tmp_path):
     copy = tmp_path / "q"
     shutil.copytree(qwen2_q, copy)
     _, minimum = _sizes(copy, gpu_budget="260KB")
-    with load(copy, progress=False, gpu_budget="260KB", host_budget=minimum) as engine:
+    with load(copy, progress=False,
+              dtype="float32", gpu_budget="260KB", host_budget=minimum) as engine:
         assert engine.host_plan.on_disk
         _greedy(engine, 2)
         assert engine.counters()["disk_verify_seconds"] > 0

@@ -34,7 +34,8 @@ def _greedy(engine, steps=10):
 
 def _sizes(quantized, **settings):
     """(INT4 bytes the device cache streams, the host tier's minimum) at these settings."""
-    with load(quantized, progress=False, host_budget="unbounded", **settings) as engine:
+    with load(quantized, progress=False,
+              dtype="float32", host_budget="unbounded", **settings) as engine:
         streamed = engine.plan.streamed_bytes
         entries = [(name, engine.store[name].nbytes) for name in engine.cache.order]
         minimum = plan_host(entries, engine.plan.resident, streamed).minimum_budget
@@ -75,7 +76,7 @@ def test_greedy_tokens_identical_with_weights_on_disk(qwen2_q, policy, gpu_budge
     results = {}
     for label, budget in {"unbounded": "unbounded", "minimum": minimum,
                           "a third": max(streamed // 3, minimum)}.items():
-        with load(qwen2_q, progress=False, host_budget=budget, **device) as engine:
+        with load(qwen2_q, progress=False, dtype="float32", host_budget=budget, **device) as engine:
             results[label] = _greedy(engine)
             if budget != "unbounded":
                 assert engine.host_plan.on_disk, "nothing was read from disk"
@@ -86,7 +87,8 @@ def test_greedy_tokens_identical_with_weights_on_disk(qwen2_q, policy, gpu_budge
 
 def test_disk_bytes_per_token_equal_the_plan(qwen2_q):
     streamed, minimum = _sizes(qwen2_q, gpu_budget="260KB")
-    with load(qwen2_q, progress=False, gpu_budget="260KB", host_budget=minimum) as engine:
+    with load(qwen2_q, progress=False,
+              dtype="float32", gpu_budget="260KB", host_budget=minimum) as engine:
         result = engine.generate("the cat", max_new_tokens=6, greedy=True)
         plan = engine.host_plan
     stats = result.stats
@@ -98,7 +100,7 @@ def test_disk_bytes_per_token_equal_the_plan(qwen2_q):
     assert "from disk" in stats.line()
     # `offload-engine plan` predicts the same figure from the directory alone
     predicted = make_plan(describe_model(qwen2_q), PlanRequest(
-        load_profile("cpu"), gpu_budget="260KB", host_budget=minimum, context=64))
+        load_profile("cpu"), gpu_budget="260KB", host_budget=minimum, context=64, dtype="float32"))
     assert predicted.host["disk_bytes_per_step"] == stats.disk_bytes_per_token
     assert predicted.prediction.disk_bytes_per_step == stats.disk_bytes_per_token
 
@@ -127,7 +129,8 @@ def test_plan_adds_the_disk_read_to_the_prediction(qwen2_q):
 
 
 def test_device_resident_weights_are_not_kept_in_ram(qwen2_q):
-    with load(qwen2_q, progress=False, host_budget="1MiB") as engine:  # unbounded device
+    with load(qwen2_q, progress=False,
+              dtype="float32", host_budget="1MiB") as engine:  # unbounded device
         assert engine.plan.streamed_bytes == 0
         assert engine.store.nbytes == 0 and not engine.host_plan.on_disk
         assert len(_greedy(engine, 3)) == 3
@@ -139,7 +142,8 @@ def test_a_shard_that_goes_away_is_named_promptly(qwen2_q, tmp_path, fault):
     copy = tmp_path / "q"
     shutil.copytree(qwen2_q, copy)
     _, minimum = _sizes(copy, gpu_budget="260KB")
-    with load(copy, progress=False, gpu_budget="260KB", host_budget=minimum) as engine:
+    with load(copy, progress=False,
+              dtype="float32", gpu_budget="260KB", host_budget=minimum) as engine:
         _greedy(engine, 2)
         shards = sorted(copy.glob("*.safetensors"))
         for shard in shards:
@@ -184,7 +188,7 @@ baseline = psutil.Process().memory_info().rss
 with open("/proc/self/clear_refs", "w") as refs:
     refs.write("5")
 ids = torch.tensor([[5, 77, 123]])
-with load(directory, progress=False, host_budget=host_budget, gpu_budget="3.2MiB",
+with load(directory, progress=False, dtype="float32", host_budget=host_budget, gpu_budget="3.2MiB",
           cache_format="packed") as engine:
     with torch.inference_mode():
         engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
@@ -250,15 +254,15 @@ def test_cli_run_and_plan_take_host_budget(qwen2_q, tmp_path, capsys):
     stats_path = tmp_path / "stats.json"
     assert main(["run", str(qwen2_q), "--prompt", "the", "--greedy", "--max-new-tokens", "4",
                  "--gpu-budget", "260KB", "--host-budget", str(minimum), "--device", "cpu",
-                 "--no-progress", "--stats-json", str(stats_path)]) == 0
+                 "--dtype", "float32", "--no-progress", "--stats-json", str(stats_path)]) == 0
     assert "from disk" in capsys.readouterr().err
     stats = json.loads(stats_path.read_text())
     assert stats["disk_bytes_per_token"] > 0 and stats["cache"]["host_budget_bytes"] == minimum
     assert main(["run", str(qwen2_q), "--prompt", "x", "--host-budget", "1B", "--gpu-budget",
-                 "260KB", "--no-progress"]) == 2
+                 "260KB", "--dtype", "float32", "--no-progress"]) == 2
     assert "host budget" in capsys.readouterr().err
     main(["plan", str(qwen2_q), "--hw-profile", "cpu", "--gpu-budget", "260KB",
-          "--host-budget", str(minimum), "--context", "64"])
+          "--host-budget", str(minimum), "--context", "64", "--dtype", "float32"])
     assert "read from disk per token" in capsys.readouterr().out
 
 

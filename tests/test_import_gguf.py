@@ -192,7 +192,7 @@ def test_float_output_is_requantized_and_the_rest_copied(tmp_path, llama_untied,
 
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                      dtype=torch.float32).eval()
-    with load(tmp_path / "q", progress=False) as engine, torch.no_grad():
+    with load(tmp_path / "q", progress=False, dtype="float32") as engine, torch.no_grad():
         ids = engine.tokenizer("The class statement defines", return_tensors="pt")["input_ids"]
         logits = engine.model(ids).logits
         output = reference(ids, output_hidden_states=True)

@@ -52,9 +52,9 @@ def _greedy(engine, steps):
 
 
 def test_int8_greedy_matches_the_dense_cache(qwen2_q):
-    with load(qwen2_q, progress=False, device="cpu") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu") as engine:
         dense = _greedy(engine, GREEDY_TOKENS)
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache="int8") as engine:
         result = engine.generate("the quick brown fox", max_new_tokens=GREEDY_TOKENS,
                                  greedy=True)
     assert len(set(dense)) > 5  # varied tokens, or equality would mean little
@@ -65,7 +65,7 @@ def test_int8_greedy_matches_the_dense_cache(qwen2_q):
 @torch.inference_mode()
 def test_int8_and_int4_logits_stay_close_to_the_dense_cache(qwen2_q):
     ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(0))
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache="int8") as engine:
         dense = torch.log_softmax(engine.model(input_ids=ids, use_cache=False).logits, -1)
         kls = {}
         for mode in ("int8", "int4"):
@@ -83,7 +83,7 @@ def test_int8_and_int4_logits_stay_close_to_the_dense_cache(qwen2_q):
 def test_bytes_per_token_equal_the_planners_figure(qwen2_q, mode):
     request = PlanRequest(load_profile("cpu"), context=300, kv_cache=mode)
     plan = make_plan(describe_model(qwen2_q), request)
-    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode) as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode) as engine:
         assert engine.kv_layout.token_bytes() == plan.memory.kv_cache_per_token
         ids = torch.randint(0, 512, (1, 300), generator=torch.Generator().manual_seed(1))
         cache = engine.new_kv_cache()
@@ -117,7 +117,7 @@ def test_smaller_kv_cache_leaves_more_weights_resident(tmp_path):
 def test_context_beyond_the_kv_budget_is_refused_with_the_numbers(qwen2_q):
     layout = KVLayout("int8", 2, 2, 16, 4)
     budget = layout.cache_bytes(40)  # room for exactly 40 tokens
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8",
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache="int8",
               kv_budget=budget) as engine:
         assert engine.kv_layout == layout
         engine.generate("the", max_new_tokens=8, greedy=True)  # fits
@@ -170,8 +170,8 @@ def test_eval_kv_cache_needs_no_reference(qwen2_q, capsys):
     from offload_engine.cli import main
 
     assert main(["eval", str(qwen2_q), "--kv-cache", "int8", "--tokens", "120", "--window",
-                 "60", "--greedy-tokens", "8", "--device", "cpu", "--no-progress",
-                 "--json"]) == 0
+                 "60", "--greedy-tokens", "8", "--device", "cpu", "--dtype", "float32",
+                 "--no-progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kv_cache"] == "int8" and report["window"] == 60
     assert report["predictions"] == 118 and 0 < report["mean_kl"] < INT8_MAX_KL

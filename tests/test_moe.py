@@ -43,7 +43,7 @@ def qwen3_moe(tmp_path_factory, tokenizer_dir):
 
 
 def _minimum_budget(directory) -> int:
-    with load(directory, progress=False) as engine:
+    with load(directory, progress=False, dtype="float32") as engine:
         return engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
 
 
@@ -87,7 +87,8 @@ def test_only_the_routed_experts_are_fetched(qwen3_moe):
             tokens.append(args[0].shape[0])
         trace[-1].append(args[1].flatten().tolist())
 
-    with load(directory, progress=False, gpu_budget=_minimum_budget(directory)) as engine:
+    with load(directory, progress=False,
+              dtype="float32", gpu_budget=_minimum_budget(directory)) as engine:
         modules = [m for m in engine.model.modules() if isinstance(m, OffloadedExperts)]
         assert len(modules) == 2 and engine.stats["expert_slots_per_layer"] == 1
         for module in modules:
@@ -125,7 +126,7 @@ def test_prometheus_lists_expert_counters_for_moe_models_only():
 
 
 def test_unbounded_budget_keeps_every_expert_resident(qwen3_moe):
-    with load(qwen3_moe[1], progress=False) as engine:
+    with load(qwen3_moe[1], progress=False, dtype="float32") as engine:
         engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=3)
         stats = engine.cache.stats
         assert engine.stats["expert_slots_per_layer"] == 4
@@ -136,7 +137,8 @@ def test_a_budget_below_the_moe_minimum_is_refused_with_the_numbers(qwen3_moe):
     from offload_engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="one expert per layer"):
-        load(qwen3_moe[1], progress=False, gpu_budget=_minimum_budget(qwen3_moe[1]) - 1)
+        load(qwen3_moe[1], progress=False,
+             dtype="float32", gpu_budget=_minimum_budget(qwen3_moe[1]) - 1)
 
 
 def test_routers_subclassing_linear_stay_dense():
@@ -165,7 +167,8 @@ def test_decode_expert_bytes_per_token_equal_the_plan_at_the_measured_hit_rate(q
     directory = qwen3_moe[1]
     budget = _minimum_budget(directory)
     ids = torch.tensor([[5, 77, 123, 9, 300, 41, 42, 250, 17, 99, 3, 64]])
-    with load(directory, progress=False, gpu_budget=budget) as engine, torch.no_grad():
+    with load(directory, progress=False,
+              dtype="float32", gpu_budget=budget) as engine, torch.no_grad():
         cache = DynamicCache()
         engine.model(ids[:, :4], cache=cache, use_cache=True)  # prefill: not a decode step
         engine.cache.reset_stats()
@@ -201,7 +204,7 @@ def test_synth_writes_experts_quantized_and_the_model_runs(tmp_path):
                  "--group-size", "32", "--no-progress"]) == 0
     roles = [e.role for e in read_manifest(tmp_path / "s").tensors.values()]
     assert roles.count("expert") == 2 * 4 * 2
-    with load(tmp_path / "s", progress=False) as engine:
+    with load(tmp_path / "s", progress=False, dtype="float32") as engine:
         result = engine.generate("The class", greedy=True, max_new_tokens=3)
     assert result.stats.experts_used_per_token > 0
 
@@ -211,9 +214,10 @@ def test_experts_on_disk_are_read_on_demand_not_through_the_cyclic_ring(qwen3_mo
     disk ring's cyclic read-ahead (dense weights only) never waits for an expert."""
     directory = qwen3_moe[1]
     budget = _minimum_budget(directory)
-    with load(directory, progress=False, gpu_budget=budget) as engine:
+    with load(directory, progress=False, dtype="float32", gpu_budget=budget) as engine:
         expected = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6).token_ids
-    with load(directory, progress=False, gpu_budget=budget, host_budget="20KiB") as engine:
+    with load(directory, progress=False,
+              dtype="float32", gpu_budget=budget, host_budget="20KiB") as engine:
         on_disk = engine.host_plan.on_disk
         assert any(".experts." in n for n in on_disk)
         assert not any(".experts." in n for n in engine.store.ring.order)

@@ -58,7 +58,7 @@ def _run(engine, joins: dict, max_batch: int = 4, speculate=None, limits=LIMITS)
 
 @pytest.mark.parametrize("mode", ["int8", "k8v4", "int4"])
 def test_batched_quantized_rows_equal_each_row_alone(qwen2_q, mode):
-    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode) as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode) as engine:
         alone = {i: _run(engine, {0: [i]})[0][i] for i in range(3)}
         for i, tokens in alone.items():  # served alone == generate alone, same cache mode
             assert tokens == engine.generate(PROMPTS[i], max_new_tokens=LIMITS[i],
@@ -76,7 +76,7 @@ def test_batched_quantized_rows_equal_each_row_alone(qwen2_q, mode):
 def test_int8_server_greedy_equals_the_dense_cache(qwen2_q):
     served = {}
     for mode in ("bf16", "int8"):
-        with load(qwen2_q, progress=False, device="cpu", kv_cache=mode) as engine:
+        with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode) as engine:
             scheduler = Scheduler(engine, max_batch=4)
             sequences = [Sequence(_ids(engine, p), SamplingParams(AGREED_TOKENS, temperature=0),
                                   lambda event: None) for p in AGREEING]
@@ -95,7 +95,7 @@ def test_batched_cache_bytes_equal_the_planners_figure(qwen2_q, mode):
     plan = make_plan(describe_model(qwen2_q),
                      PlanRequest(load_profile("cpu"), context=64, kv_cache=mode))
     per_token = plan.memory.kv_cache_per_token
-    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode) as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode) as engine:
         scheduler = Scheduler(engine, max_batch=4)
         for i, limit in enumerate([5, 14, 10]):  # the longest prompt leaves first
             scheduler.submit(Sequence(_ids(engine, PROMPTS[i]),
@@ -127,7 +127,7 @@ def test_batched_cache_bytes_equal_the_planners_figure(qwen2_q, mode):
 
 
 def test_lone_int8_row_speculates_with_the_same_tokens(qwen2_q):
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache="int8") as engine:
         speculated, _, scheduler = _run(engine, {0: [0]}, speculate="lookup")
         assert speculated[0] == engine.generate(SPEC_PROMPT, max_new_tokens=LIMITS[0],
                                                 greedy=True).token_ids
@@ -139,7 +139,7 @@ def test_lone_int8_row_speculates_with_the_same_tokens(qwen2_q):
 @pytest.mark.parametrize("mode", ["int8", "bf16"])  # the dense cache is admitted the same way
 def test_rows_over_the_kv_budget_wait_and_a_request_that_never_fits_is_refused(qwen2_q, mode):
     layout = KVLayout(mode, 2, 2, 16, 4)
-    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode,
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode,
               kv_budget=layout.cache_bytes(40)) as engine:
         assert engine.kv_layout == layout
         alone = {i: _run(engine, {0: [i]})[0][i] for i in (0, 2)}
@@ -160,7 +160,7 @@ def test_rows_over_the_kv_budget_wait_and_a_request_that_never_fits_is_refused(q
 
 
 def test_http_request_over_the_kv_budget_gets_400_with_the_numbers(qwen2_q):
-    with load(qwen2_q, progress=False, device="cpu", kv_cache="int8",
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache="int8",
               kv_budget=BUDGET_40) as engine, LiveServer(engine, ServerConfig()) as live:
         url, model = f"{live.url}/v1/completions", live.service.model_id
         refused = httpx.post(url, json={"model": model, "prompt": PROMPTS[0], "max_tokens": 60},

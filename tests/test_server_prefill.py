@@ -45,7 +45,7 @@ def _tokens(sequences: dict) -> dict:
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_prompts_prefilled_together_give_each_reply_alone(qwen2_q, mode):
-    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode) as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode) as engine:
         alone = {i: _serve(engine, {0: [i]}, max_batch=4)[0][i].token_ids
                  for i in range(len(PROMPTS))}
         together, _, scheduler = _serve(engine, {0: [0, 1, 2, 3]}, max_batch=4)
@@ -61,7 +61,7 @@ def test_prompts_prefilled_together_give_each_reply_alone(qwen2_q, mode):
 
 def test_rows_finishing_at_their_first_token_leave_and_the_rest_go_on(qwen2_q):
     limits = [1, 6, 1, 4]  # the longest prompt (2) ends at once: the others' padding goes
-    with load(qwen2_q, progress=False, device="cpu") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu") as engine:
         alone = {i: _serve(engine, {0: [i]}, limits=limits)[0][i].token_ids for i in range(4)}
         together, events, _ = _serve(engine, {0: [0, 1, 2, 3]}, limits=limits)
     assert _tokens(together) == alone
@@ -71,7 +71,8 @@ def test_rows_finishing_at_their_first_token_leave_and_the_rest_go_on(qwen2_q):
 def test_one_pass_for_the_group_copies_the_weights_once(qwen2_q):
     """N prompts together: 1 prefill forward, 1/N of the bytes N lone prefills copy."""
     limits = [1] * len(PROMPTS)  # prefill only: each reply ends at its first token
-    with load(qwen2_q, progress=False, device="cpu", gpu_budget=STREAMING_BUDGET) as engine:
+    with load(qwen2_q, progress=False,
+              dtype="float32", device="cpu", gpu_budget=STREAMING_BUDGET) as engine:
         copied = {}
         for cap in (1, 8192):  # a cap of 1 token forces one prompt per forward
             before, passes = engine.stats["h2d_bytes"], engine.cache.stats.passes
@@ -89,7 +90,7 @@ def test_one_pass_for_the_group_copies_the_weights_once(qwen2_q):
 
 def test_the_prefill_cap_splits_a_group_and_a_longer_prompt_still_runs(qwen2_q):
     order = [1, 3, 2, 0]  # queue order: "x", "def f(x):", then the two longest
-    with load(qwen2_q, progress=False, device="cpu") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu") as engine:
         lengths = [len(_ids(engine, p)) for p in PROMPTS]
         alone = {i: _serve(engine, {0: [i]})[0][i].token_ids for i in range(len(PROMPTS))}
         cap = 2 * lengths[3]  # room for "x" and "def f(x):" padded together, no third row
@@ -111,7 +112,7 @@ def test_group_size_keeps_rows_times_longest_within_the_cap():
 
 def test_a_failed_prefill_fails_its_requests_only_and_serving_goes_on(qwen2_q, monkeypatch,
                                                                      caplog):
-    with load(qwen2_q, progress=False, device="cpu") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu") as engine:
         alone = {i: _serve(engine, {0: [i]})[0][i].token_ids for i in (0, 3)}
         scheduler, events = Scheduler(engine, max_batch=4), {}
         real_forward = engine.model.forward
@@ -157,7 +158,7 @@ class _BrokenConstraint:
 
 
 def test_a_row_failing_at_its_first_token_fails_alone(qwen2_q):
-    with load(qwen2_q, progress=False, device="cpu") as engine:
+    with load(qwen2_q, progress=False, dtype="float32", device="cpu") as engine:
         alone = _serve(engine, {0: [0]})[0][0].token_ids
         scheduler, events = Scheduler(engine), {0: [], 1: []}
         good = Sequence(_ids(engine, PROMPTS[0]), SamplingParams(LIMITS[0], temperature=0),

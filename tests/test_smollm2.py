@@ -35,13 +35,13 @@ def test_streaming_reply_is_english_and_budget_independent(smollm2_q):
     prompt = "What is the capital of France?"
     replies = {}
     for budget in ("24MiB", None):
-        with load(smollm2_q, progress=False, gpu_budget=budget) as engine:
+        with load(smollm2_q, progress=False, dtype="float32", gpu_budget=budget) as engine:
             result = engine.generate(prompt, chat=True, greedy=True, max_new_tokens=12)
             replies[budget] = result.token_ids
             if budget is not None:
                 assert result.stats.h2d_bytes_per_token == engine.plan.streamed_bytes > 0
     assert replies["24MiB"] == replies[None]
-    with load(smollm2_q, progress=False) as engine:
+    with load(smollm2_q, progress=False, dtype="float32") as engine:
         text = engine.tokenizer.decode(replies[None])
     assert "Paris" in text
 
@@ -55,7 +55,7 @@ def test_logits_equal_the_gguf_model_with_dequantized_int4_weights(smollm2_q):
     gguf = embedded_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32).eval()
-    with load(smollm2_q, progress=False, gpu_budget="16MiB") as engine:
+    with load(smollm2_q, progress=False, dtype="float32", gpu_budget="16MiB") as engine:
         state = reference.state_dict()
         for name in engine.store:
             state[f"{name}.weight"] = dequantize_weight(engine.store[name])

@@ -81,10 +81,12 @@ IMPORT_PROMPT = "The class statement defines"
 def assert_engine_matches(directory: Path, reference, gpu_budget: str = "256KiB",
                           atol: float = 1e-5, greedy_tokens: int = 8) -> None:
     """The engine on quantized DIRECTORY against a transformers ``reference`` model: logits
-    on IMPORT_PROMPT within ``atol`` and, when ``greedy_tokens``, the same greedy tokens."""
+    on IMPORT_PROMPT within ``atol`` and, when ``greedy_tokens``, the same greedy tokens.
+    Both compute in float32 (the reference's dtype; on CPU auto would pick bfloat16)."""
     from offload_engine import load
 
-    with load(directory, progress=False, gpu_budget=gpu_budget) as engine, torch.no_grad():
+    with load(directory, progress=False, gpu_budget=gpu_budget, dtype="float32") as engine, \
+            torch.no_grad():
         ids = engine.tokenizer(IMPORT_PROMPT, return_tensors="pt")["input_ids"]
         torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits,
                                    rtol=0, atol=atol)

@@ -30,6 +30,7 @@ TABLE = (("policy", "policy", "{}"), ("budget", "budget", "{}"),
          # the CPU side of --placement (runtime/boundary.py), per forward pass
          ("placement", "placement", "{}"), ("CPU MB/token", "cpu_bytes_per_token", "mb"),
          ("CPU ms/token", "cpu_seconds_per_token", "ms"),
+         ("CPU GB/s", "cpu_gb_per_s", "{:.2f}"),  # weight bytes the CPU parts read per second
          ("crossings", "crossings_per_token", "{:.0f}"),
          # mixture-of-experts models only (the columns are left out for dense ones)
          ("exp hit", "expert_hit_rate", "{:.1%}"),
@@ -112,10 +113,30 @@ def run(args) -> int:
                                                           args.tokens)])
         for row in measured:
             context = row["prompt_tokens"] + args.tokens
-            rows.append({**vars(point), **row,
+            rows.append({**vars(point), **row, **cpu_rate(row),
                          **bench.predict(shape, profile, config, point, context)})
     print("\n".join(table(rows)))
+    if any(row.get("cpu_gb_per_s") for row in rows):
+        env["memory_gb_per_s"] = memory_bandwidth() / 1e9
+        print(f"this machine's memory: {env['memory_gb_per_s']:.1f} GB/s (a 256 MiB copy, read "
+              "+ write, best of 5): the ceiling for CPU GB/s")
     return finish(args, model, env, profile, rows, config)
+
+
+def cpu_rate(row: dict) -> dict:
+    """Weight bytes per second the CPU-placed parts read (their bytes over their time)."""
+    seconds = row.get("cpu_seconds_per_token") or 0.0
+    return {"cpu_gb_per_s": row["cpu_bytes_per_token"] / seconds / 1e9} if seconds else {}
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a large host memory copy, read + write (calibrate's device figure)."""
+    import torch
+
+    from ..runtime.calibrate import CalibrationSizes, device_bandwidth
+
+    cpu = torch.device("cpu")
+    return device_bandwidth(cpu, CalibrationSizes.for_device(cpu, quick=False))
 
 
 def resolve_model(path):
@@ -153,8 +174,9 @@ def table(rows: list) -> list:
             return f"{value * 1e3:.2f}"
         return fmt.format(value)
 
-    columns = [c for c in TABLE
-               if not c[1].startswith("expert") or any(c[1] in row for row in rows)]
+    moe = any(row.get("experts_fetched_per_token") or row.get("expert_hit_rate")
+              for row in rows)  # every row carries the fields; a dense model's are 0
+    columns = [c for c in TABLE if moe or not c[1].startswith("expert")]
     columns += COMPILE_TABLE if any("compile" in row for row in rows) else ()
     cells = [[cell(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
     widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, (name, _, _) in

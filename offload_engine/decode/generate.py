@@ -241,6 +241,7 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     if compile_config is not None:  # the pass hook skips compiled steps: one token each
         count.passes, count.scored_tokens = len(new_ids), input_ids.shape[1] + len(new_ids) - 1
         compile_seconds = _compile_seconds(compile_config) - compile_started
+        engine.count_compiled_steps(len(new_ids) - 1)  # every token after the prefill's
     stats = _stats(engine, before, input_ids.shape[1], len(new_ids), started, finished,
                    streamer.first_token_at or finished)
     for name, value in spec.speculation_fields(speculation, count, len(new_ids), stats.h2d_bytes,

@@ -4,8 +4,13 @@ transformers' ``generate`` drives it: given a compileable (static-shape) KV cach
 ``CompileConfig``, it runs the prefill eagerly and every decode step through
 ``torch.compile(model.__call__)``, kept on the model between calls. We choose:
 
-- ``fullgraph=True``: the step is one graph; each linear is one opaque custom op
-  (runtime/compiled_linear.py), so nothing in the cache breaks it;
+- ``fullgraph=True``: the step is one graph. A weight the cache holds resident for its
+  whole life is traced as a constant: the graph calls its kernel (the CPU int4 op,
+  F.linear, a Triton kernel) directly, with no cache bookkeeping per step; the cache
+  counts those uses once per step instead (:func:`count_steps`). Every other linear is
+  one opaque custom op (runtime/compiled_linear.py), so nothing in the cache breaks it;
+- inductor emulates eager's rounding of bfloat16/float16 intermediates
+  (``emulate_precision_casts``), so greedy tokens match the eager step's;
 - ``dynamic=False``: shapes are specialised; the KV cache comes in power-of-two buckets
   (runtime/kv_static.py), so the step compiles once per (batch size, bucket);
 - ``mode="reduce-overhead"`` (CUDA graphs) on CUDA when every weight is resident, since a
@@ -29,10 +34,26 @@ DEFAULT_MODE = "default"
 
 
 def attach(modules: Iterable, cache) -> None:
-    """Route ``modules`` (OffloadedLinear) through the custom op when compiled."""
+    """Route ``modules`` (OffloadedLinear) through the compiled step: a permanently
+    resident weight as a traced constant, any other through the custom op."""
     key = compiled_linear.register_cache(cache)
     for module in modules:
         module.cache_key = key
+        module.inline_weight = cache.permanent_weight(module.weight_name)
+    cache.inlined = frozenset(module.weight_name for module in modules
+                              if module.inline_weight is not None)
+
+
+def detach(modules: Iterable) -> None:
+    """Drop the traced constants (views into the arena) when the engine closes."""
+    for module in modules:
+        if getattr(module, "inline_weight", None) is not None:
+            module.inline_weight = None
+
+
+def count_steps(cache, steps: int) -> None:
+    """Count the uses the compiled steps made of inlined weights (they bypass acquire)."""
+    cache.count_uses(cache.inlined, steps)
 
 
 def compile_mode(device: torch.device, streams: bool) -> str:
@@ -42,7 +63,10 @@ def compile_mode(device: torch.device, streams: bool) -> str:
 
 def compile_config(device: torch.device, streams: bool):
     """The transformers CompileConfig ``generate`` compiles the decode step with."""
+    import torch._inductor.config as inductor_config
     from transformers import CompileConfig
+
+    inductor_config.emulate_precision_casts = True  # bf16 rounding as eager's
 
     mode = compile_mode(device, streams)
     config = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode=mode)

@@ -77,6 +77,14 @@ class Engine:
 
         return compile_step.compile_config(self.device, self.cache.plan.streamed_bytes > 0)
 
+    def count_compiled_steps(self, steps: int) -> None:
+        """Count the weight uses of ``steps`` compiled decode steps that the cache did not
+        see (weights traced as constants: runtime/compile_step.py)."""
+        if self.config.compile:
+            from . import compile_step
+
+            compile_step.count_steps(self.cache, steps)
+
     @property
     def plan(self):
         return self.cache.plan
@@ -133,6 +141,10 @@ class Engine:
             # transformers keeps the compiled forward on the model, a cycle back to it;
             # dropped here, the model goes with the engine and dynamo drops its guards
             self.model.__dict__.pop("_compiled_call", None)
+            if self.config.compile:
+                from . import compile_step
+
+                compile_step.detach(self.model.modules())
             _close(self.cache, self.store)
 
     def __enter__(self) -> Engine:

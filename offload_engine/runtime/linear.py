@@ -28,6 +28,9 @@ class OffloadedLinear(nn.Module):
                      if has_bias else None)
         self.cache = None  # set by attach(); a DeviceCache
         self.cache_key: Optional[int] = None  # set for --compile (runtime/compiled_linear.py)
+        # --compile, a weight resident for the cache's whole life: traced as a constant, so
+        # the compiled step calls its kernel directly (runtime/compile_step.py)
+        self.inline_weight = None
 
     def attach(self, cache) -> None:
         self.cache = cache
@@ -36,6 +39,8 @@ class OffloadedLinear(nn.Module):
         if self.cache is None:
             raise RuntimeError(f"{self.weight_name}: no cache attached (use offload_engine.load)")
         if self.cache_key is not None and torch.compiler.is_compiling():
+            if self.inline_weight is not None:
+                return apply_weight(x, self.inline_weight, self.bias)
             # one opaque node for torch.compile: the cache is never traced
             return torch.ops.offload_engine.cached_linear(x, self.bias, self.cache_key,
                                                           self.weight_name, self.out_features)

@@ -127,6 +127,7 @@ class DeviceCache:
         self._next_stream = self._next_stream_positions()
         self._order_index = {name: i for i, name in enumerate(self.order)}
         self._cursor = 0
+        self.inlined: frozenset = frozenset()  # --compile: weights traced as constants
         base = plan.resident_bytes
         self.slots = [Slot(i, base + i * plan.slot_bytes, self._copier)
                       for i in range(plan.slot_count if self._stream_order else 0)]
@@ -180,6 +181,21 @@ class DeviceCache:
         if slot.ready_event is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
         return Handle(name, slot.held, slot)
+
+    def permanent_weight(self, name: str):
+        """The held weight ``name`` when it stays where it is for the cache's whole life
+        (resident, and nothing streams to move the prefetch window), else None."""
+        if self._stream_order or self.experts is not None:
+            return None
+        handle = self._resident_handles.get(name)
+        return None if handle is None else handle.weight
+
+    def count_uses(self, names, passes: int) -> None:
+        """Count ``passes`` uses of each resident weight in ``names`` made without acquire
+        (a compiled step that traced them as constants)."""
+        self.stats.hits += len(names) * passes
+        if self.order and self.order[0] in names:
+            self.stats.passes += passes
 
     def release(self, handle: Handle) -> None:
         """The compute reading ``handle`` is queued; its slot may be refilled after it."""
