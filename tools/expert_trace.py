@@ -8,7 +8,9 @@ The text is CPython's pydoc topics (``pydoc_data.topics``, shipped with Python).
 forward over --tokens tokens records, per token and experts layer, the experts its router
 picked; ``planning.expert_policy.replay`` then replays decode (one token at a time) for
 lfu and lru at every slot count per layer, the same victim choice the runtime makes. It
-prints a Markdown table. A random model's routing is not a trained model's: the numbers
+prints a Markdown table, then how often the next-layer prefetch's guesses (the next
+layer's router applied to this layer's input, per token) named experts that the next
+layer then picked. A random model's routing is not a trained model's: the numbers
 say how the policies compare on this trace, not what a real MoE gets.
 """
 
@@ -26,7 +28,7 @@ from offload_engine.checkpoint.convert import convert
 from offload_engine.checkpoint.synth_tokenizer import train_tokenizer
 from offload_engine.decode.api import load
 from offload_engine.planning.expert_policy import EXPERT_POLICIES, replay
-from offload_engine.quality.routing import record_routing
+from offload_engine.quality.routing import guess_accuracy, record_routing
 from offload_engine.quant.layout import QuantSpec
 
 
@@ -62,6 +64,7 @@ def main() -> int:
             text = pydoc_data.topics.topics[args.topic]
             ids = engine.tokenizer(text, return_tensors="pt")["input_ids"][:, :args.tokens]
             trace = record_routing(engine.model, ids)
+            used, guessed = guess_accuracy(engine.model, ids)
             experts = engine.stats["experts_per_layer"]
     if args.json:
         args.json.write_text(json.dumps(trace))
@@ -75,6 +78,9 @@ def main() -> int:
             hits, misses = replay(trace, slots, policy)
             rates.append(f"{hits / (hits + misses):.1%}")
         print(f"| {slots} | " + " | ".join(rates) + " |")
+    print(f"\nnext-layer prefetch guesses (--expert-prefetch on): {used} of {guessed} guessed "
+          f"experts were then picked ({used / guessed:.1%}); a random guess of "
+          f"top-{len(trace[0][0])} of {experts} would get {len(trace[0][0]) / experts:.1%}")
     return 0
 
 

@@ -9,6 +9,9 @@ expert is copied into one of its layer's slots, evicting the one the policy name
   favour some experts steadily, so counting uses keeps those hot experts resident.
 - ``lru``: the least recently used expert, for comparison.
 
+A guessed expert copied ahead by the next-layer prefetch evicts only an expert used no
+more often than itself (:func:`choose_prefetch_victim`).
+
 The runtime cache (:mod:`offload_engine.runtime.cache.expert_cache`) and
 :func:`replay` (which measures a policy on a recorded routing trace) call the same
 :func:`choose_expert_victim`, so measured and replayed hit rates agree by construction.
@@ -95,6 +98,17 @@ def choose_expert_victim(policy: str, candidates, uses: Dict[int, int]):
     if policy == "lfu":
         return min(candidates, key=lambda s: (uses.get(s.holder, 0), s.last_used))
     return min(candidates, key=lambda slot: slot.last_used)
+
+
+def choose_prefetch_victim(policy: str, candidates, uses: Dict[int, int], expert: int):
+    """The slot a guessed ``expert`` is prefetched into, or None: the policy's victim
+    among the ``candidates`` used no more often than the guess itself. A guess is wrong
+    a third of the time or more (docs/moe.md), so it must not push out an expert the
+    layer uses more: on the tiny Qwen3-MoE that rule kept prefetch from lowering the
+    hit rate (measured in docs/moe.md)."""
+    admitted = [s for s in candidates if s.holder is None or uses.get(s.holder, 0)
+                <= uses.get(expert, 0)]
+    return choose_expert_victim(policy, admitted, uses)
 
 
 def fetch_order(needed: Sequence[int], on_device) -> List[int]:

@@ -6,6 +6,7 @@ here so that ``offload-engine --help`` never imports torch.
 
 POLICIES = ("static", "lru")  # cache policies, see policy.py
 EXPERT_POLICIES = ("lfu", "lru")  # mixture-of-experts expert cache policies, see expert_policy.py
+ON_OFF = ("on", "off")  # --expert-prefetch
 # how a cached weight is held, see sizes.py; "prepacked" (CPU only): packed plus the CPU
 # int4 kernel's own form of it, built when the weight is loaded
 CACHE_FORMATS = ("packed", "dequantized", "prepacked")

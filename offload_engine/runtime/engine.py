@@ -23,7 +23,7 @@ from ..planning.sizes import held_nbytes
 from .boundary import BoundaryStats, HostWeights, wrap_parts
 from .cache import DeviceCache
 from .config import EngineConfig
-from .experts import OffloadedExperts
+from .experts import OffloadedExperts, link_next_layers
 from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
 from .patch import load_dense, swap_experts, swap_linears
@@ -147,7 +147,8 @@ def expert_summary(experts) -> dict:
     if experts is None:
         return {}
     plan = experts.plan
-    return {"expert_policy": plan.policy, "expert_layers": len(plan.layers),
+    return {"expert_policy": plan.policy, "expert_prefetch": experts.prefetching,
+            "expert_layers": len(plan.layers),
             "experts_per_layer": plan.num_experts,
             "expert_slots_per_layer": plan.slots_per_layer,
             "expert_arena_bytes": plan.arena_bytes,
@@ -231,13 +232,14 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     try:
         cache = DeviceCache(store, device_order, plan, device, fmt, dtype,
                             progress=config.progress,
-                            experts=(expert_plan, expert_names) if experts else None)
+                            experts=(expert_plan, expert_names) if experts else None,
+                            expert_prefetch=config.expert_prefetch == "on")
     except BaseException:
         store.close()
         raise
     try:
         host = HostWeights(store, [n for n in order if n in placement.cpu_names], boundary)
-        _attach(swapped, placement, cache, host, config.compile)
+        _attach(model, swapped, placement, cache, host, config)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
         wrap_parts(model, [part.module for part in placement.cpu_parts], device, boundary)
@@ -269,16 +271,19 @@ def _check_combinations(config: EngineConfig, placement: Placement, moe: bool,
                           "it yet; drop the flag")
 
 
-def _attach(swapped: dict, placement: Placement, cache: DeviceCache, host: HostWeights,
-            compiled: bool) -> None:
+def _attach(model, swapped: dict, placement: Placement, cache: DeviceCache,
+            host: HostWeights, config: EngineConfig) -> None:
     """Each swapped module to what serves its weights: the expert cache, the host (CPU
-    placement) or the device cache; with --compile, through the custom op."""
+    placement) or the device cache; with --compile, through the custom op. With
+    --expert-prefetch on, each experts layer gets the next one's router."""
+    if config.expert_prefetch == "on":
+        link_next_layers(model, [m for m in swapped.values() if isinstance(m, OffloadedExperts)])
     for name, module in swapped.items():
         if isinstance(module, OffloadedExperts):
             module.attach(cache.experts)
         else:
             module.attach(host if name in placement.cpu_names else cache)
-    if compiled:
+    if config.compile:
         from . import compile_step
 
         compile_step.attach(swapped.values(), cache)

@@ -13,9 +13,10 @@ token selected are never fetched.
 from __future__ import annotations
 
 import types
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.experts import ExpertsInfo
@@ -52,6 +53,7 @@ class OffloadedExperts(nn.Module):
         self._gate = types.MethodType(gate, self)
         self.counts_tokens = False  # set on the first experts layer: per-token statistics
         self.cache = None  # an ExpertCache, set by attach()
+        self._next = None  # (next experts layer's name, its router), set by link_next_layers
 
     def attach(self, cache) -> None:
         self.cache = cache
@@ -68,9 +70,13 @@ class OffloadedExperts(nn.Module):
             self.cache.count_tokens(hidden_states.shape[0])
         routed = [e for e in torch.unique(top_k_index).tolist()
                   if e < self.num_experts]  # larger: an expert-parallel sentinel, not ours
+        on_device = self.cache.begin(self.module_name, routed)
+        if self._next is not None:  # copied while this layer computes
+            name, router = self._next
+            self.cache.prefetch(name, guess_experts(router, hidden_states, top_k_index.shape[-1]))
         results = {}
         with profiled(LINEAR):
-            for expert in fetch_order(routed, self.cache.on_device(self.module_name)):
+            for expert in fetch_order(routed, on_device):
                 token_idx, slot_idx = torch.where(top_k_index == expert)
                 states = self._expert(expert, hidden_states[token_idx])  # (n, hidden)
                 results[expert] = token_idx, states * top_k_weights[token_idx, slot_idx, None]
@@ -93,8 +99,9 @@ class OffloadedExperts(nn.Module):
         picked = blocks.abs().amax(dim=-1) != 0  # (E, T)
         routed = torch.nonzero(picked.any(dim=-1)).flatten().tolist()
         output = torch.zeros_like(blocks)
+        on_device = self.cache.begin(self.module_name, routed)
         with profiled(LINEAR):
-            for expert in fetch_order(routed, self.cache.on_device(self.module_name)):
+            for expert in fetch_order(routed, on_device):
                 token_idx = torch.nonzero(picked[expert]).flatten()
                 output[expert, token_idx] = self._expert(expert, blocks[expert, token_idx]).to(
                     output.dtype)
@@ -120,6 +127,48 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, matrices="
                 f"{[m.param for m in self.info.matrices]}, module={self.module_name!r}")
+
+
+def link_next_layers(model: nn.Module, modules: Sequence[OffloadedExperts]) -> int:
+    """Give each experts layer the next one's router, to guess that layer's experts from
+    its own input (mixtral-offloading's speculative prefetch: the residual stream changes
+    little from one layer to the next). Returns the number of layers linked; layers whose
+    router is not found (or Llama 4's pre-routed call) are not."""
+    linked = 0
+    for current, following in zip(modules, modules[1:], strict=False):
+        router = find_router(model, following)
+        if router is not None and current.info.routed_call and following.info.routed_call:
+            current._next = (following.module_name, router)
+            linked += 1
+    return linked
+
+
+def find_router(model: nn.Module, experts: OffloadedExperts) -> Optional[nn.Module]:
+    """The experts module's sibling holding a (num_experts, hidden) router weight."""
+    parent_name = experts.module_name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for child in parent.children():
+        weight = getattr(child, "weight", None)
+        if (child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and weight.shape[0] == experts.num_experts):
+            return child
+    return None
+
+
+def guess_experts(router: nn.Module, hidden_states: torch.Tensor, top_k: int) -> List[int]:
+    """The experts ``router`` would pick for ``hidden_states`` (T, hidden), best first:
+    each token's top-k by routing probability, ranked by probability summed over tokens.
+    A plain softmax top-k: routers with a score correction or group limit (DeepSeek-V3)
+    pick a little differently, which only makes the guess worse, never the result."""
+    with torch.no_grad():
+        logits = F.linear(hidden_states.to(router.weight.dtype), router.weight,
+                          getattr(router, "bias", None))  # (T, E)
+        top = torch.topk(logits.float().softmax(dim=-1), min(top_k, logits.shape[-1]), dim=-1)
+        score = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+        score.index_add_(0, top.indices.flatten(), top.values.flatten())  # (E,)
+        picked = torch.nonzero(score > 0).flatten().tolist()
+        values = score.tolist()
+    return sorted(picked, key=lambda e: (-values[e], e))
 
 
 def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
