@@ -68,7 +68,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--placement", choices=PLACEMENTS, default="auto",
                        help="where decoder layer parts run: stream (every weight through the "
                             "device cache), cpu (every attention and MLP computed on the CPU "
-                            "from host RAM), mlp-cpu (MLPs on the CPU), auto (with "
+                            "from host RAM), mlp-cpu (MLPs on the CPU), experts-cpu "
+                            "(mixture-of-experts models: the experts not in the device's "
+                            "expert slots computed on the CPU, llama.cpp's --n-cpu-moe), "
+                            "auto (with "
                             "--hw-profile on CUDA the faster prediction of `plan`; else "
                             "stream)")
     add_kv_cache_arg(group)

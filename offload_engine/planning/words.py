@@ -14,5 +14,6 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes, see settings
 UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"
 EMBEDDING_PLACES = ("device", "host")  # where the token embedding table lives
 # where decoder layer parts run (placement.py): auto (the planner's faster prediction),
-# stream (all through the device cache), cpu (all on the CPU), mlp-cpu (MLPs on the CPU)
-PLACEMENTS = ("auto", "stream", "cpu", "mlp-cpu")
+# stream (all through the device cache), cpu (all on the CPU), mlp-cpu (MLPs on the CPU),
+# experts-cpu (mixture-of-experts: experts not in the device's slots computed on the CPU)
+PLACEMENTS = ("auto", "stream", "cpu", "mlp-cpu", "experts-cpu")

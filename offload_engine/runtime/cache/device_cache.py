@@ -55,6 +55,7 @@ class CacheStats:
     expert_predicted_used: int = 0  # of those, experts the layer's router then picked
     expert_prefetches: int = 0  # experts the prefetch worker copied (used or not)
     expert_prefetch_hits: int = 0  # of expert_misses, fetches a prefetch had already made
+    expert_cpu: int = 0  # experts computed on the CPU from host RAM (--placement experts-cpu)
 
     @property
     def hit_rate(self) -> float:
@@ -63,7 +64,8 @@ class CacheStats:
 
     @property
     def expert_hit_rate(self) -> float:
-        uses = self.expert_hits + self.expert_misses
+        """Expert uses served by the device, of all (fetched or computed on the CPU)."""
+        uses = self.expert_hits + self.expert_misses + self.expert_cpu
         return self.expert_hits / uses if uses else 0.0
 
     def as_dict(self) -> dict:
@@ -106,10 +108,11 @@ class DeviceCache:
     def __init__(self, store, order: Sequence[str], plan: CachePlan, device: torch.device,
                  cache_format: str, dtype: torch.dtype, progress: bool = True,
                  experts: Optional[Tuple[ExpertPlan, dict]] = None,
-                 expert_prefetch: bool = False):
+                 expert_prefetch: bool = False, experts_on_cpu: bool = False):
         """``experts``: (plan, {experts module: {expert: its matrices' names}}) for a
         mixture-of-experts model; those weights are not in ``order``. ``expert_prefetch``:
-        copy the guessed experts of the next layer on a worker of their own."""
+        copy the guessed experts of the next layer on a worker of their own.
+        ``experts_on_cpu``: the experts not in the slots are computed on the CPU."""
         self.store, self.plan, self.device = store, plan, torch.device(device)
         self.cache_format, self.dtype = cache_format, dtype
         self.order = list(order)
@@ -127,7 +130,8 @@ class DeviceCache:
         self._load_resident(progress)
         self.experts = (ExpertCache(store, experts[0], experts[1], self.arena,
                                     plan.arena_bytes, self._copier, cache_format, dtype,
-                                    lambda: self.stats, expert_prefetch) if experts else None)
+                                    lambda: self.stats, expert_prefetch, experts_on_cpu)
+                        if experts else None)
         self._resident_handles = {name: Handle(name, held, None)
                                   for name, held in self.resident.items()}
         resident = set(self.resident)

@@ -104,7 +104,11 @@ class ExpertCache:
 
     def __init__(self, store, plan: ExpertPlan, names: Dict[str, Dict[int, Sequence[str]]],
                  arena: torch.Tensor, offset: int, copier: Copier, cache_format: str,
-                 dtype: torch.dtype, stats: Callable[[], object], prefetch: bool = False):
+                 dtype: torch.dtype, stats: Callable[[], object], prefetch: bool = False,
+                 cold_on_cpu: bool = False):
+        """``cold_on_cpu`` (--placement experts-cpu): the slots hold a fixed set of experts,
+        the lowest-numbered of each layer, loaded here; the others are computed on the CPU
+        by the caller, never copied."""
         self.store, self.plan, self.arena = store, plan, arena
         self.copier, self.cache_format, self.dtype = copier, cache_format, dtype
         self._stats = stats  # the weight cache's CacheStats (replaced on reset)
@@ -123,9 +127,11 @@ class ExpertCache:
                 slots.append(ExpertSlot(offset, copier))
                 offset += plan.slot_bytes
             self.layers[layer] = _Layer(names[layer], slots)
-        if plan.all_resident:
+        self.cold_on_cpu = cold_on_cpu and not plan.all_resident
+        if plan.all_resident or self.cold_on_cpu:
             self._load_all()
-        self.prefetching = bool(prefetch and plan.layers and not plan.all_resident)
+        self.prefetching = bool(prefetch and plan.layers and not plan.all_resident
+                                and not self.cold_on_cpu)
         self._worker = PrefetchWorker(self, _ExpertCopier(copier))
         self._worker.thread.name = "offload-expert-prefetch"
         if self.prefetching:
@@ -133,12 +139,19 @@ class ExpertCache:
 
     def _load_all(self) -> None:
         for layer in self.layers.values():
-            for expert, slot in zip(sorted(layer.names), layer.slots, strict=True):
+            for expert, slot in zip(sorted(layer.names), layer.slots, strict=False):
                 slot.held = self._copy_in(layer, slot, expert)[0]
                 slot.holder = expert
                 layer.where[expert] = slot
         if self.arena.device.type == "cuda":
             torch.cuda.synchronize(self.arena.device)
+
+    def cold_names(self) -> List[str]:
+        """With cold_on_cpu, the matrices of every expert the device does not hold."""
+        if not self.cold_on_cpu:
+            return []
+        return [name for layer in self.layers.values() for expert, names in
+                sorted(layer.names.items()) if expert not in layer.where for name in names]
 
     # ----- compute side ----------------------------------------------------------
     def count_tokens(self, tokens: int) -> None:
@@ -154,6 +167,8 @@ class ExpertCache:
             self._raise_failures(layer_name)
             self._requests.pop(layer_name, None)
             self._fold()
+            if self.cold_on_cpu:
+                self._stats().expert_cpu += sum(1 for e in routed if e not in layer.where)
             if layer.guess is not None:
                 stats = self._stats()
                 stats.expert_predicted += len(layer.guess)

@@ -14,11 +14,13 @@ def expert_counters(before: dict, after: dict) -> dict:
         return after.get(key, 0) - before.get(key, 0)
 
     hits, misses, copied = delta("expert_hits"), delta("expert_misses"), delta("expert_h2d_bytes")
-    predicted = delta("expert_predicted")
-    return {"expert_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+    predicted, cpu = delta("expert_predicted"), delta("expert_cpu")
+    uses = hits + misses + cpu
+    return {"expert_hit_rate": hits / uses if uses else 0.0,
             "expert_bytes_per_token": copied / tokens,
             "experts_fetched_per_token": misses / tokens,
-            "experts_used_per_token": (hits + misses) / tokens,
+            "experts_used_per_token": uses / tokens,
+            "experts_cpu_per_token": cpu / tokens,
             "experts_prefetched_per_token": delta("expert_prefetch_hits") / tokens,
             "experts_prefetch_unused_per_token": max(0, delta("expert_prefetches")
                                                      - delta("expert_prefetch_hits")) / tokens,
