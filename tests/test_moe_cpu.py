@@ -114,6 +114,11 @@ def test_plan_and_run_refuse_the_same_placements(qwen3_moe, tmp_path, tokenizer_
                   PlanRequest(load_profile("rtx4060-8gb"), placement="experts-cpu"))
     with pytest.raises(ConfigError, match="no experts"):
         load(tmp_path / "q", progress=False, placement="experts-cpu")
+    small_ram = dict(host_budget="20KiB", gpu_budget=_minimum_budget(qwen3_moe, "float32"))
+    with pytest.raises(ConfigError, match="host-budget"):
+        make_plan(shape, PlanRequest(load_profile("cpu"), placement="experts-cpu", **small_ram))
+    with pytest.raises(ConfigError, match="host-budget"):
+        load(qwen3_moe, progress=False, placement="experts-cpu", **small_ram)
 
 
 @pytest.mark.parametrize("hit_rate, chosen", [(0.5, "experts-cpu"), (0.99, "stream")])
@@ -131,6 +136,10 @@ def test_auto_picks_the_faster_prediction_for_qwen3_30b(hit_rate, chosen):
     stream, cpu = info["predicted_stream_step_s"], info["predicted_hybrid_step_s"]
     assert (cpu < stream) == (chosen == "experts-cpu")
     assert stream == plan.prediction.step_s
+    on_disk = make_plan(describe_model(config, QuantSpec("int4", 128)),
+                        PlanRequest(load_profile("rtx4060ti-16gb"), expert_hit_rate=hit_rate,
+                                    host_budget="8GiB"))
+    assert on_disk.placement["placement_chosen"] == "stream"  # cold experts must be in RAM
 
 
 def test_plan_prints_both_predictions_for_a_moe_model(qwen3_moe, capsys):

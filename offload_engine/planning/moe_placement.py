@@ -24,6 +24,7 @@ from typing import Optional
 from ..errors import ConfigError
 from ..kernels.cpu_int4 import prepacked_shapes
 from ..model.model_shape import ModelShape
+from .disk_plan import host_budget_bytes
 from .moe_sizes import expert_sizes
 from .placement import (
     CPU_ROWS_PER_PASS,
@@ -83,6 +84,12 @@ def place_experts(shape: ModelShape, plan, request, parts: list) -> Placement:
         crossings = len(sizes.layers) * CROSSINGS_PER_CPU_PART * CROSSING_S if cold else 0.0
         cpu_s = (stream_s - prediction.expert_stream_bytes_per_step / profile.h2d_bandwidth
                  + cpu_bytes / profile.cpu_bandwidth * passes + crossings)
+    host_budget = host_budget_bytes(request.host_budget)
+    on_disk = host_budget is not None and host_budget < plan.weights["total_copy"]
+    if mode == EXPERTS_CPU and on_disk:  # as runtime/boundary.py's HostWeights refuses
+        raise ConfigError("--placement experts-cpu computes cold experts from host RAM, but "
+                          "--host-budget leaves weights on disk: raise --host-budget to "
+                          f"{plan.weights['total_copy']} bytes or use --placement stream")
     if mode == EXPERTS_CPU:
         chosen, reason = EXPERTS_CPU, "--placement experts-cpu"
     elif mode == "stream":
@@ -91,6 +98,8 @@ def place_experts(shape: ModelShape, plan, request, parts: list) -> Placement:
         chosen, reason = "stream", "the device is the CPU"
     elif not cold:
         chosen, reason = "stream", "every expert fits on the device"
+    elif on_disk:
+        chosen, reason = "stream", "--host-budget leaves weights on disk"
     elif cpu_s is None:
         chosen, reason = "stream", "no cpu_bandwidth_gb_s in the hardware profile"
     elif cpu_s < stream_s:
