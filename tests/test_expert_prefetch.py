@@ -193,3 +193,18 @@ def test_a_guess_never_evicts_an_expert_used_more_often():
     assert choose_prefetch_victim("lfu", [hot], uses, 0) is hot
     empty = Slot(holder=None, last_used=0)
     assert choose_prefetch_victim("lfu", [hot, empty], uses, 3) is empty
+
+
+def test_a_failed_demand_fetch_names_the_expert_weight(qwen3_moe, monkeypatch):
+    run = prefetch.Copier.run
+
+    def failing_run(self, job):
+        if job.name.endswith("experts.down_proj.3"):
+            raise OSError("simulated read failure")
+        return run(self, job)
+
+    monkeypatch.setattr(prefetch.Copier, "run", failing_run)
+    with load(qwen3_moe, progress=False, gpu_budget=_budget(qwen3_moe, 1),
+              expert_prefetch="off") as engine:
+        with pytest.raises(WorkerError, match=r"expert weight '.*down_proj\.3'.*simulated"):
+            engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=8)

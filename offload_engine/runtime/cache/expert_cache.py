@@ -12,19 +12,18 @@ for both threads. When every expert fits (``slots_per_layer == num_experts``) al
 are loaded once, up front, and nothing is prefetched.
 
 Slot state is shared by the two threads under one condition variable: a slot being
-filled is ``loading`` (never a victim, waited for by a compute thread that needs it), a
-slot being read is ``in_use``. The per-layer slots are the arena's bytes, carved once:
-no thread can hold more experts than the budget's slots. A failed prefetch copy is raised
-in the compute thread at its next call, whether or not the guess was used.
+filled is ``loading`` (never a victim; a compute thread that needs it waits), one being
+read is ``in_use``. The slots are the arena's bytes, carved once: no thread can hold more
+experts than the budget has slots. A failed prefetch copy is raised in the compute
+thread at its next call, whether or not the guess was used.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from threading import Condition
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +33,7 @@ from ...planning.sizes import aligned, held_nbytes
 from ..prefetch import Copier, CopyJob, PrefetchWorker
 from ..ranges import WAIT, profiled
 from .arena import Held, carve
+from .expert_jobs import ExpertCopier, ExpertJob, WorkerCounts
 
 logger = logging.getLogger(__name__)
 WAIT_POLL_S = 0.05  # how often a waiting compute thread re-checks that the worker is alive
@@ -64,41 +64,6 @@ class _Layer:
         self.guess: Optional[List[int]] = None  # the last prediction of this layer's experts
 
 
-@dataclass
-class ExpertJob:
-    """One expert's matrix copies, for the prefetch worker."""
-
-    layer: str
-    expert: int
-    slot: ExpertSlot
-    copies: List[CopyJob] = field(default_factory=list)
-
-
-class _ExpertCopier:
-    """Runs an ExpertJob's copies in order; an error names the weight that failed."""
-
-    def __init__(self, copier: Copier):
-        self.copier = copier
-
-    def run(self, job: ExpertJob) -> None:
-        for copy in job.copies:
-            try:
-                self.copier.run(copy)
-            except Exception as exc:
-                raise WorkerError(f"prefetching expert weight {copy.name!r} failed: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-
-
-@dataclass
-class _WorkerCounts:
-    """What the prefetch worker did, folded into the stats by the compute thread (the
-    only writer of CacheStats' expert counters)."""
-
-    experts: int = 0
-    nbytes: int = 0
-    evictions: int = 0
-
-
 class ExpertCache:
     """Acquire one expert's matrices on the device; count hits, misses, bytes, guesses."""
 
@@ -114,12 +79,13 @@ class ExpertCache:
         self._stats = stats  # the weight cache's CacheStats (replaced on reset)
         self._tick = 0
         self._cond = Condition()
-        self._requests: Dict[str, List[int]] = {}  # layer -> experts to prefetch, best first
+        # layer -> (experts still to prefetch, best first; all the experts of the guess)
+        self._requests: Dict[str, Tuple[List[int], frozenset]] = {}
         self._failed: Optional[ExpertJob] = None  # a prefetch that failed, not yet raised
         self._error: Optional[BaseException] = None
         self._worker_error: Optional[BaseException] = None
         self._closed = False
-        self._done = _WorkerCounts()
+        self._done = WorkerCounts()
         self.layers: Dict[str, _Layer] = {}
         for layer in plan.layers:
             slots = []
@@ -132,7 +98,7 @@ class ExpertCache:
             self._load_all()
         self.prefetching = bool(prefetch and plan.layers and not plan.all_resident
                                 and not self.cold_on_cpu)
-        self._worker = PrefetchWorker(self, _ExpertCopier(copier))
+        self._worker = PrefetchWorker(self, ExpertCopier(copier))
         self._worker.thread.name = "offload-expert-prefetch"
         if self.prefetching:
             self._worker.start()
@@ -185,7 +151,8 @@ class ExpertCache:
             return
         with self._cond:
             self._raise_failures(layer_name)
-            self._requests[layer_name] = list(guess)[:self.plan.slots_per_layer]
+            wanted = list(guess)[:self.plan.slots_per_layer]
+            self._requests[layer_name] = wanted, frozenset(wanted)
             self._cond.notify_all()
 
     def acquire(self, layer_name: str, expert: int) -> List[Held]:
@@ -246,13 +213,11 @@ class ExpertCache:
         """Copy a claimed expert on the compute thread, outside the lock."""
         try:
             held, _copied = self._copy_in(layer, slot, expert)
-        except Exception as exc:
+        except BaseException:
             with self._cond:
                 self._drop(layer, slot)
                 self._cond.notify_all()
-            name = layer.names[expert][0]
-            raise WorkerError(f"fetching expert weight {name!r} of {layer_name} to "
-                              f"{self.arena.device} failed: {type(exc).__name__}: {exc}") from exc
+            raise
         with self._cond:
             slot.held, slot.loading = held, False
             self._count_fetch(layer, slot, expert, copied_here=True)
@@ -311,7 +276,7 @@ class ExpertCache:
         stats.expert_prefetches += done.experts
         stats.copied_bytes += done.nbytes
         stats.expert_evictions += done.evictions
-        self._done = _WorkerCounts()
+        self._done = WorkerCounts()
 
     def _drop(self, layer: _Layer, slot: ExpertSlot) -> None:
         if slot.holder is not None and layer.where.get(slot.holder) is slot:
@@ -321,11 +286,17 @@ class ExpertCache:
 
     def _copy_in(self, layer: _Layer, slot: ExpertSlot, expert: int):
         """Copy ``expert``'s matrices into ``slot`` now: (views, bytes copied)."""
-        copies = self._copies(layer, slot, expert)
-        for copy in copies:
-            # store[name]: host RAM, or (under --host-budget) a direct read from the
-            # shards; the disk ring reads ahead in cyclic order, which experts lack
-            self.copier.run(copy)
+        name = layer.names[expert][0]
+        try:
+            copies = self._copies(layer, slot, expert)
+            for copy in copies:
+                # store[name]: host RAM, or (under --host-budget) a direct read from the
+                # shards; the disk ring reads ahead in cyclic order, which experts lack
+                name = copy.name
+                self.copier.run(copy)
+        except Exception as exc:
+            raise WorkerError(f"fetching expert weight {name!r} to {self.arena.device} "
+                              f"failed: {type(exc).__name__}: {exc}") from exc
         return [c.target for c in copies], sum(c.source.nbytes for c in copies)
 
     def _copies(self, layer: _Layer, slot: ExpertSlot, expert: int) -> List[CopyJob]:
@@ -351,8 +322,8 @@ class ExpertCache:
 
     def _pick_job(self) -> Optional[ExpertJob]:
         for layer_name in list(self._requests):
-            layer, wanted = self.layers[layer_name], self._requests[layer_name]
-            keep = set(wanted)  # a guessed expert already there is not evicted for another
+            layer = self.layers[layer_name]
+            wanted, keep = self._requests[layer_name]  # keep: no guess evicts another
             while wanted:
                 expert = wanted.pop(0)
                 if expert in layer.where or self._on_disk(layer, expert):
