@@ -149,3 +149,20 @@ def test_plan_prints_both_predictions_for_a_moe_model(qwen3_moe, capsys):
     assert "placement (--placement experts-cpu): experts-cpu" in out
     assert "cold experts:" in out and "read from host RAM" in out
     assert "cold experts on the CPU" in out and "stream" in out
+
+
+def test_llama4_pre_routed_experts_run_on_the_cpu_too(tmp_path, tokenizer_dir):
+    """Llama 4's experts get every token's rows pre-scaled (runtime/experts.py _pre_routed):
+    the cold ones cross to the CPU in one transfer per layer as well."""
+    src = tiny.make_checkpoint(tmp_path / "src", config=tiny.tiny_arch_config("llama4_text"),
+                               tokenizer_dir=tokenizer_dir, shards=1)
+    convert(src, tmp_path / "q", QuantSpec("int4", 32), progress=False)
+    budget = _minimum_budget(tmp_path / "q", "float32")
+    tokens = {}
+    for placement in ("stream", "experts-cpu"):
+        with load(tmp_path / "q", progress=False, gpu_budget=budget,
+                  placement=placement) as engine:
+            result = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6)
+            tokens[placement] = result.token_ids
+    assert result.stats.experts_cpu_per_token > 0
+    assert tokens["stream"] == tokens["experts-cpu"] and len(set(tokens["stream"])) > 1
