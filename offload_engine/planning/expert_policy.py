@@ -152,6 +152,29 @@ def replay(trace: Sequence[Sequence[Sequence[int]]], slots_per_layer: int,
     return hits, misses
 
 
+def static_hits(trace: Sequence[Sequence[Sequence[int]]], resident: Sequence[set]
+                ) -> Tuple[int, int]:
+    """(uses served by a fixed per-layer ``resident`` set, all uses) on a routing trace:
+    what ``--placement experts-cpu`` keeps on the device (the rest runs on the CPU)."""
+    hits = uses = 0
+    for step in trace:
+        for layer, experts in enumerate(step):
+            picked = set(experts)
+            uses += len(picked)
+            hits += len(picked & resident[layer])
+    return hits, uses
+
+
+def most_used(trace: Sequence[Sequence[Sequence[int]]], slots: int) -> List[set]:
+    """Per layer, the ``slots`` experts the trace uses most (ties: lower index)."""
+    counts: List[Dict[int, int]] = [{} for _ in (trace[0] if trace else [])]
+    for step in trace:
+        for layer, experts in enumerate(step):
+            for expert in set(experts):
+                counts[layer][expert] = counts[layer].get(expert, 0) + 1
+    return [set(sorted(c, key=lambda e: (-c[e], e))[:slots]) for c in counts]
+
+
 def plan_with_experts(entries, budget_bytes: Optional[int], policy: str, prefetch_depth: int,
                       cache_entries: Optional[int], layers: Sequence[str], num_experts: int,
                       slot_bytes: int, expert_policy: str = "lfu"
