@@ -114,7 +114,8 @@ def test_plan_and_run_refuse_the_same_placements(qwen3_moe, tmp_path, tokenizer_
                   PlanRequest(load_profile("rtx4060-8gb"), placement="experts-cpu"))
     with pytest.raises(ConfigError, match="no experts"):
         load(tmp_path / "q", progress=False, placement="experts-cpu")
-    small_ram = dict(host_budget="20KiB", gpu_budget=_minimum_budget(qwen3_moe, "float32"))
+    small_ram = dict(host_budget="20KiB", gpu_budget=_minimum_budget(qwen3_moe, "float32"),
+                     dtype="float32")
     with pytest.raises(ConfigError, match="host-budget"):
         make_plan(shape, PlanRequest(load_profile("cpu"), placement="experts-cpu", **small_ram))
     with pytest.raises(ConfigError, match="host-budget"):
@@ -160,7 +161,7 @@ def test_llama4_pre_routed_experts_run_on_the_cpu_too(tmp_path, tokenizer_dir):
     budget = _minimum_budget(tmp_path / "q", "float32")
     tokens = {}
     for placement in ("stream", "experts-cpu"):
-        with load(tmp_path / "q", progress=False, gpu_budget=budget,
+        with load(tmp_path / "q", progress=False, gpu_budget=budget, dtype="float32",
                   placement=placement) as engine:
             result = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6)
             tokens[placement] = result.token_ids
