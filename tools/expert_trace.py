@@ -65,10 +65,13 @@ def main() -> int:
     parser.add_argument("--topic", default="class", help="pydoc topic whose text is fed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the trace here")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype the routing is recorded in (default float32, "
+                             "as docs/moe.md's figures)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or tiny_qwen3_moe(Path(tmp), args.seed)
-        with load(model, progress=False) as engine:
+        with load(model, progress=False, dtype=args.dtype) as engine:
             text = pydoc_data.topics.topics[args.topic]
             ids = engine.tokenizer(text, return_tensors="pt")["input_ids"][:, :args.tokens]
             trace = record_routing(engine.model, ids)
