@@ -65,7 +65,8 @@ def test_lfu_beside_lru_on_a_recorded_trace(tmp_path_factory, tokenizer_dir, pyd
         print(f"\nexpert hit rate, 2 of 4 slots per layer, {TRACE_TOKENS} tokens of pydoc "
               f"text: lfu {rates['lfu']:.1%}, lru {rates['lru']:.1%}")
     # the runtime at 2 slots per layer, decoding the same tokens one by one, counts the same
-    with load(directory, progress=False, expert_policy="lfu",
+    # (without the next-layer prefetch, which replay does not model)
+    with load(directory, progress=False, expert_policy="lfu", expert_prefetch="off",
               gpu_budget=dense_bytes + 2 * floor) as engine, torch.no_grad():
         assert engine.stats["expert_slots_per_layer"] == 2
         cache = DynamicCache()
@@ -73,3 +74,13 @@ def test_lfu_beside_lru_on_a_recorded_trace(tmp_path_factory, tokenizer_dir, pyd
             engine.model(ids[:, t:t + 1], cache=cache, use_cache=True)
         stats = engine.cache.stats
     assert stats.expert_hits / (stats.expert_hits + stats.expert_misses) == rates["lfu"]
+
+
+def test_a_fixed_resident_set_on_a_trace():
+    from offload_engine.planning.expert_policy import most_used, static_hits
+
+    trace = [[[0, 1], [2, 3]], [[1, 2], [2, 0]], [[1, 3], [2, 1]]]  # token, layer, experts
+    assert most_used(trace, 1) == [{1}, {2}]
+    assert most_used(trace, 2) == [{1, 0}, {2, 0}]  # ties: the lower index
+    assert static_hits(trace, [{1}, {2}]) == (3 + 3, 12)
+    assert static_hits(trace, [{0}, {0}]) == (1 + 1, 12)

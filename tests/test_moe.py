@@ -76,7 +76,8 @@ def test_logits_and_greedy_tokens_match_at_minimum_and_unbounded_budget(moe):
 
 
 def test_only_the_routed_experts_are_fetched(qwen3_moe):
-    """At one slot per layer, the copies are exactly what replaying the routing says."""
+    """At one slot per layer, the copies are exactly what replaying the routing says
+    (without the next-layer prefetch, which replay does not model)."""
     directory = qwen3_moe[1]
     trace = []  # per forward, per experts layer: the experts its tokens were routed to
     tokens = []
@@ -87,8 +88,8 @@ def test_only_the_routed_experts_are_fetched(qwen3_moe):
             tokens.append(args[0].shape[0])
         trace[-1].append(args[1].flatten().tolist())
 
-    with load(directory, progress=False,
-              dtype="float32", gpu_budget=_minimum_budget(directory)) as engine:
+    with load(directory, progress=False, dtype="float32",
+              gpu_budget=_minimum_budget(directory), expert_prefetch="off") as engine:
         modules = [m for m in engine.model.modules() if isinstance(m, OffloadedExperts)]
         assert len(modules) == 2 and engine.stats["expert_slots_per_layer"] == 1
         for module in modules:
@@ -118,11 +119,13 @@ def test_prometheus_lists_expert_counters_for_moe_models_only():
         ("tokens_generated", "prefills", "prefill_passes", "batches_run", "busy_seconds",
          "queue_depth", "active_sequences", "tokens_per_s", "h2d_bytes_per_token",
          "mean_batch_size", "max_batch_size_seen", "uptime_seconds"), 0))
-    counters = {"hits": 3, "expert_hits": 5, "expert_misses": 2, "expert_hit_rate": 5 / 7}
+    counters = {"hits": 3, "expert_hits": 5, "expert_misses": 2, "expert_hit_rate": 5 / 7,
+                "expert_prefetch_hits": 1, "expert_prefetch_accuracy": 0.75}
     dense = render("m", {**snapshot, "cache": counters})
     moe = render("m", {**snapshot, "cache": {**counters, "expert_layers": 2}})
     assert "expert_hits_total" not in dense
     assert "expert_misses_total 2.0" in moe and "expert_hit_rate 0.714" in moe
+    assert "expert_prefetch_hits_total 1.0" in moe and "expert_prefetch_accuracy 0.75" in moe
 
 
 def test_unbounded_budget_keeps_every_expert_resident(qwen3_moe):
@@ -189,7 +192,8 @@ def test_bench_sweeps_moe_budgets_with_expert_columns(qwen3_moe, tmp_path, capsy
 
     assert main(["bench", str(qwen3_moe[1]), "--budgets", "min,unbounded", "--policies",
                  "static", "--tokens", "3", "--out-dir", str(tmp_path), "--no-progress"]) == 0
-    assert "exp hit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "exp hit" in out and "guess ok" in out  # the next-layer prefetch's accuracy
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = data["rows"] if isinstance(data, dict) else data
     by_budget = {row["budget"]: row for row in rows}

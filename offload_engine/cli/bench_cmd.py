@@ -35,7 +35,9 @@ TABLE = (("policy", "policy", "{}"), ("budget", "budget", "{}"),
          # mixture-of-experts models only (the columns are left out for dense ones)
          ("exp hit", "expert_hit_rate", "{:.1%}"),
          ("exp/token", "experts_fetched_per_token", "{:.2f}"),
-         ("exp MB/token", "expert_bytes_per_token", "mb"))
+         ("exp MB/token", "expert_bytes_per_token", "mb"),
+         ("exp pf/token", "experts_prefetched_per_token", "{:.2f}"),
+         ("guess ok", "expert_prefetch_accuracy", "{:.1%}"))
 # with --compile each point is measured eager and compiled, alternating (decode/bench.py)
 COMPILE_TABLE = (("compile", "compile", "{}"), ("warm-up s", "warmup_s", "{:.1f}"),
                  ("runs tok/s", "runs_tokens_per_s", "{}"))

@@ -10,7 +10,14 @@ import sys
 
 from ..planning.kv_sizes import KV_CACHE_MODES
 from ..planning.speculation import SPECULATE_MODES
-from ..planning.words import CACHE_FORMATS, DTYPE_NAMES, EXPERT_POLICIES, PLACEMENTS, POLICIES
+from ..planning.words import (
+    CACHE_FORMATS,
+    DTYPE_NAMES,
+    EXPERT_POLICIES,
+    ON_OFF,
+    PLACEMENTS,
+    POLICIES,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="mixture-of-experts models: which expert leaves a layer's full "
                             "expert cache; lfu: the least used so far (default), lru: the "
                             "least recently used")
+    group.add_argument("--expert-prefetch", choices=ON_OFF, default="on",
+                       help="mixture-of-experts models: while a layer computes, copy the "
+                            "experts the next layer's router would pick for this layer's "
+                            "input (on, default), or fetch routed experts on demand only")
     group.add_argument("--prefetch-depth", type=int, default=2, metavar="K",
                        help="streamed weights copied ahead of the one computing (default 2)")
     group.add_argument("--cache-format", choices=("auto",) + CACHE_FORMATS, default="auto",
@@ -58,7 +69,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--placement", choices=PLACEMENTS, default="auto",
                        help="where decoder layer parts run: stream (every weight through the "
                             "device cache), cpu (every attention and MLP computed on the CPU "
-                            "from host RAM), mlp-cpu (MLPs on the CPU), auto (with "
+                            "from host RAM), mlp-cpu (MLPs on the CPU), experts-cpu "
+                            "(mixture-of-experts models: the experts not in the device's "
+                            "expert slots computed on the CPU, llama.cpp's --n-cpu-moe), "
+                            "auto (with "
                             "--hw-profile on CUDA the faster prediction of `plan`; else "
                             "stream)")
     add_kv_cache_arg(group)
@@ -145,6 +159,7 @@ def engine_config_from_args(args: argparse.Namespace):
         policy=args.policy,
         prefetch_depth=args.prefetch_depth,
         expert_policy=args.expert_policy,
+        expert_prefetch=args.expert_prefetch,
         cache_format=args.cache_format,
         dtype=args.dtype,
         attention=args.attention,

@@ -22,9 +22,18 @@ def render(plan, size) -> List[str]:
     if info["cpu_parts"]:
         lines.append(f"  on the CPU: {info['cpu_parts']} parts, {size(info['cpu_part_bytes'])} "
                      "read from host RAM per step")
+    moe = "expert_cpu_bytes_per_step" in info
+    if moe:
+        pred = plan.prediction
+        cold = pred.experts_per_step * (1 - pred.expert_hit_rate)
+        lines.append(f"  cold experts: {cold:.0f} of {pred.experts_per_step} per step (hit rate "
+                     f"{pred.expert_hit_rate:.1%}): streamed, "
+                     f"{size(pred.expert_stream_bytes_per_step)} over the link; or computed on "
+                     f"the CPU (--placement experts-cpu), "
+                     f"{size(info['expert_cpu_bytes_per_step'])} read from host RAM")
     lines.append("  PREDICTION per decode step: stream "
                  + (f"{stream * 1e3:.2f} ms ({1 / stream:.3g} tok/s)" if stream else "n/a")
-                 + ", hybrid "
+                 + (", cold experts on the CPU " if moe else ", hybrid ")
                  + (f"{hybrid * 1e3:.2f} ms ({1 / hybrid:.3g} tok/s)" if hybrid
                     else "not predicted (everything fits, or no CPU figure)"))
     return lines

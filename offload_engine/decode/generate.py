@@ -76,6 +76,10 @@ class GenerationStats:
     expert_bytes_per_token: float = 0.0  # expert bytes copied host->device
     experts_fetched_per_token: float = 0.0  # experts copied (summed over layers)
     experts_used_per_token: float = 0.0  # experts the routers picked (summed over layers)
+    experts_cpu_per_token: float = 0.0  # computed on the CPU (--placement experts-cpu)
+    experts_prefetched_per_token: float = 0.0  # of the fetched, copied ahead by the prefetch
+    experts_prefetch_unused_per_token: float = 0.0  # copied ahead, never used (wrong guesses)
+    expert_prefetch_accuracy: Optional[float] = None  # guessed next-layer experts then used
 
     def line(self) -> str:
         peak = ("n/a on CPU" if self.peak_device_bytes is None
@@ -99,7 +103,13 @@ class GenerationStats:
                 + ("" if self.expert_hit_rate is None else
                    f", experts: hit rate {self.expert_hit_rate:.1%}, "
                    f"{self.experts_fetched_per_token:.2f} of {self.experts_used_per_token:.2f}"
-                   f" fetched/token, {format_bytes(self.expert_bytes_per_token)}/token") + "]")
+                   f" fetched/token, {format_bytes(self.expert_bytes_per_token)}/token"
+                   + (f", {self.experts_cpu_per_token:.2f} on the CPU/token"
+                      if self.experts_cpu_per_token else "")
+                   + ("" if self.expert_prefetch_accuracy is None else
+                      f", {self.experts_prefetched_per_token:.2f} prefetched/token "
+                      f"({self.experts_prefetch_unused_per_token:.2f} more unused), guesses "
+                      f"{self.expert_prefetch_accuracy:.1%} right")) + "]")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,9 @@ expert is copied into one of its layer's slots, evicting the one the policy name
   favour some experts steadily, so counting uses keeps those hot experts resident.
 - ``lru``: the least recently used expert, for comparison.
 
+A guessed expert copied ahead by the next-layer prefetch evicts only an expert used no
+more often than itself (:func:`choose_prefetch_victim`).
+
 The runtime cache (:mod:`offload_engine.runtime.cache.expert_cache`) and
 :func:`replay` (which measures a policy on a recorded routing trace) call the same
 :func:`choose_expert_victim`, so measured and replayed hit rates agree by construction.
@@ -97,6 +100,17 @@ def choose_expert_victim(policy: str, candidates, uses: Dict[int, int]):
     return min(candidates, key=lambda slot: slot.last_used)
 
 
+def choose_prefetch_victim(policy: str, candidates, uses: Dict[int, int], expert: int):
+    """The slot a guessed ``expert`` is prefetched into, or None: the policy's victim
+    among the ``candidates`` used no more often than the guess itself. A guess is wrong
+    a third of the time or more (docs/moe.md), so it must not push out an expert the
+    layer uses more: on the tiny Qwen3-MoE that rule kept prefetch from lowering the
+    hit rate (measured in docs/moe.md)."""
+    admitted = [s for s in candidates if s.holder is None or uses.get(s.holder, 0)
+                <= uses.get(expert, 0)]
+    return choose_expert_victim(policy, admitted, uses)
+
+
 def fetch_order(needed: Sequence[int], on_device) -> List[int]:
     """The order a layer computes its routed experts in: those already on the device first
     (so a fetch cannot evict one about to be used), then the rest, each ascending. The
@@ -136,6 +150,29 @@ def replay(trace: Sequence[Sequence[Sequence[int]]], slots_per_layer: int,
                 victim = choose_expert_victim(policy, slots[layer], uses[layer])
                 victim.holder, victim.last_used = expert, tick
     return hits, misses
+
+
+def static_hits(trace: Sequence[Sequence[Sequence[int]]], resident: Sequence[set]
+                ) -> Tuple[int, int]:
+    """(uses served by a fixed per-layer ``resident`` set, all uses) on a routing trace:
+    what ``--placement experts-cpu`` keeps on the device (the rest runs on the CPU)."""
+    hits = uses = 0
+    for step in trace:
+        for layer, experts in enumerate(step):
+            picked = set(experts)
+            uses += len(picked)
+            hits += len(picked & resident[layer])
+    return hits, uses
+
+
+def most_used(trace: Sequence[Sequence[Sequence[int]]], slots: int) -> List[set]:
+    """Per layer, the ``slots`` experts the trace uses most (ties: lower index)."""
+    counts: List[Dict[int, int]] = [{} for _ in (trace[0] if trace else [])]
+    for step in trace:
+        for layer, experts in enumerate(step):
+            for expert in set(experts):
+                counts[layer][expert] = counts[layer].get(expert, 0) + 1
+    return [set(sorted(c, key=lambda e: (-c[e], e))[:slots]) for c in counts]
 
 
 def plan_with_experts(entries, budget_bytes: Optional[int], policy: str, prefetch_depth: int,

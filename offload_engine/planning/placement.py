@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from .words import PLACEMENTS
 
 ATTENTION, MLP = "attention", "mlp"
+EXPERTS_CPU = "experts-cpu"  # cold experts on the CPU (planning/moe_placement.py)
 ON_DEVICE, ON_CPU = "device", "cpu"
 CPU_ROWS_PER_PASS = 4  # BLOCK_M of torch's CPU int4 kernel (aten/native/cpu/int4mm_kernel.cpp)
 # ESTIMATE: one activation transfer across PCIe plus the synchronisation it forces; a
@@ -54,13 +55,15 @@ class Part:
 class Placement:
     """Which parts run on the CPU, and the predictions that chose it."""
 
-    mode: str  # what was asked: auto, stream, cpu, mlp-cpu
-    chosen: str  # "stream" (nothing on the CPU) or "hybrid"
+    mode: str  # what was asked: auto, stream, cpu, mlp-cpu, experts-cpu
+    chosen: str  # "stream" (nothing on the CPU), "hybrid" or "experts-cpu"
     cpu_parts: List[Part] = field(default_factory=list)
     device_parts: List[Part] = field(default_factory=list)
     stream_step_s: Optional[float] = None  # PREDICTION, None when not computed
-    hybrid_step_s: Optional[float] = None  # PREDICTION, None when not computed
+    hybrid_step_s: Optional[float] = None  # PREDICTION, None when not computed (for a MoE
+    # model: with its cold experts computed on the CPU, planning/moe_placement.py)
     reason: str = ""
+    expert_cpu_bytes_per_step: Optional[int] = None  # MoE: cold expert bytes the CPU reads
 
     @property
     def cpu_names(self) -> frozenset:
@@ -77,7 +80,9 @@ class Placement:
         return {"placement": self.mode, "placement_chosen": self.chosen,
                 "cpu_parts": len(self.cpu_parts), "cpu_part_bytes": self.cpu_bytes,
                 "predicted_stream_step_s": self.stream_step_s,
-                "predicted_hybrid_step_s": self.hybrid_step_s, "placement_reason": self.reason}
+                "predicted_hybrid_step_s": self.hybrid_step_s, "placement_reason": self.reason,
+                **({} if self.expert_cpu_bytes_per_step is None else
+                   {"expert_cpu_bytes_per_step": self.expert_cpu_bytes_per_step})}
 
 
 def split_parts(entries: Sequence[Tuple[str, int]]) -> List[Part]:
@@ -118,6 +123,8 @@ def place_parts(parts: List[Part], mode: str, room: Optional[int] = None,
     check_placement(mode)
     if mode == "stream":
         return Placement(mode, "stream", [], list(parts), reason="--placement stream")
+    if mode == EXPERTS_CPU:  # the experts are not parts: every part stays on the device
+        return Placement(mode, EXPERTS_CPU, [], list(parts), reason=f"--placement {mode}")
     if mode in ("cpu", "mlp-cpu"):
         on_cpu = [p for p in parts if mode == "cpu" or p.kind == MLP]
         return Placement(mode, "hybrid", on_cpu, [p for p in parts if p not in on_cpu],

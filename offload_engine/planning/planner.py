@@ -31,6 +31,7 @@ from .describe import describe_model
 from .disk_plan import add_disk_tier
 from .expert_policy import ExpertPlan, plan_with_experts
 from .kv_sizes import check_kv_mode, kv_layout_for
+from .moe_placement import PLACE_PARTS, place_experts
 from .moe_sizes import ExpertSizes, expert_hit_rate, expert_sizes, expert_traffic, meta_weight
 from .overhead import decode_overhead, weight_read_bandwidth
 from .placement import Placement, check_placement, place_parts, split_parts
@@ -332,7 +333,9 @@ def _add_placement(plan: Plan, entries, shape: ModelShape, request: PlanRequest,
     outside = sum(held for name, held, _ in entries if name not in in_parts)
     room = None if budget is None else max(budget - outside, 0)
     profile, prediction = request.profile, plan.prediction
-    if profile.device == "cpu" and request.placement == "auto":  # as the runtime decides
+    if shape.experts is not None or request.placement not in PLACE_PARTS:
+        placement = place_experts(shape, plan, request, parts)  # MoE: where cold experts run
+    elif profile.device == "cpu" and request.placement == "auto":  # as the runtime decides
         placement = Placement("auto", "stream", [], parts, prediction.step_s,
                               reason="the device is the CPU")
     else:

@@ -6,6 +6,7 @@ here so that ``offload-engine --help`` never imports torch.
 
 POLICIES = ("static", "lru")  # cache policies, see policy.py
 EXPERT_POLICIES = ("lfu", "lru")  # mixture-of-experts expert cache policies, see expert_policy.py
+ON_OFF = ("on", "off")  # --expert-prefetch
 # how a cached weight is held, see sizes.py; "prepacked" (CPU only): packed plus the CPU
 # int4 kernel's own form of it, built when the weight is loaded
 CACHE_FORMATS = ("packed", "dequantized", "prepacked")
@@ -13,5 +14,6 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes, see settings
 UNBOUNDED = ("unbounded", "none", "inf", "all")  # --gpu-budget words for "no limit"
 EMBEDDING_PLACES = ("device", "host")  # where the token embedding table lives
 # where decoder layer parts run (placement.py): auto (the planner's faster prediction),
-# stream (all through the device cache), cpu (all on the CPU), mlp-cpu (MLPs on the CPU)
-PLACEMENTS = ("auto", "stream", "cpu", "mlp-cpu")
+# stream (all through the device cache), cpu (all on the CPU), mlp-cpu (MLPs on the CPU),
+# experts-cpu (mixture-of-experts: experts not in the device's slots computed on the CPU)
+PLACEMENTS = ("auto", "stream", "cpu", "mlp-cpu", "experts-cpu")

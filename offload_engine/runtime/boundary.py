@@ -4,7 +4,9 @@
 run on the CPU. Here:
 
 - :class:`HostWeights` hands the linears of those parts their weight straight from the
-  host store, prepacked once at load for the CPU kernel (no device cache, no copy);
+  host store, prepacked once at load for the CPU kernel (no device cache, no copy); with
+  ``--placement experts-cpu`` it holds a mixture-of-experts model's cold experts instead,
+  which runtime/experts.py computes with one crossing in and one out per experts layer;
 - :class:`PlacedPart` wraps the part's module: the activations cross to the CPU once on
   the way in and once on the way out (the residual stream stays on the device), and the
   attention's KV cache is created where its keys are computed: in host RAM;
@@ -53,11 +55,14 @@ class HostWeights:
     Same acquire/release interface as the device cache, so OffloadedLinear is unchanged.
     """
 
-    def __init__(self, store, names: Iterable[str], stats: BoundaryStats):
+    def __init__(self, store, names: Iterable[str], stats: BoundaryStats,
+                 counts_passes: bool = True):
+        """``counts_passes``: the first name is used once per forward pass (False for
+        the cold experts of --placement experts-cpu, used as the routers pick them)."""
         self.stats = stats
         self._handles: Dict[str, Handle] = {}
         names = list(names)
-        self._first = names[0] if names else None
+        self._first = names[0] if names and counts_passes else None
         for name in names:
             if store.disk_nbytes(name):
                 raise ConfigError(f"weight {name!r} is read from disk (--host-budget) but its "

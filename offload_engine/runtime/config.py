@@ -17,7 +17,7 @@ from ..planning.policy import POLICIES
 from ..planning.settings import DTYPES, EMBEDDING_PLACES, UNBOUNDED
 from ..planning.sizes import CACHE_FORMATS, auto_cache_format, auto_dtype
 from ..planning.speculation import check_speculation
-from ..planning.words import EXPERT_POLICIES
+from ..planning.words import EXPERT_POLICIES, ON_OFF
 from ..units import parse_budget, parse_bytes
 
 
@@ -31,6 +31,8 @@ class EngineConfig:
     policy: str = "static"  # "static" (resident set + ring) or "lru" (classic)
     prefetch_depth: int = 2  # streamed weights copied ahead of the one computing
     expert_policy: str = "lfu"  # MoE expert cache: "lfu" (most used stay) or "lru"
+    expert_prefetch: str = "on"  # MoE: copy the next layer's guessed experts while a layer
+    # computes ("on"), or fetch routed experts on demand only ("off")
     cache_format: str = "auto"  # "packed", "dequantized", "prepacked" (CPU); auto: packed on
     # CUDA; on CPU prepacked for bfloat16 and the int4 schemes (CPU int4 kernel), else dequantized
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on CUDA and, on CPU, for the schemes
@@ -60,6 +62,8 @@ class EngineConfig:
         if self.expert_policy not in EXPERT_POLICIES:
             raise ConfigError(f"unknown --expert-policy {self.expert_policy!r}: use "
                               f"{' or '.join(EXPERT_POLICIES)}")
+        if self.expert_prefetch not in ON_OFF:
+            raise ConfigError(f"--expert-prefetch must be on or off, got {self.expert_prefetch!r}")
         if self.prefetch_depth < 0:
             raise ConfigError(f"--prefetch-depth must be 0 or more, got {self.prefetch_depth}")
         if self.cache_entries is not None and self.cache_entries < 1:

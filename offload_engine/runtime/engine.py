@@ -18,7 +18,8 @@ from ..model import architecture
 from ..model.experts import expert_linears, find_experts
 from ..planning.expert_policy import expert_slot_bytes, plan_with_experts
 from ..planning.host_policy import host_summary, plan_host
-from ..planning.placement import Placement, place_parts, split_parts
+from ..planning.moe_placement import check_moe_placement
+from ..planning.placement import EXPERTS_CPU, Placement, place_parts, split_parts
 from ..planning.sizes import held_nbytes
 from .boundary import BoundaryStats, HostWeights, wrap_parts
 from .cache import DeviceCache
@@ -159,7 +160,8 @@ def expert_summary(experts) -> dict:
     if experts is None:
         return {}
     plan = experts.plan
-    return {"expert_policy": plan.policy, "expert_layers": len(plan.layers),
+    return {"expert_policy": plan.policy, "expert_prefetch": experts.prefetching,
+            "expert_layers": len(plan.layers),
             "experts_per_layer": plan.num_experts,
             "expert_slots_per_layer": plan.slots_per_layer,
             "expert_arena_bytes": plan.arena_bytes,
@@ -223,7 +225,8 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     linears = architecture.find_linears(model, hf_config)
     experts = find_experts(model)
     _check_manifest_matches(manifest, {**linears, **expert_linears(experts)}, directory)
-    swapped = {**swap_linears(model, linears), **swap_experts(model, experts)}
+    swapped = {**swap_linears(model, linears),
+               **swap_experts(model, experts, link=config.expert_prefetch == "on")}
     fmt = config.resolved_cache_format(manifest.spec)
     order = list(linears)
     layouts = quantized_layouts(manifest)
@@ -244,13 +247,17 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     try:
         cache = DeviceCache(store, device_order, plan, device, fmt, dtype,
                             progress=config.progress,
-                            experts=(expert_plan, expert_names) if experts else None)
+                            experts=(expert_plan, expert_names) if experts else None,
+                            expert_prefetch=config.expert_prefetch == "on",
+                            experts_on_cpu=placement.chosen == EXPERTS_CPU)
     except BaseException:
         store.close()
         raise
     try:
-        host = HostWeights(store, [n for n in order if n in placement.cpu_names], boundary)
-        _attach(swapped, placement, cache, host, config.compile)
+        cold = cache.experts.cold_names() if cache.experts else []
+        host = HostWeights(store, [n for n in order if n in placement.cpu_names] + cold,
+                           boundary, counts_passes=not cold)
+        _attach(swapped, placement, cache, host, config)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
         wrap_parts(model, [part.module for part in placement.cpu_parts], device, boundary)
@@ -275,23 +282,22 @@ def _check_combinations(config: EngineConfig, placement: Placement, moe: bool,
         raise ConfigError("--compile runs the decode step as one graph on the device; "
                           f"--placement {config.placement} computes layer parts on the CPU, "
                           "which it cannot hold yet: use --placement stream or drop --compile")
-    if moe and (placement.cpu_names or config.compile):
-        flag = "--compile" if config.compile else f"--placement {config.placement}"
+    check_moe_placement(config.placement, moe, directory.name)
+    if moe and config.compile:
         raise ConfigError(f"{directory.name} is a mixture-of-experts model: its experts run "
-                          f"from the device's expert cache only, so {flag} does not apply to "
-                          "it yet; drop the flag")
+                          "from the expert cache, which --compile cannot hold yet; drop it")
 
 
 def _attach(swapped: dict, placement: Placement, cache: DeviceCache, host: HostWeights,
-            compiled: bool) -> None:
+            config: EngineConfig) -> None:
     """Each swapped module to what serves its weights: the expert cache, the host (CPU
     placement) or the device cache; with --compile, through the custom op."""
     for name, module in swapped.items():
         if isinstance(module, OffloadedExperts):
-            module.attach(cache.experts)
+            module.attach(cache.experts, host if placement.chosen == EXPERTS_CPU else None)
         else:
             module.attach(host if name in placement.cpu_names else cache)
-    if compiled:
+    if config.compile:
         from . import compile_step
 
         compile_step.attach(swapped.values(), cache)

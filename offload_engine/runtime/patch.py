@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError, FormatError
 from ..model import architecture
 from ..model.experts import ExpertsInfo
-from .experts import OffloadedExperts
+from .experts import OffloadedExperts, link_next_layers
 from .linear import OffloadedLinear
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ def swap_linears(module: nn.Module, linears: Dict[str, architecture.LinearInfo],
     return swapped
 
 
-def swap_experts(model: nn.Module, experts: Dict[str, ExpertsInfo]
+def swap_experts(model: nn.Module, experts: Dict[str, ExpertsInfo], link: bool = False
                  ) -> Dict[str, OffloadedExperts]:
-    """Replace every experts module named in ``experts`` in place (routers stay)."""
+    """Replace every experts module named in ``experts`` in place (routers stay); with
+    ``link``, give each the next one's router (the next-layer prefetch's guess)."""
     swapped = {}
     for name in experts:
         owner_name, _, leaf = name.rpartition(".")
@@ -52,6 +53,8 @@ def swap_experts(model: nn.Module, experts: Dict[str, ExpertsInfo]
         swapped[name] = replacement
     if swapped:
         next(iter(swapped.values())).counts_tokens = True
+    if link:
+        link_next_layers(model, list(swapped.values()))
     return swapped
 
 

@@ -53,6 +53,13 @@ EXPERT_METRICS: Tuple[Tuple[str, str, str, str], ...] = (  # mixture-of-experts 
      "expert_tokens"),
     ("expert_hit_rate", "gauge", "Share of routed experts found on the device.",
      "expert_hit_rate"),
+    ("expert_prefetches_total", "counter", "Experts copied ahead by the next-layer prefetch.",
+     "expert_prefetches"),
+    ("expert_prefetch_hits_total", "counter",
+     "Expert fetches the next-layer prefetch had already made.", "expert_prefetch_hits"),
+    ("expert_prefetch_accuracy", "gauge",
+     "Share of guessed next-layer experts that the layer then used.",
+     "expert_prefetch_accuracy"),
 )
 OUTCOMES = ("served", "cancelled", "failed", "rejected")
 

@@ -5,6 +5,6 @@ Which weights stay resident and which slot is refilled are decided in
 """
 
 from .device_cache import CacheStats, DeviceCache, Handle
-from .expert_cache import expert_counters
+from .expert_stats import expert_counters
 
 __all__ = ["CacheStats", "DeviceCache", "Handle", "expert_counters"]

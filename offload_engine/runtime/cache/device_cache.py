@@ -50,6 +50,12 @@ class CacheStats:
     expert_evictions: int = 0
     expert_h2d_bytes: int = 0  # of h2d_bytes, the experts'
     expert_tokens: int = 0  # tokens through the first experts layer (the per-token base)
+    # next-layer expert prefetch (--expert-prefetch on): the guesses and what they saved
+    expert_predicted: int = 0  # experts named by the guesses of the next layer's experts
+    expert_predicted_used: int = 0  # of those, experts the layer's router then picked
+    expert_prefetches: int = 0  # experts the prefetch worker copied (used or not)
+    expert_prefetch_hits: int = 0  # of expert_misses, fetches a prefetch had already made
+    expert_cpu: int = 0  # experts computed on the CPU from host RAM (--placement experts-cpu)
 
     @property
     def hit_rate(self) -> float:
@@ -58,7 +64,8 @@ class CacheStats:
 
     @property
     def expert_hit_rate(self) -> float:
-        uses = self.expert_hits + self.expert_misses
+        """Expert uses served by the device, of all (fetched or computed on the CPU)."""
+        uses = self.expert_hits + self.expert_misses + self.expert_cpu
         return self.expert_hits / uses if uses else 0.0
 
     def as_dict(self) -> dict:
@@ -66,7 +73,9 @@ class CacheStats:
         return {**asdict(self), "hit_rate": self.hit_rate,
                 "expert_hit_rate": self.expert_hit_rate,
                 "expert_bytes_per_token": self.expert_h2d_bytes / tokens if tokens else 0.0,
-                "experts_fetched_per_token": self.expert_misses / tokens if tokens else 0.0}
+                "experts_fetched_per_token": self.expert_misses / tokens if tokens else 0.0,
+                "expert_prefetch_accuracy": (self.expert_predicted_used / self.expert_predicted
+                                             if self.expert_predicted else 0.0)}
 
 
 class Slot:
@@ -98,9 +107,12 @@ class Handle:
 class DeviceCache:
     def __init__(self, store, order: Sequence[str], plan: CachePlan, device: torch.device,
                  cache_format: str, dtype: torch.dtype, progress: bool = True,
-                 experts: Optional[Tuple[ExpertPlan, dict]] = None):
+                 experts: Optional[Tuple[ExpertPlan, dict]] = None,
+                 expert_prefetch: bool = False, experts_on_cpu: bool = False):
         """``experts``: (plan, {experts module: {expert: its matrices' names}}) for a
-        mixture-of-experts model; those weights are not in ``order``."""
+        mixture-of-experts model; those weights are not in ``order``. ``expert_prefetch``:
+        copy the guessed experts of the next layer on a worker of their own.
+        ``experts_on_cpu``: the experts not in the slots are computed on the CPU."""
         self.store, self.plan, self.device = store, plan, torch.device(device)
         self.cache_format, self.dtype = cache_format, dtype
         self.order = list(order)
@@ -118,7 +130,8 @@ class DeviceCache:
         self._load_resident(progress)
         self.experts = (ExpertCache(store, experts[0], experts[1], self.arena,
                                     plan.arena_bytes, self._copier, cache_format, dtype,
-                                    lambda: self.stats) if experts else None)
+                                    lambda: self.stats, expert_prefetch, experts_on_cpu)
+                        if experts else None)
         self._resident_handles = {name: Handle(name, held, None)
                                   for name, held in self.resident.items()}
         resident = set(self.resident)
@@ -347,6 +360,8 @@ class DeviceCache:
             if self._worker.is_alive():
                 raise WorkerError("the prefetch worker did not stop within "
                                   f"{JOIN_TIMEOUT_S:.0f} s of close()")
+        if self.experts is not None:
+            self.experts.close()
         self.resident.clear()
         self._resident_handles.clear()
         self.experts = None
