@@ -42,11 +42,6 @@ def qwen3_moe(tmp_path_factory, tokenizer_dir):
     return _build("qwen3_moe", tmp_path_factory, tokenizer_dir)
 
 
-def _minimum_budget(directory) -> int:
-    with load(directory, progress=False, dtype="float32") as engine:
-        return engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
-
-
 def test_experts_are_quantized_one_entry_per_expert_per_matrix(moe):
     manifest = read_manifest(moe[1])
     experts = [n for n, e in manifest.tensors.items() if e.role == "expert"]
@@ -71,7 +66,7 @@ def test_inspect_lists_experts_as_quantized(qwen3_moe, capsys):
 def test_logits_and_greedy_tokens_match_at_minimum_and_unbounded_budget(moe):
     src, directory = moe
     reference = tiny.dequantized_reference(src, directory)
-    for budget in ("unbounded", _minimum_budget(directory)):
+    for budget in ("unbounded", tiny.moe_minimum_budget(directory)):
         tiny.assert_engine_matches(directory, reference, gpu_budget=budget, atol=1e-4)
 
 
@@ -89,7 +84,7 @@ def test_only_the_routed_experts_are_fetched(qwen3_moe):
         trace[-1].append(args[1].flatten().tolist())
 
     with load(directory, progress=False, dtype="float32",
-              gpu_budget=_minimum_budget(directory), expert_prefetch="off") as engine:
+              gpu_budget=tiny.moe_minimum_budget(directory), expert_prefetch="off") as engine:
         modules = [m for m in engine.model.modules() if isinstance(m, OffloadedExperts)]
         assert len(modules) == 2 and engine.stats["expert_slots_per_layer"] == 1
         for module in modules:
@@ -141,7 +136,7 @@ def test_a_budget_below_the_moe_minimum_is_refused_with_the_numbers(qwen3_moe):
 
     with pytest.raises(ConfigError, match="one expert per layer"):
         load(qwen3_moe[1], progress=False,
-             dtype="float32", gpu_budget=_minimum_budget(qwen3_moe[1]) - 1)
+             dtype="float32", gpu_budget=tiny.moe_minimum_budget(qwen3_moe[1]) - 1)
 
 
 def test_routers_subclassing_linear_stay_dense():
@@ -168,7 +163,7 @@ def test_decode_expert_bytes_per_token_equal_the_plan_at_the_measured_hit_rate(q
     from offload_engine.planning.profiles import load_profile
 
     directory = qwen3_moe[1]
-    budget = _minimum_budget(directory)
+    budget = tiny.moe_minimum_budget(directory)
     ids = torch.tensor([[5, 77, 123, 9, 300, 41, 42, 250, 17, 99, 3, 64]])
     with load(directory, progress=False,
               dtype="float32", gpu_budget=budget) as engine, torch.no_grad():
@@ -181,7 +176,7 @@ def test_decode_expert_bytes_per_token_equal_the_plan_at_the_measured_hit_rate(q
     steps = ids.shape[1] - 4
     measured = stats.expert_h2d_bytes / steps
     plan = make_plan(describe_model(directory),
-                     PlanRequest(load_profile("cpu"), gpu_budget=budget,
+                     PlanRequest(load_profile("cpu"), gpu_budget=budget, dtype="float32",
                                  expert_hit_rate=stats.expert_hit_rate))
     assert plan.experts.slots_per_layer == 1 and stats.expert_misses > 0
     assert plan.prediction.expert_stream_bytes_per_step == pytest.approx(measured, abs=1)
@@ -217,7 +212,7 @@ def test_experts_on_disk_are_read_on_demand_not_through_the_cyclic_ring(qwen3_mo
     """--host-budget leaves experts on disk: the compute thread reads the picked ones; the
     disk ring's cyclic read-ahead (dense weights only) never waits for an expert."""
     directory = qwen3_moe[1]
-    budget = _minimum_budget(directory)
+    budget = tiny.moe_minimum_budget(directory)
     with load(directory, progress=False, dtype="float32", gpu_budget=budget) as engine:
         expected = engine.generate(tiny.IMPORT_PROMPT, greedy=True, max_new_tokens=6).token_ids
     with load(directory, progress=False,

@@ -173,10 +173,11 @@ def model_with_weights(src: Path, weights: dict, directory: Path):
 
 
 def moe_minimum_budget(directory: Path) -> int:
-    """The smallest --gpu-budget a MoE directory loads with (one expert slot per layer)."""
+    """The smallest --gpu-budget a MoE directory loads with (one expert slot per layer),
+    computing in float32 as assert_engine_matches does."""
     from offload_engine import load
 
-    with load(directory, progress=False) as engine:
+    with load(directory, progress=False, dtype="float32") as engine:
         return engine.plan.minimum_budget + engine.stats["expert_minimum_bytes"]
 
 
