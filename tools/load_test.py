@@ -10,11 +10,14 @@ request (from /metrics/json before and after), errors. Example (the demo model o
         ~/.cache/offload-engine/smollm2-135m-instruct-int4-asym-g64 --device cpu
 
 ``--compare-compile`` serves the model twice, eager and ``--compile`` (serve --compile's
-fixed slots, server/slot_batch.py), side by side; sends one warm-up request to each (the
-compiled server compiles its decode step then: the warm-up seconds, from /metrics/json),
-checks that both greedy replies are identical, then runs every concurrency on both,
+fixed slots, server/slot_batch.py), side by side; sends one request to each and checks
+that both greedy replies are identical, then warms both up with one untimed run of every
+concurrency (the compiled server compiles its step for each batch-size bucket the traffic
+reaches: the warm-up seconds, from /metrics/json), then runs every concurrency on both,
 alternating, ``--rounds`` times, so a busy machine slows both alike; prints the median
-tokens/s of each with every run.
+tokens/s of each with every run. A timed run during which the compiled server still
+compiled a bucket the untimed round did not reach is marked ``*`` and left out of the
+median.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Run:
     errors: int = 0
     prefill_passes: int = 0  # prefill forwards the server ran for this concurrency
     h2d_bytes: int = 0  # weight bytes it copied host->device meanwhile
+    compile_s: float = 0.0  # seconds the server spent compiling meanwhile (serve --compile)
 
 
 def percentile(values: List[float], share: float) -> float:
@@ -87,17 +91,20 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
 
 
 def server_counters(url: str) -> tuple:
-    """(prefill forwards, weight bytes copied host->device) the server has counted so far."""
+    """(prefill forwards, weight bytes copied host->device, seconds spent compiling) the
+    server has counted so far."""
     metrics = httpx.get(f"{url}/metrics/json", timeout=60).json()
-    return metrics["prefill_passes"], metrics["cache"].get("h2d_bytes", 0)
+    return (metrics["prefill_passes"], metrics["cache"].get("h2d_bytes", 0),
+            metrics.get("compile_warmup_seconds") or 0.0)
 
 
 def measured(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> Run:
     """One load run, with the server's counters for it (each run starts from an idle server)."""
-    passes, h2d = server_counters(url)
+    passes, h2d, compiling = server_counters(url)
     run = asyncio.run(load_at(url, model, concurrency, requests, max_tokens))
-    passes_after, h2d_after = server_counters(url)
+    passes_after, h2d_after, compiling_after = server_counters(url)
     run.prefill_passes, run.h2d_bytes = passes_after - passes, h2d_after - h2d
+    run.compile_s = compiling_after - compiling
     return run
 
 
@@ -157,26 +164,34 @@ def compare_compile(args, server_config: ServerConfig) -> int:
             servers[mode] = (stack.enter_context(BackgroundServer(app)).url,
                              app.state.service.model_id)
         warm = {mode: warm_up(*servers[mode], args.max_tokens) for mode in modes}
+        for mode in modes:  # untimed: the compiled server compiles every batch bucket here
+            for n in args.concurrency:
+                measured(*servers[mode], n, args.requests, args.max_tokens)
+        warmup_s = httpx.get(f"{servers['compile'][0]}/metrics/json",
+                             timeout=60).json()["compile_warmup_seconds"]
         for _ in range(args.rounds):
             for n in args.concurrency:
                 for mode in modes:
                     runs[mode][n].append(measured(*servers[mode], n, args.requests,
                                                   args.max_tokens))
     same = warm["eager"][0] == warm["compile"][0]
-    print(f"greedy replies identical: {'yes' if same else 'NO'}; warm-up request "
+    print(f"greedy replies identical: {'yes' if same else 'NO'}; first request "
           f"{warm['eager'][1]:.1f} s eager, {warm['compile'][1]:.1f} s compiled (compiling "
-          f"{warm['compile'][2]:.1f} s); {args.requests} requests x {args.max_tokens} tokens "
+          f"{warm['compile'][2]:.1f} s); compile warm-up over the untimed round "
+          f"{warmup_s:.1f} s in all; {args.requests} requests x {args.max_tokens} tokens "
           f"per run, {args.rounds} rounds, alternating")
     print("| concurrency | eager tok/s (median; runs) | `--compile` tok/s (median; runs) | "
           "compiled / eager | errors |\n|---|---|---|---|---|")
     errors = 0
     for n in args.concurrency:
-        rates = {mode: [run.tokens / run.wall_s for run in runs[mode][n]] for mode in modes}
-        medians = {mode: statistics.median(rates[mode]) for mode in modes}
+        rates = {mode: [run.tokens / run.wall_s for run in runs[mode][n] if not run.compile_s]
+                 for mode in modes}
+        medians = {mode: statistics.median(rates[mode] or [float("nan")]) for mode in modes}
         failed = sum(run.errors for mode in modes for run in runs[mode][n])
         errors += failed
-        cells = [f"{medians[mode]:.1f} ({' '.join(f'{r:.1f}' for r in rates[mode])})"
-                 for mode in modes]
+        cells = [f"{medians[mode]:.1f} (" + " ".join(
+            f"{run.tokens / run.wall_s:.1f}" + ("*" if run.compile_s else "")
+            for run in runs[mode][n]) + ")" for mode in modes]
         print(f"| {n} | {cells[0]} | {cells[1]} | "
               f"{medians['compile'] / medians['eager']:.2f}x | {failed} |")
     return 1 if errors or not same else 0

@@ -8,7 +8,9 @@ writes each row's new key and value at its slot's position with ``scatter_`` (po
 a tensor, never Python ints, so no guard changes from step to step) and attention reads
 the whole bucket under a mask built from the same positions. A slot's first ``length``
 positions are filled by copying a prefilled row in (:meth:`SlotKVCache.load`), so
-every tensor the compiled step sees keeps its shape while requests come and go.
+every tensor the compiled step sees keeps its shape while requests come and go. A step
+over the first few slots only runs on a view (:meth:`SlotKVCache.view`) sharing the
+storage.
 
 ``bf16`` (the compute dtype) stores keys and values; ``int8``/``k8v4``/``int4`` store the
 codes, scales and minimums of runtime/kv_cache.py's layout (quant/kv.py) and hand
@@ -104,6 +106,19 @@ class SlotLayer(StaticLayer):
             for mine, theirs in zip(self.parts[side], other.parts[side], strict=True):
                 mine[:, :, :held] = theirs
 
+    def view(self, positions: torch.Tensor) -> SlotLayer:
+        """This layer's first ``len(positions)`` slots, sharing its storage."""
+        rows = positions.shape[0]
+        view = SlotLayer.__new__(SlotLayer)
+        StaticLayer.__init__(view, self.max_cache_len)
+        view.layout, view.positions, view.device, view.dtype = (self.layout, positions,
+                                                                self.device, self.dtype)
+        view.batch_size, view.num_heads = rows, self.num_heads
+        view.parts = {side: tuple(t[:rows] for t in part) for side, part in self.parts.items()}
+        _mark_static(t for part in view.parts.values() for t in part)
+        view.is_initialized = True
+        return view
+
     def get_seq_length(self) -> int:
         return self.max_cache_len
 
@@ -135,6 +150,18 @@ class SlotKVCache(Cache):
                 raise TypeError(f"cannot load a {type(theirs).__name__} into a slot")
             mine.load(slot, theirs, row, length)
         self.positions[slot] = length
+
+    def view(self, slots: int) -> SlotKVCache:
+        """The first ``slots`` slots, sharing this cache's storage and positions: a step
+        over fewer slots writes where a step over all of them would."""
+        if slots == self.slots:
+            return self
+        view = SlotKVCache.__new__(SlotKVCache)
+        view.layout, view.tokens = self.layout, self.tokens
+        view.positions = self.positions[:slots]
+        _mark_static([view.positions])
+        Cache.__init__(view, layers=[layer.view(view.positions) for layer in self.layers])
+        return view
 
     def grown(self, tokens: int) -> SlotKVCache:
         """A cache of ``tokens`` positions per slot holding this one's slots and positions."""

@@ -1,28 +1,29 @@
-"""``serve --compile``: the batch decoded in fixed slots by one compiled step.
+"""``serve --compile``: the batch decoded in fixed slots by a compiled step.
 
 The eager batcher (server/kvbatch.py) changes the batch size and the cache's width at
 every join and leave, which a compiled graph would see as a new shape each time. Here the
 KV cache is a SlotKVCache (runtime/kv_slots.py) of ``--max-batch`` slots x a cache-length
-bucket (powers of two from 256, runtime/kv_static.py's ``static_cache_tokens``), and every
-decode step runs all slots: a request joins by having its prefilled row (prefilled
-eagerly, server/prefill.py) copied into a free slot, and leaves by freeing its slot.
-Inactive slots are fed token 0 at position 0 and their logits are ignored. Per-slot
-positions are a tensor the step reads, so neither a join nor a leave changes anything the
-graph is specialised on: the step compiles once per cache bucket.
+bucket (powers of two from 256, runtime/kv_static.py's ``static_cache_tokens``). A request
+joins by having its prefilled row (prefilled eagerly, server/prefill.py) copied into the
+lowest free slot, and leaves by freeing its slot. A step runs the first N slots, N the
+batch-size bucket (1, 2, 4, ... up to ``--max-batch``) that covers the highest slot in
+use, on a view of the cache sharing its storage; empty slots among them are fed token 0
+and their logits are dropped. Per-slot positions are a tensor the step reads, so joins
+and leaves change nothing the graph is specialised on: it compiles once per (batch-size
+bucket, cache-length bucket), and only for the buckets traffic reaches.
 
-Why padding to ``--max-batch`` and not batch-size buckets (1, 2, 4, ...): a decode step
-reads every weight once whatever the rows (the weight reads dominate at small batches,
-and streamed weights cross PCIe once per step), so padded rows cost little, while every
-extra bucket is one more compilation (tens of seconds to minutes, docs/performance.md).
-The bucket grows (a bigger cache, the slots copied over, one more compilation) when an
-admitted request needs more positions than it holds; it never shrinks, so a bucket is
-compiled once for the life of the server.
+Why batch-size buckets and not always ``--max-batch`` slots: on this project's CPU, one
+request at a time served through 4 padded slots ran at 0.42x eager's tokens/s (rows are
+not free there: eager's own 4-row step takes about 2.8x its 1-row step; docs/serving.md),
+so a lone request would pay for empty slots at every token, while a bucket costs one
+compilation, once. The cache-length bucket grows (a bigger cache, the slots copied over)
+when an admitted request needs more positions than it holds; it never shrinks.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -35,6 +36,14 @@ from ..units import format_bytes
 from .kv_capacity import KVCapacity
 
 logger = logging.getLogger(__name__)
+
+
+def batch_bucket(rows: int, slots: int) -> int:
+    """Slots a step runs for ``rows`` leading slots: the next power of two, at most all."""
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, slots)
 
 
 class SlotCapacity(KVCapacity):
@@ -77,6 +86,8 @@ class SlotBatch:
         self.slot_tokens = slot_tokens  # the most positions a slot may hold (SlotCapacity)
         self.cache: Optional[SlotKVCache] = None  # allocated at the first join
         self.row_slots: List[int] = []  # slot of each row, in row order
+        self.shapes: Set[Tuple[int, int]] = set()  # (slots, tokens) stepped: one graph each
+        self._views: Dict[int, SlotKVCache] = {}  # the cache's first N slots, by N
         self.compile_seconds = 0.0  # spent compiling the step (warm-up), all buckets
         self._cache_name = cache_name(engine.model)  # outside the graph: inspect.signature
         self._dtype = engine.config.torch_dtype()
@@ -101,7 +112,7 @@ class SlotBatch:
         if len(rows) > len(free):
             raise ResourceError(f"{len(rows)} requests joining but {len(free)} of the "
                                 f"--max-batch {self.slots} slots free")
-        self._reserve(max(needs))
+        self._reserve(max(needs))  # free: lowest first, so rows stay in a small bucket
         lengths = mask.sum(dim=1).tolist()
         for row, slot in zip(rows, free, strict=False):
             self.cache.load(slot, cache, row, int(lengths[row]))
@@ -117,26 +128,35 @@ class SlotBatch:
                                      self.engine.device)
         else:
             self.cache = self.cache.grown(tokens)
+        self._views = {}
         logger.info("serve --compile: KV cache of %d slots x %d tokens (%s)", self.slots,
                     tokens, format_bytes(self.cache.nbytes()))
 
     def keep(self, rows: List[int]) -> None:
         """Keep only ``rows`` (in that order); the others' slots are free again."""
-        self.row_slots = [self.row_slots[i] for i in rows]
+        kept = [self.row_slots[i] for i in rows]
+        for slot in set(self.row_slots) - set(kept):
+            self.cache.positions[slot] = 0  # an empty slot writes at 0 until it is reused
+        self.row_slots = kept
 
     def step(self, last_tokens: List[int], model=None) -> torch.Tensor:
-        """One compiled forward over every slot, feeding ``last_tokens[i]`` to row i;
+        """One compiled forward over the first slots (the batch bucket covering every row),
+        feeding ``last_tokens[i]`` to row i;
         returns the rows' next-token logits (rows, V). ``model``: the engine's, which the
         step was compiled over (the argument keeps BatchedCache.step's signature)."""
-        cache = self.cache
+        bucket = batch_bucket(max(self.row_slots) + 1, self.slots)
+        cache = self._views.get(bucket)
+        if cache is None:
+            cache = self._views[bucket] = self.cache.view(bucket)
         device = cache.positions.device
         slots = torch.tensor(self.row_slots, dtype=torch.long, device=device)  # (rows,)
-        input_ids = torch.zeros((self.slots, 1), dtype=torch.long, device=device)  # (S, 1)
+        input_ids = torch.zeros((bucket, 1), dtype=torch.long, device=device)  # (S, 1)
         input_ids[slots, 0] = torch.tensor(last_tokens, dtype=torch.long, device=device)
         started = compile_step.compile_seconds()
         logits = self._step(input_ids, cache)  # (S, V)
         self.compile_seconds += compile_step.compile_seconds() - started
-        active = torch.zeros(self.slots, dtype=torch.long, device=device)
+        self.shapes.add((bucket, cache.tokens))
+        active = torch.zeros(bucket, dtype=torch.long, device=device)
         active[slots] = 1
         cache.positions.add_(active)  # inactive slots stay at 0: they write there, harmlessly
         return logits.index_select(0, slots)
