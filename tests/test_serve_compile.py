@@ -187,3 +187,12 @@ def test_compile_refuses_flash_attention():
 
     with pytest.raises(ConfigError, match="serve --compile builds its attention mask"):
         SlotBatch(Engine, 4, None)
+
+
+def test_graph_bound_counts_every_bucket_a_server_can_reach():
+    from offload_engine.server.slot_batch import batch_bucket, graph_bound
+
+    assert [batch_bucket(rows, 6) for rows in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert graph_bound(4, 256) == 3  # batch 1, 2, 4 x 256 tokens
+    assert graph_bound(6, 1000) == 4 * 3  # 1, 2, 4, 6 x 256, 512, 1000
+    assert graph_bound(8, 32768) == 4 * 8  # past dynamo's default limit of 8 graphs

@@ -46,6 +46,18 @@ def batch_bucket(rows: int, slots: int) -> int:
     return min(bucket, slots)
 
 
+def graph_bound(slots: int, slot_tokens: Optional[int]) -> int:
+    """The most graphs the step can compile: batch buckets x cache-length buckets up to
+    ``slot_tokens`` (from 256 by doubling, the last cut to the cap; 16 without a cap)."""
+    batches = len({batch_bucket(rows, slots) for rows in range(1, slots + 1)})
+    if slot_tokens is None:
+        return batches * 16
+    lengths = {static_cache_tokens(1, slot_tokens)}
+    while max(lengths) < slot_tokens:
+        lengths.add(static_cache_tokens(max(lengths) + 1, slot_tokens))
+    return batches * len(lengths)
+
+
 class SlotCapacity(KVCapacity):
     """The --kv-budget check when the cache is ``slots`` fixed rows: a request fits when
     its prompt plus max_tokens fits one slot of a cache sized for all of them."""
@@ -92,6 +104,10 @@ class SlotBatch:
         self._cache_name = cache_name(engine.model)  # outside the graph: inspect.signature
         self._dtype = engine.config.torch_dtype()
         mode = compile_step.compile_mode(engine.device, engine.cache.plan.streamed_bytes > 0)
+        # dynamo stops compiling a function after recompile_limit (8) graphs and runs it
+        # eagerly from then on: let it hold every bucket this server can reach
+        limit = graph_bound(slots, slot_tokens)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False,
                                    backend="inductor", mode=mode)
 
