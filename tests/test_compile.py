@@ -146,16 +146,12 @@ def test_compile_mode_uses_cuda_graphs_only_on_cuda_when_nothing_streams():
     assert config.fullgraph and config.dynamic is False and config._compile_all_devices
 
 
-def test_compile_refuses_speculation_and_the_server():
+def test_compile_refuses_speculation():  # serve --compile: tests/test_serve_compile.py
     from offload_engine.errors import ConfigError
     from offload_engine.runtime.config import EngineConfig
-    from offload_engine.server.app import ServerConfig
-    from offload_engine.server.runner import serve
 
     with pytest.raises(ConfigError, match="--compile does not combine with --speculate"):
         EngineConfig(compile=True, speculate="lookup")
-    with pytest.raises(ConfigError, match="serve --compile"):
-        serve("unused", EngineConfig(compile=True), ServerConfig())
 
 
 def test_without_compile_nothing_compiles(qwen2_q):

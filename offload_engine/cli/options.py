@@ -83,7 +83,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="run each decode step through torch.compile with a static-shape "
                             "KV cache (CUDA graphs on CUDA when nothing streams); the first "
                             "step compiles (minutes on a small CPU), later ones reuse it; "
-                            "not with --speculate or serve (docs/performance.md)")
+                            "serve decodes --max-batch fixed slots (docs/serving.md); not with "
+                            "--speculate (docs/performance.md)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speculation_args(parser)
 

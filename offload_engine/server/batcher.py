@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Set
 
 import torch
@@ -27,52 +25,16 @@ from .kv_capacity import KVCapacity
 from .kvbatch import BatchedCache, check_batchable
 from .metrics import Metrics
 from .prefill import group_size, padded_inputs
-from .sampling import SamplingParams, TextTracker, describe_logprobs, token_logprobs
+from .sampling import TextTracker, describe_logprobs, token_logprobs
+from .sequence import DoneEvent, ErrorEvent, Sequence, TextEvent
+
+__all__ = ["DoneEvent", "ErrorEvent", "QueueFullError", "Scheduler", "Sequence", "TextEvent"]
 
 logger = logging.getLogger(__name__)
 
 
 class QueueFullError(OffloadError):
     """Too many requests are waiting for a batch slot; the client should retry later."""
-
-
-@dataclass
-class TextEvent:
-    text: str  # new final text of the reply
-    logprobs: list = field(default_factory=list)  # per token since the last event, if asked
-
-
-@dataclass
-class DoneEvent:
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list = field(default_factory=list)  # tokens not yet reported by a TextEvent
-
-
-@dataclass
-class ErrorEvent:
-    message: str  # names the cause
-    status: int = 500  # HTTP status the request should fail with
-
-
-class Sequence:
-    """One request: its prompt, what it asked for, and what it produced so far."""
-
-    _ids = itertools.count()
-
-    def __init__(self, prompt_ids: List[int], params: SamplingParams,
-                 emit: Callable[[object], None], constraint=None):
-        self.id = next(self._ids)
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.emit = emit  # called from the scheduler thread with Text/Done/ErrorEvents
-        self.token_ids: List[int] = []
-        self.cancelled = False  # set by the HTTP side when the client went away
-        self.sampler = None  # decode.sampling.Sampler: transformers' processors, own generator
-        self.tracker: Optional[TextTracker] = None
-        self.logprobs: list = []  # (token, logprob, alternatives) not yet handed out
-        self.constraint = constraint  # constrain.Constraint for response_format, or None
 
 
 class Scheduler:
@@ -89,16 +51,17 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens  # rows x longest prompt per prefill
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.metrics = Metrics()
-        self.kv_capacity = KVCapacity(engine.kv_layout, engine.config.kv_budget_bytes())
+        # --compile: fixed slots stepped by a compiled graph (server/slot_batch.py)
+        self._batch, self.kv_capacity = _new_batch(engine, max_batch)
         self._eos_ids = _eos_ids(engine)
         self._wake = threading.Condition()
         self._waiting: collections.deque = collections.deque()  # guarded by _wake
         self._jobs: list = []  # (fn, Future) to run on the engine between steps; by _wake
         self._active: List[Sequence] = []  # scheduler thread only; row i of _batch
-        self._batch = BatchedCache()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.metrics.snapshot_engine(engine.stats)
+        self.metrics.set_compile_seconds(getattr(self._batch, "compile_seconds", None))
 
     # ----- called from the HTTP side -------------------------------------------------------
     def submit(self, sequence: Sequence) -> None:
@@ -200,7 +163,8 @@ class Scheduler:
 
     def _fail_active(self, cause: str) -> None:
         self._fail(self._active, cause)
-        self._active, self._batch = [], BatchedCache()
+        self._active = []
+        self._batch.keep([])
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -218,6 +182,7 @@ class Scheduler:
             self._decode()
         self.metrics.add_busy(time.perf_counter() - started)
         self.metrics.snapshot_engine(self.engine.stats)
+        self.metrics.set_compile_seconds(getattr(self._batch, "compile_seconds", None))
         with self._wake:
             self.metrics.set_queue(len(self._waiting), len(self._active))
 
@@ -240,7 +205,7 @@ class Scheduler:
     def _kv_room(self, candidates: List[Sequence]) -> int:
         """How many of ``candidates`` fit beside the active rows under --kv-budget; the
         others wait in the queue until rows leave (server/kv_capacity.py)."""
-        width = 0 if self._batch.mask is None else self._batch.mask.shape[1]
+        width = self._batch.width
         running = [(0, s.params.max_tokens - len(s.token_ids)) for s in self._active]
         return self.kv_capacity.admit(width, running, [(len(s.prompt_ids), s.params.max_tokens)
                                                        for s in candidates])
@@ -299,11 +264,9 @@ class Scheduler:
 
     def _join(self, group: List[Sequence], rows: List[int], cache, mask: torch.Tensor) -> None:
         """Add ``rows`` of the prefilled ``group`` to the running batch."""
-        try:
-            prefilled = BatchedCache.prefilled(cache, mask)
-            if len(rows) < len(group):
-                prefilled.keep(rows)  # rows that finished at once leave; trim their padding
-            self._batch.join(prefilled.cache, prefilled.mask)
+        try:  # rows that finished at once leave; the others' padding is trimmed
+            self._batch.join_prefilled(cache, mask, rows, [
+                len(group[row].prompt_ids) + group[row].params.max_tokens for row in rows])
         except Exception as exc:  # noqa: BLE001 - a half-joined cache serves no row
             logger.exception("joining %d prefilled request(s) to the batch failed", len(rows))
             self._fail([group[row] for row in rows], f"prefill failed: {type(exc).__name__}: "
@@ -321,17 +284,14 @@ class Scheduler:
         if speculative_step.applies(self):  # a lone sequence under --speculate lookup
             speculative_step.lookup_step(self)
             return
-        inputs = self._batch.decode_inputs([s.token_ids[-1] for s in self._active],
-                                           self.engine.model)
         try:
-            output = self.engine.model(**inputs, logits_to_keep=1)
+            logits = self._batch.step([s.token_ids[-1] for s in self._active],
+                                      self.engine.model)  # (B, V)
         except Exception as exc:  # noqa: BLE001 - every row's request fails with the cause
             logger.exception("decode step over %d sequences failed", len(self._active))
             self._fail_active(f"decode step failed: {type(exc).__name__}: {exc}")
             return
-        self._batch.advance(inputs["attention_mask"])
         self.metrics.record_batch(len(self._active))
-        logits = output.logits[:, -1]  # (B, V)
         finished = {i for i, s in enumerate(self._active) if self._advance(s, logits[i])}
         if finished:
             self._leave(finished)
@@ -368,6 +328,18 @@ class Scheduler:
         _safe_emit(sequence, DoneEvent(reason, len(sequence.prompt_ids),
                                        len(sequence.token_ids), [] if text else reported))
         return True
+
+
+def _new_batch(engine, max_batch: int) -> tuple:
+    """(the batch, its --kv-budget check): eager, or --compile's fixed slots."""
+    budget = engine.config.kv_budget_bytes()
+    if not engine.config.compile:
+        return BatchedCache(), KVCapacity(engine.kv_layout, budget)
+    from .slot_batch import SlotBatch, SlotCapacity
+
+    context = getattr(engine.model.config, "max_position_embeddings", None)
+    capacity = SlotCapacity(engine.kv_layout, budget, max_batch, context)
+    return SlotBatch(engine, max_batch, capacity.slot_tokens), capacity
 
 
 def _run_jobs(jobs: list) -> None:

@@ -57,6 +57,21 @@ class BatchedCache:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
+    @property
+    def width(self) -> int:
+        """Columns every row spans now (0 when empty)."""
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def join_prefilled(self, cache, mask: torch.Tensor, rows: List[int],
+                       needs: Optional[List[int]] = None) -> None:
+        """Append ``rows`` of one padded prefill forward (``mask`` (B, T) marks their
+        padding); the rows left out finished at once, and their padding is trimmed.
+        ``needs`` (positions each row may reach) matters to server/slot_batch.py only."""
+        prefilled = BatchedCache.prefilled(cache, mask)
+        if len(rows) < mask.shape[0]:
+            prefilled.keep(rows)
+        self.join(prefilled.cache, prefilled.mask)
+
     def join(self, cache, mask: torch.Tensor) -> None:
         """Append a prefilled cache's rows as the last rows; ``mask`` (B, T) marks their own
         left padding."""
@@ -106,4 +121,12 @@ class BatchedCache:
     def advance(self, attention_mask: torch.Tensor) -> None:
         """After a decode step the cache grew one column; the step's mask now describes it."""
         self.mask = attention_mask
+
+    def step(self, last_tokens: List[int], model) -> torch.Tensor:
+        """One eager forward feeding ``last_tokens[i]`` to row i; the rows' next-token
+        logits (B, V)."""
+        inputs = self.decode_inputs(last_tokens, model)
+        output = model(**inputs, logits_to_keep=1)
+        self.advance(inputs["attention_mask"])
+        return output.logits[:, -1]
 

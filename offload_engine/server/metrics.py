@@ -26,6 +26,7 @@ class Metrics:
         self._active = 0  # requests being decoded
         self._engine: dict = {}
         self._h2d_at_start: Optional[int] = None  # engine's h2d_bytes when serving began
+        self._compile_seconds: Optional[float] = None  # --compile warm-up; None: eager
         self._started = time.monotonic()
 
     def count(self, name: str, amount: int = 1) -> None:
@@ -45,6 +46,11 @@ class Metrics:
     def set_queue(self, waiting: int, active: int) -> None:
         with self._lock:
             self._queue_depth, self._active = waiting, active
+
+    def set_compile_seconds(self, seconds: Optional[float]) -> None:
+        """Seconds spent compiling the decode step so far (None when not compiled)."""
+        with self._lock:
+            self._compile_seconds = seconds
 
     def snapshot_engine(self, stats: dict) -> None:
         with self._lock:
@@ -79,6 +85,10 @@ class Metrics:
                 "batches_run": self._batches,
                 "max_batch_size_seen": self._max_batch_seen,
                 "mean_batch_size": self._batch_rows / self._batches if self._batches else 0.0,
+                # serve --compile: seconds spent compiling the decode step (its warm-up,
+                # once per KV cache bucket); 0.0 until the first decode step, None eager
+                "compiled": self._compile_seconds is not None,
+                "compile_warmup_seconds": self._compile_seconds,
                 "queue_depth": self._queue_depth,
                 "active_sequences": self._active,
                 "cache": dict(self._engine),

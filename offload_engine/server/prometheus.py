@@ -83,6 +83,10 @@ def render(model_id: str, snapshot: dict) -> str:
                      [(f'{{outcome="{o}"}}', snapshot[f"requests_{o}"]) for o in OUTCOMES])
     for name, kind, help_text, key in SERVER_METRICS:
         lines += _family(name, kind, help_text, [("", snapshot[key])])
+    if snapshot.get("compiled"):  # serve --compile
+        lines += _family("compile_warmup_seconds", "gauge",
+                         "Seconds spent compiling the decode step (once per KV cache bucket).",
+                         [("", snapshot["compile_warmup_seconds"])])
     cache = snapshot.get("cache", {})
     for name, kind, help_text, key in CACHE_METRICS + (
             EXPERT_METRICS if cache.get("expert_layers") else ()):

@@ -19,7 +19,6 @@ from typing import Callable, Optional
 
 import uvicorn
 
-from ..errors import ConfigError
 from .app import SHUTDOWN_MESSAGE, ServerConfig, create_app
 from .listen import bind_socket
 
@@ -111,11 +110,6 @@ def serve(model, engine_config, config: ServerConfig,
     """
     from ..decode.api import load
 
-    if engine_config is not None and engine_config.compile:
-        raise ConfigError("serve --compile: the server's continuous batcher changes the batch "
-                          "and the KV cache's shape every step, so its step cannot be one "
-                          "compiled graph yet; drop --compile (run, chat, bench and "
-                          "offload_engine.load take it)")
     warn_if_exposed(config)
     sock = sock or bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
