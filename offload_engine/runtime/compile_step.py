@@ -61,12 +61,18 @@ def compile_mode(device: torch.device, streams: bool) -> str:
     return REDUCE_OVERHEAD if device.type == "cuda" and not streams else DEFAULT_MODE
 
 
+def configure_inductor() -> None:
+    """Settings every compiled step here is built with: eager's bf16/fp16 rounding."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.emulate_precision_casts = True
+
+
 def compile_config(device: torch.device, streams: bool):
     """The transformers CompileConfig ``generate`` compiles the decode step with."""
-    import torch._inductor.config as inductor_config
     from transformers import CompileConfig
 
-    inductor_config.emulate_precision_casts = True  # bf16 rounding as eager's
+    configure_inductor()
 
     mode = compile_mode(device, streams)
     config = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode=mode)

@@ -108,6 +108,7 @@ class SlotBatch:
         # eagerly from then on: let it hold every bucket this server can reach
         limit = graph_bound(slots, slot_tokens)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        compile_step.configure_inductor()
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False,
                                    backend="inductor", mode=mode)
 
@@ -171,6 +172,7 @@ class SlotBatch:
         started = compile_step.compile_seconds()
         logits = self._step(input_ids, cache)  # (S, V)
         self.compile_seconds += compile_step.compile_seconds() - started
+        self.engine.count_compiled_steps(1)  # the weights the graph holds as constants
         self.shapes.add((bucket, cache.tokens))
         active = torch.zeros(bucket, dtype=torch.long, device=device)
         active[slots] = 1
