@@ -8,6 +8,9 @@ the choice is made here alone:
   not take;
 - ``"cpu-int4pack"``: torch's packed int4 CPU matmul (:mod:`.cpu_int4`), for bfloat16 x
   on CPU and a weight prepacked at load (schemes int4, int4-asym, int4-min);
+- ``"cpu-gemv"``: our C++ int4 matrix-vector kernel (:mod:`.cpu_gemv`), built on first
+  use; reached through :func:`run_path` (tests, tools) only: measured no faster than
+  ``cpu-int4pack`` by the margin that would justify routing decode to it;
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -25,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from ..quant.quantize import QuantizedWeight
-from . import cpu_int4
+from . import cpu_gemv, cpu_int4
 from .reference import quantized_linear_reference
 
 logger = logging.getLogger(__name__)
@@ -34,7 +37,8 @@ REFERENCE = "reference"
 TRITON_GEMV = "triton-gemv"
 TRITON_DEQUANT_MATMUL = "triton-dequant-matmul"
 CPU_INT4PACK = "cpu-int4pack"
-PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL, CPU_INT4PACK)
+CPU_GEMV = "cpu-gemv"
+PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL, CPU_INT4PACK, CPU_GEMV)
 
 GEMV_MAX_ROWS = 16  # flattened rows of x up to which the fused decode kernel runs
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -86,6 +90,8 @@ def _kernel(path: str) -> Callable:
         return quantized_linear_reference
     if path == CPU_INT4PACK:
         return cpu_int4.int4pack_linear
+    if path == CPU_GEMV:
+        return cpu_gemv.gemv_linear
     if path == TRITON_GEMV:
         return importlib.import_module(".triton_gemv", __package__).gemv
     if path == TRITON_DEQUANT_MATMUL:
