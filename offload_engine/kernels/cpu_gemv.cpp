@@ -14,7 +14,7 @@
 
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define GEMV_AVX2 1
 #ifndef GEMV_R1
@@ -89,18 +89,38 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One row's scales and offsets as float32, so the group loop only broadcasts them.
+// 8 consecutive scales, minimums or zero points as float32.
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline __m256 load8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// One row's scales and offsets as float32 (8 groups at a time, then one by one), so the
+// group loop only broadcasts them.
 template <typename S>
 void row_factors(const Args& a, const S* scales, const S* mins, int64_t n, float* sf,
                  float* of) {
   const int64_t base = n * a.groups;
-  for (int64_t g = 0; g < a.groups; ++g) sf[g] = to_f(scales[base + g]);
-  if (a.mode == kMin) {
-    for (int64_t g = 0; g < a.groups; ++g) of[g] = to_f(mins[base + g]);
-  } else if (a.mode == kZero) {
-    for (int64_t g = 0; g < a.groups; ++g) of[g] = -static_cast<float>(a.zeros[base + g]) * sf[g];
-  } else {
-    for (int64_t g = 0; g < a.groups; ++g) of[g] = -8.0f * sf[g];
+  int64_t g = 0;
+  for (; g + 8 <= a.groups; g += 8) {
+    const __m256 s = load8(scales + base + g);
+    __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
+    if (a.mode == kMin) o = load8(mins + base + g);
+    if (a.mode == kZero) o = _mm256_mul_ps(s, _mm256_sub_ps(_mm256_setzero_ps(),
+                                                            load8(a.zeros + base + g)));
+    _mm256_storeu_ps(sf + g, s);
+    _mm256_storeu_ps(of + g, o);
+  }
+  for (; g < a.groups; ++g) {
+    sf[g] = to_f(scales[base + g]);
+    of[g] = group_offset(a, mins, base + g, sf[g]);
   }
 }
 
@@ -245,8 +265,10 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
   const int64_t kp = qweight.size(1) * 2, groups = kp / group_size;
   TORCH_CHECK(kp >= k_in && kp % group_size == 0 && scales.size(0) == n &&
               scales.size(1) == groups, "cpu_gemv: qweight/scales do not match x");
-  std::vector<float> buf(rows * (kp + groups + n));
-  float *xd = buf.data(), *xs = xd + rows * kp, *res = xs + rows * groups;
+  // 64-byte aligned, so no 32-byte load of x crosses a cache line (kp is a multiple of 16)
+  std::vector<float> buf(rows * (kp + groups + n) + 16);
+  float* xd = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
+  float *xs = xd + rows * kp, *res = xs + rows * groups;
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() &&
               bias->is_contiguous() && bias->numel() == n), "cpu_gemv: bias must be (N,) in x's dtype");
   AT_DISPATCH_SWITCH(x.scalar_type(), "cpu_gemv_x",
