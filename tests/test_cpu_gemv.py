@@ -61,6 +61,22 @@ def test_gemv_keeps_leading_dims_and_refuses_what_it_cannot_read():
         cpu_gemv.gemv_linear(x, int8)
 
 
+@needs_compiler
+def test_one_row_bf16_steps_on_prepacked_weights_take_the_gemv(monkeypatch):
+    x, weight, bias = make_inputs(Case(gateway.CPU_GEMV, "int4-min", 32, 70, 301, 1,
+                                       torch.bfloat16, scale_dtype="fp16"), CPU)
+    prepared = gateway.prepare_cpu_weight(weight)
+    assert gateway.kernel_path(x, prepared) == gateway.CPU_GEMV
+    assert torch.equal(gateway.quantized_linear(x, prepared, bias),
+                       gateway.run_path(gateway.CPU_GEMV, x, weight, bias))
+    two = torch.cat([x, x])
+    assert gateway.kernel_path(two, prepared) == gateway.CPU_INT4PACK  # more rows: torch's op
+    assert gateway.kernel_path(x.float(), prepared) == gateway.REFERENCE  # as before
+    assert gateway.kernel_path(x, weight) == gateway.REFERENCE  # not prepacked: as before
+    monkeypatch.setattr(gateway, "_cpu_gemv_enabled", False)  # OFFLOAD_CPU_GEMV=0
+    assert gateway.kernel_path(x, prepared) == gateway.CPU_INT4PACK
+
+
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     def no_compiler():
         raise OSError("no compiler here")

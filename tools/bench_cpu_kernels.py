@@ -97,8 +97,9 @@ def bench_shape(spec: QuantSpec, n_out: int, k_in: int, rows: int, args) -> list
     x16 = x32.to(torch.bfloat16)
     packed_bytes = weight.nbytes
     cases = [("dense-fp32", lambda: F.linear(x32, dense), dense.numel() * 4)]
-    if gateway.kernel_path(x16, prepared) == gateway.CPU_INT4PACK:
-        cases.append(("cpu-int4pack", lambda: gateway.quantized_linear(x16, prepared),
+    if gateway.kernel_path(x16, prepared) in (gateway.CPU_INT4PACK, gateway.CPU_GEMV):
+        cases.append(("cpu-int4pack",
+                      lambda: gateway.run_path(gateway.CPU_INT4PACK, x16, prepared),
                       packed_bytes))
     if rows <= cpu_gemv.MAX_ROWS and cpu_gemv.accepts(x16, weight):
         cases.append(("cpu-gemv", lambda: gateway.run_path(gateway.CPU_GEMV, x16, weight),

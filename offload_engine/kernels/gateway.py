@@ -8,9 +8,13 @@ the choice is made here alone:
   not take;
 - ``"cpu-int4pack"``: torch's packed int4 CPU matmul (:mod:`.cpu_int4`), for bfloat16 x
   on CPU and a weight prepacked at load (schemes int4, int4-asym, int4-min);
-- ``"cpu-gemv"``: our C++ int4 matrix-vector kernel (:mod:`.cpu_gemv`), built on first
-  use; reached through :func:`run_path` (tests, tools) only: measured no faster than
-  ``cpu-int4pack`` by the margin that would justify routing decode to it;
+- ``"cpu-gemv"``: our C++ int4 matrix-vector kernel (:mod:`.cpu_gemv`), for one row of x
+  where ``cpu-int4pack`` would run (bfloat16, prepacked weight), once it is built (on the
+  first such call; a failed build keeps ``cpu-int4pack``). It reads the stored components;
+  at one row it measured 1.5-2x torch's op on SmolLM2's shapes, at 4 rows 1.1-1.8x and on
+  4096x4096 no faster, so prefill and multi-row steps stay on torch's op
+  (docs/performance.md). A --compile graph keeps torch's op (the extension is not a torch
+  op dynamo can trace). OFFLOAD_CPU_GEMV=0 turns it off;
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -46,6 +50,9 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set OFFLOAD_FORCE_REFERENCE=1 (or call force_reference(True)) to bypass fast kernels.
 _force_reference = os.environ.get("OFFLOAD_FORCE_REFERENCE", "") not in ("", "0")
 _triton_available: Optional[bool] = None
+# Set OFFLOAD_CPU_GEMV=0 to keep one-row CPU steps on torch's op (never build the C++ kernel).
+_cpu_gemv_enabled = os.environ.get("OFFLOAD_CPU_GEMV", "1") != "0"
+CPU_GEMV_MAX_ROWS = 1  # rows of x routed to cpu-gemv (it takes up to cpu_gemv.MAX_ROWS)
 
 
 def force_reference(enabled: bool) -> None:
@@ -73,7 +80,13 @@ def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
     if _force_reference:
         return REFERENCE
     if not x.is_cuda:
-        return CPU_INT4PACK if cpu_int4.accepts(x, weight) else REFERENCE
+        if not cpu_int4.accepts(x, weight):
+            return REFERENCE
+        if (_cpu_gemv_enabled and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1]
+                and not torch.compiler.is_compiling()  # a graph keeps torch's op
+                and cpu_gemv.accepts(x, weight)):
+            return CPU_GEMV
+        return CPU_INT4PACK
     if not triton_available():
         return REFERENCE
     if x.dtype not in _TRITON_DTYPES or x.numel() == 0:
