@@ -9,8 +9,12 @@ Paths, all through offload_engine.kernels:
                the CPU default with --dtype float32): 4 bytes per weight read
   cpu-int4pack torch's packed int4 kernel on the prepacked weight, bfloat16 x
                (--cache-format prepacked, the CPU default with --dtype bfloat16)
+  cpu-gemv     our C++ kernel (kernels/cpu_gemv.py) on the stored components, bfloat16 x,
+               at most 4 rows (built on first use; skipped if it cannot be built)
 
-Each time is the median of --iters calls after --warmup; "weight GB/s" is the bytes the
+The paths of one shape are timed in turn, call after call (so load on a shared machine
+hits them alike); "ms" is the median of --iters calls after --warmup and "best ms" the
+fastest of them; "weight GB/s" (from the median) is the bytes the
 path reads for the weight (int4 codes + scales for the packed paths, 4 bytes per weight
 for dense-fp32) divided by that time. "memory GB/s" is a large tensor copy, (read + write)
 bytes / time: the ceiling a weight-reading kernel could reach. A CPU shared with other
@@ -20,13 +24,14 @@ work gives noisy figures; run it more than once.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from offload_engine.kernels import gateway
+from offload_engine.kernels import cpu_gemv, gateway
 from offload_engine.quant.layout import QuantSpec
 from offload_engine.quant.quantize import dequantize_weight, quantize_weight
 
@@ -55,14 +60,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def median_ms(fn, warmup: int, iters: int) -> float:
+    return alternating_ms([fn], warmup, iters)[0][0]
+
+
+def alternating_ms(fns, warmup: int, iters: int) -> list:
+    """(median ms, best ms) of each function, timed one call of each in turn."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [(statistics.median(t) * 1e3, min(t) * 1e3) for t in times]
 
 
 def memory_gbs(warmup: int, iters: int) -> float:
@@ -85,17 +97,19 @@ def bench_shape(spec: QuantSpec, n_out: int, k_in: int, rows: int, args) -> list
     x16 = x32.to(torch.bfloat16)
     packed_bytes = weight.nbytes
     cases = [("dense-fp32", lambda: F.linear(x32, dense), dense.numel() * 4)]
-    if gateway.kernel_path(x16, prepared) == gateway.CPU_INT4PACK:
-        cases.append(("cpu-int4pack", lambda: gateway.quantized_linear(x16, prepared),
+    if gateway.kernel_path(x16, prepared) in (gateway.CPU_INT4PACK, gateway.CPU_GEMV):
+        cases.append(("cpu-int4pack",
+                      lambda: gateway.run_path(gateway.CPU_INT4PACK, x16, prepared),
+                      packed_bytes))
+    if rows <= cpu_gemv.MAX_ROWS and cpu_gemv.accepts(x16, weight):
+        cases.append(("cpu-gemv", lambda: gateway.run_path(gateway.CPU_GEMV, x16, weight),
                       packed_bytes))
     if not args.skip_reference:
         cases.append(("reference", lambda: gateway.run_path(gateway.REFERENCE, x32, weight),
                       packed_bytes))
-    out = []
-    for name, fn, nbytes in cases:
-        ms = median_ms(fn, args.warmup, args.iters)
-        out.append((f"{n_out}x{k_in}", rows, name, ms, nbytes / ms / 1e6))
-    return out
+    timings = alternating_ms([fn for _, fn, _ in cases], args.warmup, args.iters)
+    return [(f"{n_out}x{k_in}", rows, name, ms, best, nbytes / ms / 1e6)
+            for (name, _, nbytes), (ms, best) in zip(cases, timings, strict=True)]
 
 
 def main(argv=None) -> int:
@@ -108,14 +122,15 @@ def main(argv=None) -> int:
           f"{args.scale_dtype} scales (measured on this machine)")
     print(f"memory GB/s (copy of {COPY_BYTES >> 20} MiB, read + write): "
           f"{memory_gbs(args.warmup, args.iters):.1f}")
-    header = f"{'N x K':>12}{'rows':>6}  {'path':<14}{'ms':>10}{'weight GB/s':>13}"
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    header = f"{'N x K':>12}{'rows':>6}  {'path':<14}{'ms':>10}{'best ms':>10}{'weight GB/s':>13}"
     print(header)
     print("-" * len(header))
     for shape in args.shapes:
         n_out, k_in = (int(v) for v in shape.lower().split("x"))
         for rows in args.rows:
-            for label, m, name, ms, gbs in bench_shape(spec, n_out, k_in, rows, args):
-                print(f"{label:>12}{m:>6}  {name:<14}{ms:>10.3f}{gbs:>13.2f}")
+            for label, m, name, ms, best, gbs in bench_shape(spec, n_out, k_in, rows, args):
+                print(f"{label:>12}{m:>6}  {name:<14}{ms:>10.3f}{best:>10.3f}{gbs:>13.2f}")
     return 0
 
 

@@ -8,6 +8,13 @@ the choice is made here alone:
   not take;
 - ``"cpu-int4pack"``: torch's packed int4 CPU matmul (:mod:`.cpu_int4`), for bfloat16 x
   on CPU and a weight prepacked at load (schemes int4, int4-asym, int4-min);
+- ``"cpu-gemv"``: our C++ int4 matrix-vector kernel (:mod:`.cpu_gemv`), for one row of x
+  where ``cpu-int4pack`` would run (bfloat16, prepacked weight), once it is built (on the
+  first such call; a failed build keeps ``cpu-int4pack``). It reads the stored components;
+  at one row it measured 1.5-2x torch's op on SmolLM2's shapes, at 4 rows 1.1-1.8x and on
+  4096x4096 no faster, so prefill and multi-row steps stay on torch's op
+  (docs/performance.md). A --compile graph keeps torch's op (the extension is not a torch
+  op dynamo can trace). OFFLOAD_CPU_GEMV=0 turns it off;
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -25,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from ..quant.quantize import QuantizedWeight
-from . import cpu_int4
+from . import cpu_gemv, cpu_int4
 from .reference import quantized_linear_reference
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,8 @@ REFERENCE = "reference"
 TRITON_GEMV = "triton-gemv"
 TRITON_DEQUANT_MATMUL = "triton-dequant-matmul"
 CPU_INT4PACK = "cpu-int4pack"
-PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL, CPU_INT4PACK)
+CPU_GEMV = "cpu-gemv"
+PATHS = (REFERENCE, TRITON_GEMV, TRITON_DEQUANT_MATMUL, CPU_INT4PACK, CPU_GEMV)
 
 GEMV_MAX_ROWS = 16  # flattened rows of x up to which the fused decode kernel runs
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -42,6 +50,9 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set OFFLOAD_FORCE_REFERENCE=1 (or call force_reference(True)) to bypass fast kernels.
 _force_reference = os.environ.get("OFFLOAD_FORCE_REFERENCE", "") not in ("", "0")
 _triton_available: Optional[bool] = None
+# Set OFFLOAD_CPU_GEMV=0 to keep one-row CPU steps on torch's op (never build the C++ kernel).
+_cpu_gemv_enabled = os.environ.get("OFFLOAD_CPU_GEMV", "1") != "0"
+CPU_GEMV_MAX_ROWS = 1  # rows of x routed to cpu-gemv (it takes up to cpu_gemv.MAX_ROWS)
 
 
 def force_reference(enabled: bool) -> None:
@@ -69,7 +80,13 @@ def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
     if _force_reference:
         return REFERENCE
     if not x.is_cuda:
-        return CPU_INT4PACK if cpu_int4.accepts(x, weight) else REFERENCE
+        if not cpu_int4.accepts(x, weight):
+            return REFERENCE
+        if (_cpu_gemv_enabled and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1]
+                and not torch.compiler.is_compiling()  # a graph keeps torch's op
+                and cpu_gemv.accepts(x, weight)):
+            return CPU_GEMV
+        return CPU_INT4PACK
     if not triton_available():
         return REFERENCE
     if x.dtype not in _TRITON_DTYPES or x.numel() == 0:
@@ -86,6 +103,8 @@ def _kernel(path: str) -> Callable:
         return quantized_linear_reference
     if path == CPU_INT4PACK:
         return cpu_int4.int4pack_linear
+    if path == CPU_GEMV:
+        return cpu_gemv.gemv_linear
     if path == TRITON_GEMV:
         return importlib.import_module(".triton_gemv", __package__).gemv
     if path == TRITON_DEQUANT_MATMUL:

@@ -11,7 +11,8 @@ Four figures, each timed after a device synchronize:
   all overhead) divided by its op count (model/op_count.py, the planner's counter);
 - disk read GB/s (when given a directory): cold reads of a scratch file there, the way the
   disk tier reads shards (runtime/disk_speed.py);
-- CPU kernel GB/s: the CPU int4 kernel (kernels/cpu_int4.py, bfloat16 rows) on weights
+- CPU kernel GB/s: the CPU int4 kernel a one-row bfloat16 step takes (kernels/cpu_gemv.py
+  where it builds, else kernels/cpu_int4.py; the gateway chooses) on weights
   larger than the caches, packed weight bytes / time: what CPU-placed parts cost
   (planning/placement.py).
 """
