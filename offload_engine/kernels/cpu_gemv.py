@@ -35,6 +35,7 @@ DTYPES = (torch.bfloat16, torch.float32)
 MAX_ROWS = 4  # rows of x the kernel takes; more (prefill) go elsewhere
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 _VECTOR_FLAGS = ("avx2", "fma", "f16c")
+NOTICE_AFTER_S = 2.0  # a build still running after this is a real compile: say so
 
 _lock = threading.Lock()
 _module = None  # the built extension once loaded
@@ -68,9 +69,19 @@ def _build():
     flags = build_flags()
     name = "offload_engine_cpu_gemv_" + ("avx2" if "-mavx2" in flags else "plain")
     start = time.perf_counter()
-    module = cpp_extension.load_inline(
-        name=name, cpp_sources=[SOURCE.read_text()], functions=["gemv", "vectorized_build"],
-        extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    # a cached build loads in well under a second; a real one takes about a minute on two
+    # cores, which the user should not mistake for a hang
+    notice = threading.Timer(NOTICE_AFTER_S, logger.warning, (
+        "building the CPU int4 kernel (once per machine, cached by torch; about a minute "
+        "on 2 cores)",))
+    notice.start()
+    try:
+        module = cpp_extension.load_inline(
+            name=name, cpp_sources=[SOURCE.read_text()],
+            functions=["gemv", "vectorized_build"], extra_cflags=flags,
+            extra_ldflags=["-fopenmp"], verbose=False)
+    finally:
+        notice.cancel()
     logger.info("CPU int4 GEMV kernel %s ready in %.1f s (flags %s; cached by torch)",
                 name, time.perf_counter() - start, " ".join(flags))
     return module
