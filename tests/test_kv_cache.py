@@ -83,7 +83,7 @@ def test_int8_and_int4_logits_stay_close_to_the_dense_cache(qwen2_q):
 def test_bytes_per_token_equal_the_planners_figure(qwen2_q, mode):
     request = PlanRequest(load_profile("cpu"), context=300, kv_cache=mode)
     plan = make_plan(describe_model(qwen2_q), request)
-    with load(qwen2_q, progress=False, dtype="float32", device="cpu", kv_cache=mode) as engine:
+    with load(qwen2_q, progress=False, device="cpu", kv_cache=mode) as engine:
         assert engine.kv_layout.token_bytes() == plan.memory.kv_cache_per_token
         ids = torch.randint(0, 512, (1, 300), generator=torch.Generator().manual_seed(1))
         cache = engine.new_kv_cache()
