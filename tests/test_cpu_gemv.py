@@ -66,6 +66,8 @@ def test_one_row_bf16_steps_on_prepacked_weights_take_the_gemv(monkeypatch):
     x, weight, bias = make_inputs(Case(gateway.CPU_GEMV, "int4-min", 32, 70, 301, 1,
                                        torch.bfloat16, scale_dtype="fp16"), CPU)
     prepared = gateway.prepare_cpu_weight(weight)
+    assert gateway.kernel_path(x, prepared) == gateway.CPU_INT4PACK  # opt-in: off by default
+    monkeypatch.setattr(gateway, "_cpu_gemv_enabled", True)  # OFFLOAD_CPU_GEMV=1
     assert gateway.kernel_path(x, prepared) == gateway.CPU_GEMV
     assert torch.equal(gateway.quantized_linear(x, prepared, bias),
                        gateway.run_path(gateway.CPU_GEMV, x, weight, bias))
@@ -73,7 +75,7 @@ def test_one_row_bf16_steps_on_prepacked_weights_take_the_gemv(monkeypatch):
     assert gateway.kernel_path(two, prepared) == gateway.CPU_INT4PACK  # more rows: torch's op
     assert gateway.kernel_path(x.float(), prepared) == gateway.REFERENCE  # as before
     assert gateway.kernel_path(x, weight) == gateway.REFERENCE  # not prepacked: as before
-    monkeypatch.setattr(gateway, "_cpu_gemv_enabled", False)  # OFFLOAD_CPU_GEMV=0
+    monkeypatch.setattr(gateway, "_cpu_gemv_enabled", False)  # back to the default
     assert gateway.kernel_path(x, prepared) == gateway.CPU_INT4PACK
 
 

@@ -14,7 +14,8 @@ the choice is made here alone:
   at one row it measured 1.5-2x torch's op on SmolLM2's shapes, at 4 rows 1.1-1.8x and on
   4096x4096 no faster, so prefill and multi-row steps stay on torch's op
   (docs/performance.md). A --compile graph keeps torch's op (the extension is not a torch
-  op dynamo can trace). OFFLOAD_CPU_GEMV=0 turns it off;
+  op dynamo can trace). Opt-in (OFFLOAD_CPU_GEMV=1): end to end on the demo it measured
+  no faster than torch's op (tools/cpu_gemv_ab.py), and its first build takes ~a minute;
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -50,8 +51,9 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set OFFLOAD_FORCE_REFERENCE=1 (or call force_reference(True)) to bypass fast kernels.
 _force_reference = os.environ.get("OFFLOAD_FORCE_REFERENCE", "") not in ("", "0")
 _triton_available: Optional[bool] = None
-# Set OFFLOAD_CPU_GEMV=0 to keep one-row CPU steps on torch's op (never build the C++ kernel).
-_cpu_gemv_enabled = os.environ.get("OFFLOAD_CPU_GEMV", "1") != "0"
+# Set OFFLOAD_CPU_GEMV=1 to run one-row CPU steps through the C++ kernel (built on first use);
+# off by default: end to end it measured no faster than torch's op (docs/performance.md).
+_cpu_gemv_enabled = os.environ.get("OFFLOAD_CPU_GEMV", "0") == "1"
 CPU_GEMV_MAX_ROWS = 1  # rows of x routed to cpu-gemv (it takes up to cpu_gemv.MAX_ROWS)
 
 
