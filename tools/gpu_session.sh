@@ -10,6 +10,8 @@
 #                                         KV int8 and lookup speculation, a served load test
 #   bash tools/gpu_session.sh measure     tools/gpu_report.sh: calibrate, a synthetic
 #                                         Qwen2.5-32B benched unbounded and at 16/12/8 GB
+#   bash tools/gpu_session.sh moe         a Qwen3-30B-A3B slice: experts streamed (prefetch
+#                                         on, off) and computed on the CPU; serve --compile
 #
 # Results go to $RESULTS (default $OUT, the device tool's return folder, else
 # ./gpu-session): session.log (every step's output), status.md (one line per step with
@@ -20,8 +22,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE="${1:-check}"
 case "$STAGE" in
-  check|measure) ;;
-  *) echo "usage: tools/gpu_session.sh check|measure" >&2; exit 2 ;;
+  check|measure|moe) ;;
+  *) echo "usage: tools/gpu_session.sh check|measure|moe" >&2; exit 2 ;;
 esac
 RESULTS="${RESULTS:-${OUT:-gpu-session}}"
 WORK="${WORK:-${TMPDIR:-/tmp}/gpu-session-work}"
@@ -157,11 +159,39 @@ stage_measure() {
   step "pinned host memory (32B)" pinned_check "$WORK/models/qwen2.5-32b"
 }
 
+# What landed after the runbook was first written (2026-12-03): a mixture-of-experts slice
+# (Qwen3-30B-A3B's shapes, one layer) streaming its experts with next-layer prefetch and
+# with cold experts computed on the CPU, and serve --compile (fixed batch slots) against
+# eager serving. Its own stage, so a short lease can skip it.
+moe_model() {
+  oe synth tests/fixtures/qwen3_30b_a3b_config.json "$WORK/models/moe" --layers 1 --force \
+    --no-progress
+}
+
+stage_moe() {
+  step "environment" environment
+  step "MoE slice (Qwen3-30B-A3B, 1 layer)" moe_model
+  step "MoE: experts streamed, prefetch on" oe bench "$WORK/models/moe" --device "$DEVICE" \
+    --budgets min,50%,unbounded --policies static --tokens 16 --no-progress \
+    --out-dir "$WORK/bench-moe"
+  step "MoE: experts streamed, prefetch off" oe bench "$WORK/models/moe" --device "$DEVICE" \
+    --budgets min,50% --policies static --tokens 16 --expert-prefetch off --no-progress \
+    --out-dir "$WORK/bench-moe-noprefetch"
+  step "MoE: cold experts on the CPU" oe bench "$WORK/models/moe" --device "$DEVICE" \
+    --budgets min,50% --policies static --tokens 16 --placement experts-cpu --no-progress \
+    --out-dir "$WORK/bench-moe-cpu"
+  [ -d "$WORK/models/small" ] || step "small model" small_model
+  step "serve: eager vs --compile" "$PY" tools/load_test.py "$WORK/models/small" \
+    --device "$DEVICE" --no-progress --concurrency 1 4 --requests 8 --max-tokens 32 \
+    --compare-compile --rounds 2
+}
+
 install_wheels >> "$LOG" 2>&1
 [ -f "$STATUS" ] || printf '| stage | step | exit | seconds |\n|---|---|---|---|\n' > "$STATUS"
 case "$STAGE" in
   check) stage_check ;;
   measure) STEP_TIMEOUT="${STEP_TIMEOUT_MEASURE:-540}" stage_measure ;;
+  moe) STEP_TIMEOUT="${STEP_TIMEOUT_MOE:-380}" stage_moe ;;  # the MoE steps took 168 s on CPU
 esac
 pack
 echo "== done in $(( $(date +%s) - started )) s; results in $RESULTS"
