@@ -70,4 +70,4 @@ def test_gpu_session_names_its_stages_on_a_wrong_one(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_session.sh"), "everything"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "check|measure" in result.stderr
+    assert "check|measure|moe" in result.stderr
