@@ -213,14 +213,9 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
     ("off", "lookup", "draft") and ``speculate_tokens`` override the engine config's
     --speculate and --speculate-tokens for this call.
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    input_ids = _prompt_ids(engine, prompt, messages, chat, max_new_tokens)
     settings = _settings(engine, greedy, sampling)
-    input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
-    check_context(engine, input_ids.shape[1], max_new_tokens)
     speculation = spec.resolve(engine, speculate, speculate_tokens)
-    check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
-                    engine.config.kv_budget_bytes())
     compile_config = engine.compile_config()  # None unless --compile
     past = engine.new_kv_cache(tokens=input_ids.shape[1] + max_new_tokens)  # None: dense
     past_kwargs = cache_kwargs(engine.model, past)
@@ -262,6 +257,18 @@ def generate(engine, prompt: Optional[str] = None, *, messages: Optional[list] =
         stats.compiled, stats.compile_seconds = True, compile_seconds
         stats.forward_passes = count.passes
     return GenerationResult(streamer.tracker.emitted, new_ids, stats)
+
+
+def _prompt_ids(engine, prompt, messages, chat: bool, max_new_tokens: int) -> torch.Tensor:
+    """The prompt's token ids (1, T) on the device; refused before any work if the reply
+    cannot fit the context or the KV budget."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    input_ids = encode_prompt(engine, prompt, messages, chat).to(engine.device)
+    check_context(engine, input_ids.shape[1], max_new_tokens)
+    check_kv_budget(engine.kv_layout, input_ids.shape[1] + max_new_tokens, 1,
+                    engine.config.kv_budget_bytes())
+    return input_ids
 
 
 def _settings(engine, greedy: bool, sampling: dict) -> SamplingSettings:
