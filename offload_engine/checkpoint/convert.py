@@ -169,24 +169,8 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
     with staged_output(dst, f"converting {src}") as tmp:
         manifest = _write_tensors(source, skeleton, linears, tmp, spec, shard_bytes, progress,
                                   prepared, quantized_here)
-        requantized = sorted(set(getattr(source, "requantized", ())) | set(quantized_here))
-        if quantized_here:
-            logger.warning("%s: %d more linear weights are stored unquantized (%s); they are "
-                           "quantized here (%s), not imported exactly", src, len(quantized_here),
-                           ", ".join(quantized_here[:3]),
-                           getattr(source, "requantize_spec", None) or spec)
-        manifest.source = {
-            "kind": source.kind,
-            "path": str(Path(src).resolve()),
-            "model_type": getattr(source.config, "model_type", None),
-            "architectures": getattr(source.config, "architectures", None),
-            "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
-            # codes copied, nothing re-rounded; the requantized linears (an AWQ float
-            # lm_head, a GGUF's Q6_K output) are not
-            "exact": source.import_spec is not None and not requantized,
-            "requantized": requantized,
-            "quantization_method": None if source.import_spec else prepared.describe(),
-        }
+        manifest.source = _source_record(src, source, spec, prepared, quantized_here)
+        requantized = manifest.source["requantized"]
         source.write_side_files(tmp)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     return ConversionSummary(dst, len(manifest.tensors),
@@ -197,6 +181,29 @@ def convert(src, dst, spec: QuantSpec = QuantSpec(), force: bool = False,
                              method.name, prepared.calibration_seconds,
                              prepared.calibration_layers,
                              tuple(requantized))
+
+
+def _source_record(src, source, spec: QuantSpec, prepared, quantized_here: list) -> dict:
+    """What the manifest says of the source: its format, and whether every weight was
+    copied exactly (the linears quantized here, or announced as requantized, were not)."""
+    requantized = sorted(set(getattr(source, "requantized", ())) | set(quantized_here))
+    if quantized_here:
+        logger.warning("%s: %d more linear weights are stored unquantized (%s); they are "
+                       "quantized here (%s), not imported exactly", src, len(quantized_here),
+                       ", ".join(quantized_here[:3]),
+                       getattr(source, "requantize_spec", None) or spec)
+    return {
+        "kind": source.kind,
+        "path": str(Path(src).resolve()),
+        "model_type": getattr(source.config, "model_type", None),
+        "architectures": getattr(source.config, "architectures", None),
+        "format": source.source_format,  # e.g. "gguf Q4_1", "safetensors BF16"
+        # codes copied, nothing re-rounded; the requantized linears (an AWQ float
+        # lm_head, a GGUF's Q6_K output) are not
+        "exact": source.import_spec is not None and not requantized,
+        "requantized": requantized,
+        "quantization_method": None if source.import_spec else prepared.describe(),
+    }
 
 
 def _write_tensors(source, skeleton, linears, tmp: Path, spec: QuantSpec,
