@@ -148,7 +148,9 @@ def main(argv=None) -> int:
     worker = LlamaWorker(python, gguf, args.threads, args.tokens)
     print(f"{gguf.name}: {args.threads} threads, greedy, {args.tokens} new tokens, prompt "
           f"{PROMPT!r}; llama-cpp-python {worker.version}; offload-engine --dtype {args.dtype} "
-          f"--cache-format {engine.stats['cache_format']} (measured on this machine)")
+          f"--cache-format {engine.stats['cache_format']}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} (PASSIVE slows llama.cpp more than "
+          "us: docs/performance.md) (measured on this machine)")
     ours, theirs = [], []
     try:
         engine.generate(PROMPT, greedy=True, max_new_tokens=4)  # warm-up, not timed
