@@ -112,7 +112,7 @@ class Engine:
             "device_name": device_name(self.device),
             **host_summary(self.host_plan),
             **self.placement_summary(),
-            **expert_summary(self.cache.experts),
+            **(self.cache.experts.summary() if self.cache.experts else {}),
         }
 
     def placement_summary(self) -> dict:
@@ -155,19 +155,6 @@ class Engine:
         self.close()
 
 
-def expert_summary(experts) -> dict:
-    """The expert cache's layout (empty for a dense model)."""
-    if experts is None:
-        return {}
-    plan = experts.plan
-    return {"expert_policy": plan.policy, "expert_prefetch": experts.prefetching,
-            "expert_layers": len(plan.layers),
-            "experts_per_layer": plan.num_experts,
-            "expert_slots_per_layer": plan.slots_per_layer,
-            "expert_arena_bytes": plan.arena_bytes,
-            "expert_minimum_bytes": plan.minimum_bytes}
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -189,11 +176,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     manifest = verify_directory(directory)
     config = config.resolved(manifest.spec)  # dtype auto -> what suits this checkpoint
     device, dtype = config.torch_device(), config.torch_dtype()
-    hf_config = read_hf_config(directory)
-    check_tokenizer_files(directory)
-    kv_layout_from_config(hf_config, config.kv_cache, dtype)  # refuse before the slow part
-    hf_config._attn_implementation = attention_for(config, hf_config)
-    model = architecture.build_skeleton(hf_config)
+    hf_config, model = _skeleton(directory, config, dtype)
     linears = architecture.find_linears(model, hf_config)
     experts = find_experts(model)
     _check_manifest_matches(manifest, {**linears, **expert_linears(experts)}, directory)
@@ -209,11 +192,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
                                     dtype)
     expert_names = {name: {e: info.expert_modules(e) for e in range(info.num_experts)}
                     for name, info in experts.items()}
-    streamed = [n for layer in expert_names.values() for names in layer.values() for n in names]
-    host_plan = plan_host([(n, layouts[n].nbytes) for n in order + streamed],
-                          plan.resident + (streamed if expert_plan.all_resident else []),
-                          config.host_bytes(lambda: default_host_budget(
-                              manifest, plan.arena_bytes + expert_plan.arena_bytes, device)))
+    host_plan = _host_plan(config, manifest, order, expert_names, layouts, plan, expert_plan)
     store = open_store(directory, manifest, host_plan, device.type == "cuda", config.progress)
     boundary = BoundaryStats()
     try:
@@ -245,6 +224,27 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     engine.placement, engine.host_weights, engine.boundary = placement, host, boundary
     engine.synthetic_note = synthetic_note(manifest)
     return engine
+
+
+def _skeleton(directory: Path, config: EngineConfig, dtype: torch.dtype):
+    """(hf config, the model on meta) with the attention chosen; the tokenizer files and
+    the KV cache mode are checked first, before the slow part."""
+    hf_config = read_hf_config(directory)
+    check_tokenizer_files(directory)
+    kv_layout_from_config(hf_config, config.kv_cache, dtype)
+    hf_config._attn_implementation = attention_for(config, hf_config)
+    return hf_config, architecture.build_skeleton(hf_config)
+
+
+def _host_plan(config: EngineConfig, manifest, order, expert_names: dict, layouts, plan,
+               expert_plan):
+    """Which weights stay in host RAM and which are read from the shards (host_policy)."""
+    streamed = [n for layer in expert_names.values() for names in layer.values() for n in names]
+    return plan_host([(n, layouts[n].nbytes) for n in order + streamed],
+                     plan.resident + (streamed if expert_plan.all_resident else []),
+                     config.host_bytes(lambda: default_host_budget(
+                         manifest, plan.arena_bytes + expert_plan.arena_bytes,
+                         config.torch_device())))
 
 
 def _check_combinations(config: EngineConfig, placement: Placement, moe: bool,

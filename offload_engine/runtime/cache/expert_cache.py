@@ -112,6 +112,16 @@ class ExpertCache:
         if self.arena.device.type == "cuda":
             torch.cuda.synchronize(self.arena.device)
 
+    def summary(self) -> dict:
+        """The expert cache's layout, as plain numbers (engine stats)."""
+        plan = self.plan
+        return {"expert_policy": plan.policy, "expert_prefetch": self.prefetching,
+                "expert_layers": len(plan.layers),
+                "experts_per_layer": plan.num_experts,
+                "expert_slots_per_layer": plan.slots_per_layer,
+                "expert_arena_bytes": plan.arena_bytes,
+                "expert_minimum_bytes": plan.minimum_bytes}
+
     def cold_names(self) -> List[str]:
         """With cold_on_cpu, the matrices of every expert the device does not hold."""
         if not self.cold_on_cpu:
