@@ -1,4 +1,4 @@
-"""The C++ CPU int4 GEMV kernel (kernels/cpu_gemv.py) against the pure-torch reference,
+"""The C++ CPU int4/int8 GEMV kernel (kernels/cpu_gemv.py) against the pure-torch reference,
 and its fallback when it cannot be built. The first test builds the extension (about a
 minute on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR)."""
 
@@ -32,7 +32,8 @@ needs_compiler = pytest.mark.skipif(not _compiler_present(),
 @pytest.mark.parametrize("scheme", cpu_gemv.SCHEMES)
 def test_gemv_matches_reference(scheme, group):
     assert cpu_gemv.available()
-    scale_dtype = "fp16" if scheme == "int4-min" else "bf16"  # GGUF Q4_1 imports: fp16
+    # GGUF Q4_1 and Q8_0 imports have fp16 scales
+    scale_dtype = "fp16" if scheme in ("int4-min", "int8") else "bf16"
     for n_out, k_in in SHAPES:
         for rows in (1, 2, 3, 4):
             for dtype in cpu_gemv.DTYPES:
@@ -55,10 +56,24 @@ def test_gemv_keeps_leading_dims_and_refuses_what_it_cannot_read():
     assert cpu_gemv.accepts(x, weight)
     assert not cpu_gemv.accepts(torch.zeros(5, 64, dtype=torch.bfloat16), weight)  # prefill
     assert not cpu_gemv.accepts(x.half(), weight)
-    _, int8, _ = make_inputs(Case(gateway.REFERENCE, "int8", 32, 48, 64, 1, torch.float32), CPU)
-    assert not cpu_gemv.supports(int8)
-    with pytest.raises(ValueError, match="int8"):
-        cpu_gemv.gemv_linear(x, int8)
+    transposed = type(weight)(**{**weight.__dict__, "qweight": weight.qweight.t().t()[:, ::2]})
+    assert not cpu_gemv.supports(transposed)  # a strided view: the kernel reads rows whole
+
+
+@needs_compiler
+def test_int8_cpu_steps_take_the_gemv_by_default(monkeypatch):
+    """torch has no group-wise int8 CPU kernel: 1-4 rows of an int8 weight (a GGUF's Q8_0
+    output) run in ours unless OFFLOAD_CPU_GEMV=0; prefill and float16 keep the reference."""
+    x, weight, bias = make_inputs(Case(gateway.CPU_GEMV, "int8", 32, 70, 301, 1,
+                                       torch.bfloat16, bias=True, scale_dtype="fp16"), CPU)
+    prepared = gateway.prepare_cpu_weight(weight)  # int8 has no prepacked form
+    assert gateway.kernel_path(x, prepared) == gateway.CPU_GEMV
+    assert torch.equal(gateway.quantized_linear(x, prepared, bias),
+                       gateway.run_path(gateway.CPU_GEMV, x, weight, bias))
+    assert gateway.kernel_path(torch.cat([x] * 5), prepared) == gateway.REFERENCE  # prefill
+    assert gateway.kernel_path(x.half(), prepared) == gateway.REFERENCE
+    monkeypatch.setattr(gateway, "_cpu_gemv_int8", False)  # OFFLOAD_CPU_GEMV=0
+    assert gateway.kernel_path(x, prepared) == gateway.REFERENCE
 
 
 @needs_compiler
@@ -96,6 +111,9 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
         assert len(warnings) == 1
         prepared = gateway.prepare_cpu_weight(weight)
         assert gateway.kernel_path(x, prepared) == gateway.CPU_INT4PACK
+        _, int8, _ = make_inputs(Case(gateway.CPU_GEMV, "int8", 32, 48, 64, 1,
+                                      torch.bfloat16), CPU)
+        assert gateway.kernel_path(x, int8) == gateway.REFERENCE  # int8: the reference
         with pytest.raises(RuntimeError, match="not built"):
             cpu_gemv.gemv_linear(x, weight)
     finally:

@@ -1,13 +1,15 @@
-// CPU matrix-vector product on int4 weights as the layout stores them (quant/layout.py):
-// y = x @ dequant(W).T (+ bias) for 1..4 rows of x, float32 accumulation, output rounded
-// once into x's dtype. Built by offload_engine/kernels/cpu_gemv.py on first use.
+// CPU matrix-vector product on int4 and int8 weights as the layout stores them
+// (quant/layout.py): y = x @ dequant(W).T (+ bias) for 1..4 rows of x, float32
+// accumulation, output rounded once into x's dtype. Built by
+// offload_engine/kernels/cpu_gemv.py on first use.
 //
-// qweight uint8 (N, Kp/2): byte j holds element 2j (low nibble) and 2j + 1 (high nibble).
+// int4: qweight uint8 (N, Kp/2): byte j holds element 2j (low nibble) and 2j + 1 (high nibble).
 // Every scheme is  w = code * s + off  per group, the layout's definitions expanded:
 //   int4: off = -8 * s;  int4-asym: off = -z * s;  int4-min: off = m
 // so  y = sum_g (s_g * dot(code_g, x_g) + off_g * sum(x_g)).  x is converted to float32
 // once per call, each 16-element chunk reordered as (8 even elements, 8 odd ones) to
 // match the low and high nibbles of 8 weight bytes, and its group sums taken.
+// int8 (gemv_int8): qweight int8 (N, Kp), w = code * s; x is widened in natural order.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -248,6 +250,103 @@ void store(const float* res, const T* bias, int64_t count, int64_t n, T* out) {
   }
 }
 
+// int8 (Q8_0's form, quant/layout.py): qweight int8 (N, Kp), w = code * s per group, so
+//   y = sum_g s_g * dot(code_g, x_g)  with x in natural order (float32, zero padded).
+template <typename S>
+void rows_int8_scalar(const Args& a, const S* scales, int64_t n0, int64_t n1) {
+  const int8_t* codes = reinterpret_cast<const int8_t*>(a.qweight);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.rows; ++m) {
+      const float* x = a.xd + m * a.kp;
+      float total = 0.0f;
+      for (int64_t g = 0; g < a.groups; ++g) {
+        float dot = 0.0f;
+        for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k)
+          dot += static_cast<float>(codes[n * a.kp + k]) * x[k];
+        total += to_f(scales[n * a.groups + g]) * dot;
+      }
+      a.out[m * a.n + n] = total;
+    }
+  }
+}
+
+#if GEMV_AVX2
+// R weight rows against M rows of x; 8 codes widen to 8 float32 lanes (vpmovsxbd), two
+// accumulators per group so consecutive FMAs do not wait on each other.
+template <int M, int R, typename S>
+void block_int8_avx2(const Args& a, const S* scales, int64_t n) {
+  const int8_t* codes = reinterpret_cast<const int8_t*>(a.qweight);
+  __m256 total[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) total[r][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < a.groups; ++g) {
+    __m256 p0[R][M], p1[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) { p0[r][m] = _mm256_setzero_ps(); p1[r][m] = _mm256_setzero_ps(); }
+    for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 16) {
+      __m256 w0[R], w1[R];
+      for (int r = 0; r < R; ++r) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n + r) * a.kp + k));
+        w0[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        w1[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256 x0 = _mm256_loadu_ps(a.xd + m * a.kp + k);
+        const __m256 x1 = _mm256_loadu_ps(a.xd + m * a.kp + k + 8);
+        for (int r = 0; r < R; ++r) {
+          p0[r][m] = _mm256_fmadd_ps(w0[r], x0, p0[r][m]);
+          p1[r][m] = _mm256_fmadd_ps(w1[r], x1, p1[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(to_f(scales[(n + r) * a.groups + g]));
+      for (int m = 0; m < M; ++m)
+        total[r][m] = _mm256_fmadd_ps(_mm256_add_ps(p0[r][m], p1[r][m]), sv, total[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) a.out[m * a.n + n + r] = hsum(total[r][m]);
+}
+
+template <int M, typename S>
+void rows_int8_avx2(const Args& a, const S* scales, int64_t n0, int64_t n1) {
+  constexpr int R = M == 1 ? 4 : 1;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block_int8_avx2<M, R, S>(a, scales, n);
+  for (; n < n1; ++n) block_int8_avx2<M, 1, S>(a, scales, n);
+}
+
+template <typename S>
+void rows_int8_avx2_m(const Args& a, const S* scales, int64_t n0, int64_t n1) {
+  switch (a.rows) {
+    case 1: return rows_int8_avx2<1, S>(a, scales, n0, n1);
+    case 2: return rows_int8_avx2<2, S>(a, scales, n0, n1);
+    case 3: return rows_int8_avx2<3, S>(a, scales, n0, n1);
+    default: return rows_int8_avx2<4, S>(a, scales, n0, n1);
+  }
+}
+#endif
+
+template <typename S>
+void run_rows_int8(const Args& a, const S* scales, bool vectorized) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.kp);
+  at::parallel_for(0, a.n, grain, [&](int64_t n0, int64_t n1) {
+#if GEMV_AVX2
+    if (vectorized) return rows_int8_avx2_m<S>(a, scales, n0, n1);
+#endif
+    rows_int8_scalar<S>(a, scales, n0, n1);
+  });
+}
+
+// x (M, K) -> float32 (M, Kp) in natural order, zero padded.
+template <typename T>
+void widen_x(const T* x, int64_t rows, int64_t k_in, int64_t kp, float* xd) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < kp; ++k)
+      xd[m * kp + k] = k < k_in ? static_cast<float>(x[m * k_in + k]) : 0.0f;
+}
+
 }  // namespace
 
 bool vectorized_build() { return GEMV_AVX2 == 1; }
@@ -292,6 +391,40 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
       AT_DISPATCH_CASE(at::kHalf, [&] { run_rows<scalar_t>(a, scales.data_ptr<scalar_t>(), mins.has_value() ? mins->data_ptr<scalar_t>() : nullptr, vectorized); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { run_rows<scalar_t>(a, scales.data_ptr<scalar_t>(), mins.has_value() ? mins->data_ptr<scalar_t>() : nullptr, vectorized); }));
   AT_DISPATCH_SWITCH(x.scalar_type(), "cpu_gemv_out",
+      AT_DISPATCH_CASE(at::kFloat, [&] { store<scalar_t>(res, bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, rows * n, n, out.data_ptr<scalar_t>()); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { store<scalar_t>(res, bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, rows * n, n, out.data_ptr<scalar_t>()); }));
+  return out;
+}
+
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                        c10::optional<torch::Tensor> bias, int64_t group_size, bool vectorized) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && x.numel() >= 1 &&
+              x.numel() <= 4 * x.size(-1), "cpu_gemv: x must be contiguous (..., K), 1-4 rows");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.dim() == 2,
+              "cpu_gemv: int8 qweight must be contiguous int8 (N, Kp)");
+  TORCH_CHECK(scales.is_contiguous() && group_size % 16 == 0 && group_size > 0,
+              "cpu_gemv: int8 group size must be a multiple of 16");
+  const int64_t k_in = x.size(-1), rows = x.numel() / k_in, n = qweight.size(0);
+  const int64_t kp = qweight.size(1), groups = kp / group_size;
+  TORCH_CHECK(kp >= k_in && kp % group_size == 0 && scales.size(0) == n &&
+              scales.size(1) == groups, "cpu_gemv: int8 qweight/scales do not match x");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() &&
+              bias->is_contiguous() && bias->numel() == n), "cpu_gemv: bias must be (N,) in x's dtype");
+  std::vector<float> buf(rows * (kp + n) + 16);
+  float* xd = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
+  float* res = xd + rows * kp;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "cpu_gemv_int8_x",
+      AT_DISPATCH_CASE(at::kFloat, [&] { widen_x<scalar_t>(x.data_ptr<scalar_t>(), rows, k_in, kp, xd); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { widen_x<scalar_t>(x.data_ptr<scalar_t>(), rows, k_in, kp, xd); }));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  auto out = torch::empty(shape, x.options());
+  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr<int8_t>()), nullptr, xd, nullptr, res,
+         n, kp, groups, group_size, rows, kNone};
+  AT_DISPATCH_SWITCH(scales.scalar_type(), "cpu_gemv_int8_scales",
+      AT_DISPATCH_CASE(at::kHalf, [&] { run_rows_int8<scalar_t>(a, scales.data_ptr<scalar_t>(), vectorized); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { run_rows_int8<scalar_t>(a, scales.data_ptr<scalar_t>(), vectorized); }));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "cpu_gemv_int8_out",
       AT_DISPATCH_CASE(at::kFloat, [&] { store<scalar_t>(res, bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, rows * n, n, out.data_ptr<scalar_t>()); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { store<scalar_t>(res, bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, rows * n, n, out.data_ptr<scalar_t>()); }));
   return out;

@@ -1,4 +1,4 @@
-"""CPU matrix-vector path for int4 linears: our own C++ kernel (``cpu_gemv.cpp``).
+"""CPU matrix-vector path for int4 and int8 linears: our own C++ kernel (``cpu_gemv.cpp``).
 
 It reads the weight where the layout stores it (qweight nibbles, scales and zeros or
 minimums, :mod:`..quant.layout`): nothing is prepacked. For 1 to :data:`MAX_ROWS` rows of
@@ -8,6 +8,9 @@ x (bfloat16 or float32) it computes, per output row and group g,
 the layout's definition in real numbers. Codes are widened to float32 with AVX2 and
 multiplied into float32 accumulators (one pair per group), the output is rounded once into
 x's dtype as F.linear does; ``selfcheck.error_bound`` holds it to the reference.
+int8 weights (Q8_0's form: ``code * s``, one scale per group) are widened the same way and
+accumulated per group; torch has no CPU kernel for group-wise int8 (``_weight_int8pack_mm``
+takes one scale per row), so without this one an int8 linear is dequantized on every call.
 
 The extension is compiled with ``torch.utils.cpp_extension.load_inline`` the first time
 :func:`available` is asked (never at import), with ``-mavx2 -mfma -mf16c`` only on a CPU
@@ -29,7 +32,8 @@ from ..quant.quantize import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("int4", "int4-asym", "int4-min")
+INT4_SCHEMES = ("int4", "int4-asym", "int4-min")
+SCHEMES = INT4_SCHEMES + ("int8",)
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's 32-element chunk
 DTYPES = (torch.bfloat16, torch.float32)
 MAX_ROWS = 4  # rows of x the kernel takes; more (prefill) go elsewhere
@@ -78,7 +82,7 @@ def _build():
     try:
         module = cpp_extension.load_inline(
             name=name, cpp_sources=[SOURCE.read_text()],
-            functions=["gemv", "vectorized_build"], extra_cflags=flags,
+            functions=["gemv", "gemv_int8", "vectorized_build"], extra_cflags=flags,
             extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         notice.cancel()
@@ -145,6 +149,10 @@ def gemv_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.T
     if spec.scheme not in SCHEMES:  # the rest is checked by the C++ (cheaply)
         raise ValueError(f"scheme {spec.scheme} g{spec.group_size} is not read by the CPU "
                          "GEMV kernel")
-    return module.gemv(x if x.is_contiguous() else x.contiguous(), weight.qweight,
+    x = x if x.is_contiguous() else x.contiguous()
+    if spec.scheme == "int8":
+        return module.gemv_int8(x, weight.qweight, weight.scales, bias, spec.group_size,
+                                vectorized)
+    return module.gemv(x, weight.qweight,
                        weight.scales, weight.zeros, weight.mins, bias, spec.group_size,
                        vectorized)

@@ -14,8 +14,11 @@ the choice is made here alone:
   at one row it measured 1.5-2x torch's op on SmolLM2's shapes, at 4 rows 1.1-1.8x and on
   4096x4096 no faster, so prefill and multi-row steps stay on torch's op
   (docs/performance.md). A --compile graph keeps torch's op (the extension is not a torch
-  op dynamo can trace). Opt-in (OFFLOAD_CPU_GEMV=1): end to end on the demo it measured
-  no faster than torch's op (tools/cpu_gemv_ab.py), and its first build takes ~a minute;
+  op dynamo can trace). For int4 opt-in (OFFLOAD_CPU_GEMV=1): end to end on the demo it
+  measured no faster than torch's op (tools/cpu_gemv_ab.py), and its first build takes
+  ~a minute. For int8 weights (a GGUF's Q8_0 output matrix) it is the default for 1-4
+  rows of x: torch has no group-wise int8 CPU kernel, and the reference dequantizes the
+  whole matrix on every call (OFFLOAD_CPU_GEMV=0 turns both off);
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -51,9 +54,12 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Set OFFLOAD_FORCE_REFERENCE=1 (or call force_reference(True)) to bypass fast kernels.
 _force_reference = os.environ.get("OFFLOAD_FORCE_REFERENCE", "") not in ("", "0")
 _triton_available: Optional[bool] = None
-# Set OFFLOAD_CPU_GEMV=1 to run one-row CPU steps through the C++ kernel (built on first use);
-# off by default: end to end it measured no faster than torch's op (docs/performance.md).
-_cpu_gemv_enabled = os.environ.get("OFFLOAD_CPU_GEMV", "0") == "1"
+# OFFLOAD_CPU_GEMV=1 also runs one-row int4 CPU steps through the C++ kernel (built on first
+# use; end to end it measured no faster than torch's op: docs/performance.md); unset, only
+# int8 weights take it; 0 turns it off.
+_cpu_gemv_setting = os.environ.get("OFFLOAD_CPU_GEMV", "")
+_cpu_gemv_enabled = _cpu_gemv_setting == "1"
+_cpu_gemv_int8 = _cpu_gemv_setting != "0"
 CPU_GEMV_MAX_ROWS = 1  # rows of x routed to cpu-gemv (it takes up to cpu_gemv.MAX_ROWS)
 
 
@@ -83,7 +89,7 @@ def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
         return REFERENCE
     if not x.is_cuda:
         if not cpu_int4.accepts(x, weight):
-            return REFERENCE
+            return CPU_GEMV if _int8_gemv_takes(x, weight) else REFERENCE
         if (_cpu_gemv_enabled and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1]
                 and not torch.compiler.is_compiling()  # a graph keeps torch's op
                 and cpu_gemv.accepts(x, weight)):
@@ -97,6 +103,12 @@ def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
         return REFERENCE
     rows = x.numel() // x.shape[-1]
     return TRITON_GEMV if rows <= GEMV_MAX_ROWS else TRITON_DEQUANT_MATMUL
+
+
+def _int8_gemv_takes(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether an int8 weight's CPU step runs in the C++ kernel (building it on first ask)."""
+    return (_cpu_gemv_int8 and weight.spec.scheme == "int8"
+            and not torch.compiler.is_compiling() and cpu_gemv.accepts(x, weight))
 
 
 def _kernel(path: str) -> Callable:
