@@ -33,6 +33,7 @@ def assert_bit_exact(type_name, raw, in_features):
 
 # The types unpacked into our layout; the raw-block ones: tests/test_kquants.py.
 LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+GGUF_STREAMING_BUDGET = "384KiB"  # the tiny imports' minimum is 372 KiB
 
 
 @pytest.mark.parametrize("type_name", LAYOUT_TYPES)
@@ -216,15 +217,21 @@ def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_
 
     path = _gguf_file(tmp_path, llama_f32, linear_types={}, default_type=type_name)
     summary = convert(path, tmp_path / "q", progress=False)
-    assert summary.imported == f"gguf {type_name}" and summary.quantized == 14
+    # the tied Q8_0 embedding is also copied, exactly, as the untied output projection
+    imported = "gguf " + "/".join(sorted({type_name, "Q8_0"}))
+    assert summary.imported == imported and summary.quantized == 15
     manifest = read_manifest(tmp_path / "q")
     assert manifest.spec == EXACT_TYPES[type_name].spec
-    assert manifest.source["exact"] is True and manifest.source["format"] == f"gguf {type_name}"
+    assert manifest.source["exact"] is True and manifest.source["format"] == imported
+    assert manifest.spec_of(manifest.tensors["lm_head.weight"]) == EXACT_TYPES["Q8_0"].spec
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] \
+        is False
     assert json.loads((tmp_path / "q" / "offload_manifest.json").read_text())["scale_dtype"] \
         == "fp16"
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                      dtype=torch.float32).eval()
-    tiny.assert_engine_matches(tmp_path / "q", reference)
+    # the minimum budget plus a little: the int8 output matrix is kept resident, the rest streams
+    tiny.assert_engine_matches(tmp_path / "q", reference, gpu_budget=GGUF_STREAMING_BUDGET)
 
 
 def test_mixed_types_are_copied_each_and_refused_when_mostly_inexact(tmp_path, llama_f32):
@@ -403,7 +410,8 @@ def test_cli_names_requantized_linears_and_requantize_flag(tmp_path, llama_f32, 
     path = _gguf_file(tmp_path, llama_f32, linear_types={"blk.0.attn_v.weight": "F32"})
     v_proj = "model.layers.0.self_attn.v_proj.weight"
     assert main(["quantize", str(path), str(tmp_path / "q"), "--no-progress"]) == 0
-    assert f"imported exactly from gguf F32/Q4_1, except 1 linear(s) quantized here: {v_proj}" \
+    assert f"imported exactly from gguf F32/Q4_1/Q8_0, except 1 linear(s) quantized here: " \
+        f"{v_proj}" \
         in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "q"), "--no-progress"]) == 0
     assert f"quantized here, from float: {v_proj}" in capsys.readouterr().out

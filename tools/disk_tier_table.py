@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from offload_engine.cli.demo_cmd import DEFAULT_DEMO_BUDGET
 from offload_engine.units import parse_bytes
 
 DEFAULT_BUDGETS = "min,25%,50%,unbounded"
@@ -38,8 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host-budgets", default=DEFAULT_BUDGETS,
                         help="comma list: min, N%% of the streamed INT4 bytes, a size (32MiB) "
                              f"or unbounded (default {DEFAULT_BUDGETS})")
-    parser.add_argument("--gpu-budget", default="24MiB",
-                        help="the device arena (on a CPU: RAM too); default 24MiB, as the demo")
+    parser.add_argument("--gpu-budget", default=DEFAULT_DEMO_BUDGET,
+                        help="the device arena (on a CPU: RAM too); default "
+                             f"{DEFAULT_DEMO_BUDGET}, as the demo")
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per run (default 8)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

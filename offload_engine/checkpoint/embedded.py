@@ -61,10 +61,20 @@ def ensure_demo_model(spec: QuantSpec = DEMO_SPEC, reconvert: bool = False,
     if target.is_dir() and not reconvert:
         try:
             manifest = verify_directory(target)
-            if manifest.spec == spec:
+            if manifest.spec == spec and _has_output_copy(manifest, spec):
                 return target, None
         except FormatError as exc:
             logger.warning("converting the demo model again: %s", exc)
     # Any other spec (tools/quality_table.py compares them) re-rounds the Q4_1 weights.
     return target, convert(embedded_gguf(), target, spec, force=True, progress=progress,
                            requantize=spec != DEMO_SPEC)
+
+
+def _has_output_copy(manifest, spec: QuantSpec) -> bool:
+    """Whether an exact demo conversion holds the untied Q8_0 output (sources/gguf.py); one
+    made before the import untied it multiplies by the bf16 embedding: converted again."""
+    if spec != DEMO_SPEC or "lm_head.weight" in manifest.tensors:
+        return True
+    logger.warning("converting the demo model again: the cached conversion predates the "
+                   "exact Q8_0 output projection")
+    return False

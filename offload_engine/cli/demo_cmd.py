@@ -9,7 +9,7 @@ from .run_cmd import add_generation_args, check_generation_args, generation_kwar
 
 DEFAULT_PROMPT = "In two sentences, why does the Moon have phases?"
 # Small enough that most of SmolLM2's weights must stream through the ring on every token.
-DEFAULT_DEMO_BUDGET = "24MiB"
+DEFAULT_DEMO_BUDGET = "40MiB"
 
 
 def register(commands) -> None:

@@ -39,6 +39,7 @@ from ...quant.layout import QuantSpec
 # What float linears of an import whose main type is a raw-block one (Q4_K...) are
 # quantized to: we write no GGUF blocks, and int8 g32 with fp16 scales is Q8_0's form.
 RAW_IMPORT_FLOAT_SPEC = QuantSpec("int8", 32, "fp16")
+GGUF_EMBEDDING = "token_embd.weight"  # llama.cpp's name for the input embedding, every arch
 
 logger = logging.getLogger(__name__)
 # the smallest header entries: a tensor info (name length 8, a 1-byte name, n_dims 4, no
@@ -60,6 +61,7 @@ class GGUFTensorPlan:
     nbytes: int  # bytes stored in the file
     is_linear: bool  # a weight we hold quantized
     row_order: Optional[np.ndarray] = None  # rows to gather (llama q/k), None: as stored
+    embedding_copy: bool = False  # the untied output: a copy of the tied embedding's codes
 
 
 class GGUFSource:
@@ -82,6 +84,8 @@ class GGUFSource:
                                   "download it again") from None
             raise SourceError(f"{self.path}: cannot read this GGUF file ({exc})") from exc
         self._processor = _tensor_processor(self._reader, self.config)
+        # a quantized embedding tied to the output: the output gets its own exact copy
+        self.untied_output = not requantize and _untie_output(self._reader, self.config)
         self.plans = self._plan_tensors()
         self.linear_types = sorted({p.type_name for p in self.plans if p.is_linear})
         self.requantize = requantize
@@ -136,6 +140,10 @@ class GGUFSource:
             if plan.is_linear:
                 plan.row_order = self._row_order(plan)
             plans.append(plan)
+            if self.untied_output and tensor.name == GGUF_EMBEDDING:
+                plans.append(GGUFTensorPlan(tensor.name, "lm_head.weight", plan.type_name,
+                                            shape, plan.nbytes, "lm_head.weight" in weight_names,
+                                            embedding_copy=True))
         return plans
 
     def _row_order(self, plan: GGUFTensorPlan) -> Optional[np.ndarray]:
@@ -251,6 +259,27 @@ def _read_config(path: Path):
     return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
 
 
+def _untie_output(reader, config) -> bool:
+    """Untie ``config``'s output projection from its embedding when the file stores the tied
+    embedding in an exact type that is not raw blocks (Q8_0, Q4_0, Q4_1), and say so.
+
+    llama.cpp computes the output from those quantized codes; tied, we would hold the
+    embedding dequantized (bf16: 2 bytes per weight, each value rounded) and multiply by
+    that. Untied, the output is an exact copy of the codes that a quantized kernel reads
+    (SmolLM2's Q8_0: 30 MB per token instead of 56, values as llama.cpp has them); the
+    embedding stays dense for its row gather.
+    """
+    if not architecture.ties_embeddings(config):
+        return False
+    embed = next((t for t in reader.tensors if t.name == GGUF_EMBEDDING), None)
+    block_type = EXACT_TYPES.get(embed.tensor_type.name) if embed is not None else None
+    if block_type is None or block_type.spec.raw_blocks:
+        return False
+    for holder in {id(c): c for c in (config, architecture.text_config(config))}.values():
+        holder.tie_word_embeddings = False
+    return True
+
+
 def _tensor_processor(reader, config):
     """transformers' per-architecture GGUF tensor processor (llama: q/k row order)."""
     from transformers.modeling_gguf_pytorch_utils import (
@@ -264,10 +293,11 @@ def _tensor_processor(reader, config):
 
 
 def _linear_parameters_by_type(plans: List[GGUFTensorPlan]) -> Dict[str, int]:
-    """GGML type -> parameters of the model's linears stored in it."""
+    """GGML type -> parameters of the model's linears stored in it (the untied output is
+    the embedding's copy, not a linear the file holds: it does not count)."""
     counts: Dict[str, int] = {}
     for plan in plans:
-        if plan.is_linear:
+        if plan.is_linear and not plan.embedding_copy:
             counts[plan.type_name] = counts.get(plan.type_name, 0) + int(np.prod(plan.shape))
     return counts
 
