@@ -4,7 +4,7 @@ runtime's prepacked cache format that feeds it."""
 import pytest
 import torch
 
-from offload_engine.kernels import cpu_int4, gateway
+from offload_engine.kernels import cpu_gemv, cpu_int4, gateway
 from offload_engine.kernels.selfcheck import Case, make_inputs, run_case
 from offload_engine.planning.sizes import auto_cache_format, held_nbytes
 from offload_engine.quant.layout import QuantSpec
@@ -55,7 +55,9 @@ def test_other_dtypes_schemes_and_forcing_fall_back_to_the_reference():
     _, int8, _ = make_inputs(Case(gateway.REFERENCE, "int8", 64, 32, 128, 1, torch.bfloat16),
                              CPU)
     assert gateway.prepare_cpu_weight(int8) is int8  # not in the allow-list: not prepacked
-    assert gateway.kernel_path(x, int8) == gateway.REFERENCE
+    # int8 never takes torch's int4 op: our C++ GEMV where it builds (tests/test_cpu_gemv.py)
+    assert gateway.kernel_path(x, int8) == (gateway.CPU_GEMV if cpu_gemv.available()
+                                            else gateway.REFERENCE)
     assert cpu_int4.prepacked_shapes(QuantSpec("int8", 64), 32, 128) == {}
 
 

@@ -81,8 +81,9 @@ def test_what_compressed_tensors_cannot_hold_is_refused(tmp_path, qwen2_src, lla
     convert(qwen2_src, tmp_path / "g64", QuantSpec("int4", 64), progress=False)
     with pytest.raises(ConversionError, match="160 inputs, not a multiple of the group size"):
         export_compressed_tensors(tmp_path / "g64", tmp_path / "ct", progress=False)
+    # an F32 embedding stays tied (a Q8_0 one would add an int8 output: a second scheme)
     gguf_path = tiny_gguf.write_llama_gguf(tmp_path / "t.gguf", llama_src, linear_types={},
-                                           default_type="Q4_1")
+                                           default_type="Q4_1", embedding_type="F32")
     convert(gguf_path, tmp_path / "q4_1", progress=False)
     with pytest.raises(ConversionError, match="int4-min.*no compressed-tensors form"):
         export_compressed_tensors(tmp_path / "q4_1", tmp_path / "ct", progress=False)

@@ -33,7 +33,6 @@ def assert_bit_exact(type_name, raw, in_features):
 
 # The types unpacked into our layout; the raw-block ones: tests/test_kquants.py.
 LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
-GGUF_STREAMING_BUDGET = "384KiB"  # the tiny imports' minimum is 372 KiB
 
 
 @pytest.mark.parametrize("type_name", LAYOUT_TYPES)
@@ -231,7 +230,7 @@ def test_engine_logits_equal_transformers_on_the_gguf(tmp_path, llama_f32, type_
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                      dtype=torch.float32).eval()
     # the minimum budget plus a little: the int8 output matrix is kept resident, the rest streams
-    tiny.assert_engine_matches(tmp_path / "q", reference, gpu_budget=GGUF_STREAMING_BUDGET)
+    tiny.assert_engine_matches(tmp_path / "q", reference, gpu_budget=tiny.GGUF_STREAMING_BUDGET)
 
 
 def test_mixed_types_are_copied_each_and_refused_when_mostly_inexact(tmp_path, llama_f32):
