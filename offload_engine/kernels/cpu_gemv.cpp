@@ -30,6 +30,11 @@ namespace {
 
 constexpr int64_t kChunk = 32;  // group sizes are multiples of this
 constexpr int64_t kHalf = 16;  // elements per 8 weight bytes: x is reordered in these
+// Rows ahead that the int8 loop prefetches, a cache line at a time: a weight is read cold
+// from DRAM once per token, where the hardware prefetcher alone left the loop waiting
+// (SmolLM2's 49152x576 int8 output: 3.1 ms -> 1.7-1.9 ms on this 2-core VM; the int4
+// loop showed no clear change, so it has none).
+constexpr int64_t kPrefetchRows = 16;
 enum Offset { kNone = 0, kZero = 1, kMin = 2 };
 
 inline float to_f(at::BFloat16 v) { return static_cast<float>(v); }
@@ -276,6 +281,9 @@ void rows_int8_scalar(const Args& a, const S* scales, int64_t n0, int64_t n1) {
 template <int M, int R, typename S>
 void block_int8_avx2(const Args& a, const S* scales, int64_t n) {
   const int8_t* codes = reinterpret_cast<const int8_t*>(a.qweight);
+  for (int64_t line = 0; line < R * a.kp; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + (n + kPrefetchRows) * a.kp + line),
+                 _MM_HINT_T0);
   __m256 total[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) total[r][m] = _mm256_setzero_ps();
