@@ -133,3 +133,25 @@ def test_build_flags_follow_the_cpu(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
     capability = torch.backends.cpu.get_cpu_capability()
     assert ("-mavx2" in cpu_gemv.build_flags()) == (capability in ("AVX2", "AVX512"))
+
+
+@needs_compiler
+def test_int8_gemv_is_one_op_in_a_compiled_graph():
+    """A --compile step holds resident weights as constants: the int8 kernel must enter its
+    graph as our op, not as the reference's dequantization of the whole matrix."""
+    x, weight, bias = make_inputs(Case(gateway.CPU_GEMV, "int8", 32, 70, 301, 1,
+                                       torch.bfloat16, bias=True, scale_dtype="fp16"), CPU)
+    assert cpu_gemv.available()  # the eager prefill builds it before any trace
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda rows: gateway.quantized_linear(rows, weight, bias),
+                         backend=keep_graph, fullgraph=True)
+    assert torch.equal(step(x), gateway.quantized_linear(x, weight, bias))
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets == ["offload_engine.cpu_gemv_int8"]
+    torch._dynamo.reset()

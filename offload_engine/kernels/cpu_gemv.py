@@ -130,12 +130,22 @@ def supports(weight: QuantizedWeight) -> bool:
             and all(t.is_contiguous() for t in weight.components().values()))
 
 
-def accepts(x: torch.Tensor, weight: QuantizedWeight) -> bool:
-    """Whether :func:`gemv_linear` runs this input (builds the kernel on first ask)."""
+def reads(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether the kernel takes this input and weight (nothing is built to answer)."""
     if x.device.type != "cpu" or x.dtype not in DTYPES or x.numel() == 0:
         return False
     rows = x.numel() // x.shape[-1]
-    return rows <= MAX_ROWS and supports(weight) and available()
+    return rows <= MAX_ROWS and supports(weight)
+
+
+def accepts(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether :func:`gemv_linear` runs this input (builds the kernel on first ask)."""
+    return reads(x, weight) and available()
+
+
+def built() -> bool:
+    """Whether the kernel is built in this process (never builds: safe while tracing)."""
+    return _module is not None
 
 
 def gemv_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
@@ -150,9 +160,27 @@ def gemv_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.T
         raise ValueError(f"scheme {spec.scheme} g{spec.group_size} is not read by the CPU "
                          "GEMV kernel")
     x = x if x.is_contiguous() else x.contiguous()
-    if spec.scheme == "int8":
-        return module.gemv_int8(x, weight.qweight, weight.scales, bias, spec.group_size,
-                                vectorized)
+    if spec.scheme == "int8":  # a registered op: a --compile graph calls it as one node
+        return torch.ops.offload_engine.cpu_gemv_int8(x, weight.qweight, weight.scales, bias,
+                                                      spec.group_size, vectorized)
     return module.gemv(x, weight.qweight,
                        weight.scales, weight.zeros, weight.mins, bias, spec.group_size,
                        vectorized)
+
+
+@torch.library.custom_op("offload_engine::cpu_gemv_int8", mutates_args=())
+def _gemv_int8_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: Optional[torch.Tensor], group_size: int,
+                  vectorized: bool) -> torch.Tensor:
+    """The int8 kernel as a torch op: dynamo keeps it opaque, so a compiled step whose
+    weights are constants (runtime/compile_step.py) runs it instead of tracing the
+    reference's dequantization of the whole matrix into every step."""
+    module = load()
+    if module is None:
+        raise RuntimeError("the CPU int4 GEMV kernel is not built here: see the log")
+    return module.gemv_int8(x, qweight, scales, bias, group_size, vectorized)
+
+
+@_gemv_int8_op.register_fake
+def _(x, qweight, scales, bias, group_size, vectorized):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

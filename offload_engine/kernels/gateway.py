@@ -18,7 +18,8 @@ the choice is made here alone:
   measured no faster than torch's op (tools/cpu_gemv_ab.py), and its first build takes
   ~a minute. For int8 weights (a GGUF's Q8_0 output matrix) it is the default for 1-4
   rows of x: torch has no group-wise int8 CPU kernel, and the reference dequantizes the
-  whole matrix on every call (OFFLOAD_CPU_GEMV=0 turns both off);
+  whole matrix on every call (OFFLOAD_CPU_GEMV=0 turns both off); the int8 kernel is a
+  registered op (``offload_engine::cpu_gemv_int8``), so a --compile graph runs it too;
 - ``"triton-gemv"``: the fused decode kernel, for at most 16 rows of x;
 - ``"triton-dequant-matmul"``: Triton dequantization into scratch plus torch.matmul.
 
@@ -106,9 +107,13 @@ def kernel_path(x: torch.Tensor, weight: QuantizedWeight) -> str:
 
 
 def _int8_gemv_takes(x: torch.Tensor, weight: QuantizedWeight) -> bool:
-    """Whether an int8 weight's CPU step runs in the C++ kernel (building it on first ask)."""
-    return (_cpu_gemv_int8 and weight.spec.scheme == "int8"
-            and not torch.compiler.is_compiling() and cpu_gemv.accepts(x, weight))
+    """Whether an int8 weight's CPU step runs in the C++ kernel (building it on first ask;
+    a --compile trace takes it when the eager prefill has built it, and never builds)."""
+    if not (_cpu_gemv_int8 and weight.spec.scheme == "int8"):
+        return False
+    if torch.compiler.is_compiling():
+        return cpu_gemv.built() and cpu_gemv.reads(x, weight)
+    return cpu_gemv.accepts(x, weight)
 
 
 def _kernel(path: str) -> Callable:
