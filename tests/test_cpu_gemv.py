@@ -155,3 +155,26 @@ def test_int8_gemv_is_one_op_in_a_compiled_graph():
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert targets == ["offload_engine.cpu_gemv_int8"]
     torch._dynamo.reset()
+
+
+@needs_compiler
+def test_load_builds_the_kernel_before_the_first_token(monkeypatch, tmp_path, llama_src):
+    """A GGUF import's int8 output computed on the CPU: the one-time build happens in load(),
+    not inside the first reply; a float32 (dequantized) cache never needs it."""
+    from offload_engine import load
+    from offload_engine.checkpoint.convert import convert
+    from tests import tiny_gguf
+
+    built = cpu_gemv.load()
+    builds = []
+    monkeypatch.setattr(cpu_gemv, "_builder", lambda: builds.append(1) or built)
+    path = tiny_gguf.write_llama_gguf(tmp_path / "t.gguf", llama_src, {})  # Q8_0 embedding
+    convert(path, tmp_path / "q", progress=False)
+    try:
+        cpu_gemv.reset()
+        with load(tmp_path / "q", progress=False, device="cpu", dtype="float32"):
+            assert builds == []
+        with load(tmp_path / "q", progress=False, device="cpu", dtype="bfloat16"):
+            assert builds == [1]
+    finally:
+        cpu_gemv.reset()

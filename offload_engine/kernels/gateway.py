@@ -116,6 +116,14 @@ def _int8_gemv_takes(x: torch.Tensor, weight: QuantizedWeight) -> bool:
     return cpu_gemv.accepts(x, weight)
 
 
+def prepare_cpu_kernels(weights) -> None:
+    """Build our C++ kernel now when int8 ``weights`` will be computed on the CPU: its
+    one-time build (about a minute, logged) then happens while the model loads, not inside
+    the first token of the first reply."""
+    if _cpu_gemv_int8 and any(weight.spec.scheme == "int8" for weight in weights):
+        cpu_gemv.available()
+
+
 def _kernel(path: str) -> Callable:
     """The function behind a path; Triton modules are imported here, on first use."""
     if path == REFERENCE:

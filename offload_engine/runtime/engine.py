@@ -13,6 +13,7 @@ from ..checkpoint.format import verify_directory
 from ..checkpoint.hfconfig import check_tokenizer_files, read_hf_config
 from ..checkpoint.synth import synthetic_note
 from ..errors import ConfigError, FormatError
+from ..kernels.gateway import prepare_cpu_kernels
 from ..model import architecture
 from ..model.experts import expert_linears, find_experts
 from ..planning.expert_policy import expert_slot_bytes, plan_with_experts
@@ -187,6 +188,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     layouts = quantized_layouts(manifest)
     placement = resolve_placement(config, order, layouts, directory)
     _check_combinations(config, placement, bool(experts), directory)
+    prepare_cpu_kernels(_cpu_computed(layouts, placement.cpu_names, device, fmt))
     device_order = [n for n in order if n not in placement.cpu_names]
     plan, expert_plan = _plan_arena(config, directory, device_order, experts, layouts, fmt,
                                     dtype)
@@ -224,6 +226,12 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     engine.placement, engine.host_weights, engine.boundary = placement, host, boundary
     engine.synthetic_note = synthetic_note(manifest)
     return engine
+
+
+def _cpu_computed(layouts: dict, cpu_names, device: torch.device, fmt: str) -> list:
+    """The quantized weights the CPU will compute from (a dequantized cache holds dense ones)."""
+    everything = device.type == "cpu" and fmt != "dequantized"
+    return [layout for name, layout in layouts.items() if everything or name in cpu_names]
 
 
 def _skeleton(directory: Path, config: EngineConfig, dtype: torch.dtype):
