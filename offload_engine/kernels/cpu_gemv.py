@@ -76,7 +76,7 @@ def _build():
     # a cached build loads in well under a second; a real one takes about a minute on two
     # cores, which the user should not mistake for a hang
     notice = threading.Timer(NOTICE_AFTER_S, logger.warning, (
-        "building the CPU int4 kernel (once per machine, cached by torch; about a minute "
+        "building the CPU int4/int8 GEMV kernel (once per machine, cached by torch; about a minute "
         "on 2 cores)",))
     notice.start()
     try:
@@ -86,7 +86,7 @@ def _build():
             extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         notice.cancel()
-    logger.info("CPU int4 GEMV kernel %s ready in %.1f s (flags %s; cached by torch)",
+    logger.info("CPU int4/int8 GEMV kernel %s ready in %.1f s (flags %s; cached by torch)",
                 name, time.perf_counter() - start, " ".join(flags))
     return module
 
@@ -105,8 +105,9 @@ def load():
                 _module = _builder()
             except Exception as exc:  # noqa: BLE001 - any build error means: use torch's op
                 _failed = True
-                logger.warning("CPU int4 GEMV kernel could not be built (%s: %s); int4 "
-                               "linears keep torch's kernel", type(exc).__name__, exc)
+                logger.warning("CPU int4/int8 GEMV kernel could not be built (%s: %s); int4 "
+                               "linears keep torch's kernel, int8 ones the reference (slower)",
+                               type(exc).__name__, exc)
     return _module
 
 
@@ -154,7 +155,7 @@ def gemv_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.T
     ``vectorized=False`` runs the plain C++ loop (tests)."""
     module = _module if _module is not None else load()
     if module is None:
-        raise RuntimeError("the CPU int4 GEMV kernel is not built here: see the log")
+        raise RuntimeError("the CPU int4/int8 GEMV kernel is not built here: see the log")
     spec = weight.spec
     if spec.scheme not in SCHEMES:  # the rest is checked by the C++ (cheaply)
         raise ValueError(f"scheme {spec.scheme} g{spec.group_size} is not read by the CPU "
@@ -177,7 +178,7 @@ def _gemv_int8_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     reference's dequantization of the whole matrix into every step."""
     module = load()
     if module is None:
-        raise RuntimeError("the CPU int4 GEMV kernel is not built here: see the log")
+        raise RuntimeError("the CPU int4/int8 GEMV kernel is not built here: see the log")
     return module.gemv_int8(x, qweight, scales, bias, group_size, vectorized)
 
 
