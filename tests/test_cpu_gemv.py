@@ -3,9 +3,11 @@ and its fallback when it cannot be built. The first test builds the extension (a
 minute on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR)."""
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ SHAPES = ((70, 301), (33, 96))  # N not a multiple of 16, K off a group / a few 
 def _compiler_present() -> bool:
     from torch.utils.cpp_extension import is_ninja_available
 
+    cpu_gemv.ninja_on_path()  # as the build does
     return shutil.which("c++") is not None and is_ninja_available()
 
 
@@ -178,3 +181,13 @@ def test_load_builds_the_kernel_before_the_first_token(monkeypatch, tmp_path, ll
             assert builds == [1]
     finally:
         cpu_gemv.reset()
+
+
+def test_the_ninja_wheel_is_put_on_path(monkeypatch):
+    """torch runs `ninja` from PATH; ours comes as a wheel into a venv nobody activated."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_gemv.ninja_on_path()
+    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
+    cpu_gemv.ninja_on_path()  # once is enough
+    assert os.environ["PATH"] == os.pathsep.join((ninja.BIN_DIR, "/nonexistent"))

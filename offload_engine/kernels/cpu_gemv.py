@@ -21,6 +21,7 @@ A failed build (no compiler, no ninja) logs one warning and the gateway keeps to
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -67,9 +68,22 @@ def build_flags() -> list:
     return flags
 
 
+def ninja_on_path() -> None:
+    """Put the ninja wheel's binary on PATH: torch's extension builder runs ``ninja`` from
+    PATH, where a venv that is not activated (``.venv/bin/offload-engine``) leaves it out."""
+    try:
+        import ninja
+    except ImportError:
+        return  # a system ninja, or none: torch says which
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, path) if p)
+
+
 def _build():
     from torch.utils import cpp_extension
 
+    ninja_on_path()
     flags = build_flags()
     name = "offload_engine_cpu_gemv_" + ("avx2" if "-mavx2" in flags else "plain")
     start = time.perf_counter()
