@@ -10,7 +10,6 @@ act-order). Anything else is refused when the source is opened, before any work.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterator, Tuple
@@ -200,14 +199,8 @@ class CompressedTensorsSource(SafetensorsSource):
         return self._linears
 
     def write_side_files(self, destination: Path) -> None:
-        """Side files as the dense source copies them, minus config.json's
-        quantization_config: our directory holds its own format, and transformers would
-        otherwise try to load it as compressed-tensors."""
-        super().write_side_files(destination)
-        config_path = destination / "config.json"
-        config = json.loads(config_path.read_text())
-        config.pop("quantization_config", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        """As the dense source, minus config.json's quantization_config (compressed-tensors')."""
+        self._write_side_files_unquantized(destination)
 
     @property
     def source_format(self) -> str:

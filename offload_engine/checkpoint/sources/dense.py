@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -77,6 +78,16 @@ class SafetensorsSource:
 
     def _check_quantization(self) -> None:
         _refuse_prequantized(self.path)  # sources of pre-quantized formats override this
+
+    def _write_side_files_unquantized(self, destination: Path) -> None:
+        """The side files, config.json without its quantization_config: for the sources of
+        pre-quantized formats, whose import holds our own format (transformers would try
+        to load the directory as theirs)."""
+        SafetensorsSource.write_side_files(self, destination)
+        config_path = destination / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
     @property
     def source_format(self) -> str:

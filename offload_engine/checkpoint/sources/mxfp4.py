@@ -145,15 +145,8 @@ class MXFP4Source(SafetensorsSource):
         return stfile.read_tensor(shard, part)
 
     def write_side_files(self, destination: Path) -> None:
-        """As the dense source, minus config.json's quantization_config (our directory
-        holds its own format; transformers would try to load it as MXFP4)."""
-        import json
-
-        super().write_side_files(destination)
-        config_path = destination / "config.json"
-        config = json.loads(config_path.read_text())
-        config.pop("quantization_config", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        """As the dense source, minus config.json's quantization_config (MXFP4's)."""
+        self._write_side_files_unquantized(destination)
 
     @property
     def source_format(self) -> str:
