@@ -39,6 +39,9 @@ GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's 32-element chunk
 DTYPES = (torch.bfloat16, torch.float32)
 MAX_ROWS = 4  # rows of x the kernel takes; more (prefill) go elsewhere
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+# built into the same extension, so one build (and one notice) serves both
+DECODE_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+DECODE_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "decode_attention", "layer_qkv", "layer_rest")
 _VECTOR_FLAGS = ("avx2", "fma", "f16c")
 NOTICE_AFTER_S = 2.0  # a build still running after this is a real compile: say so
 
@@ -90,17 +93,18 @@ def _build():
     # a cached build loads in well under a second; a real one takes about a minute on two
     # cores, which the user should not mistake for a hang
     notice = threading.Timer(NOTICE_AFTER_S, logger.warning, (
-        "building the CPU int4/int8 GEMV kernel (once per machine, cached by torch; about a minute "
-        "on 2 cores)",))
+        "building the CPU kernels (int4/int8 GEMV, decode steps; once per machine, cached by "
+        "torch; about a minute on 2 cores)",))
     notice.start()
     try:
         module = cpp_extension.load_inline(
-            name=name, cpp_sources=[SOURCE.read_text()],
-            functions=["gemv", "gemv_int8", "vectorized_build"], extra_cflags=flags,
+            name=name, cpp_sources=[SOURCE.read_text(), DECODE_SOURCE.read_text()],
+            functions=["gemv", "gemv_int8", "vectorized_build", *DECODE_FUNCTIONS],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         notice.cancel()
-    logger.info("CPU int4/int8 GEMV kernel %s ready in %.1f s (flags %s; cached by torch)",
+    logger.info("CPU kernels %s ready in %.1f s (flags %s; cached by torch)",
                 name, time.perf_counter() - start, " ".join(flags))
     return module
 
@@ -119,8 +123,9 @@ def load():
                 _module = _builder()
             except Exception as exc:  # noqa: BLE001 - any build error means: use torch's op
                 _failed = True
-                logger.warning("CPU int4/int8 GEMV kernel could not be built (%s: %s); int4 "
-                               "linears keep torch's kernel, int8 ones the reference (slower)",
+                logger.warning("CPU kernels could not be built (%s: %s); int4 linears keep "
+                               "torch's kernel, int8 ones the reference, decode steps "
+                               "transformers' code (slower)",
                                type(exc).__name__, exc)
     return _module
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List
 
 import torch
 from torch import nn
@@ -138,9 +138,12 @@ def _to(value, device: torch.device):
 
 
 def wrap_parts(model: nn.Module, modules: Iterable[str], home: torch.device,
-               stats: BoundaryStats) -> None:
+               stats: BoundaryStats) -> List[PlacedPart]:
     """Replace each named part module (``model.layers.3.mlp``) by a PlacedPart around it."""
+    placed = []
     for path in modules:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        setattr(parent, child, PlacedPart(getattr(parent, child), home, stats))
+        placed.append(PlacedPart(getattr(parent, child), home, stats))
+        setattr(parent, child, placed[-1])
+    return placed

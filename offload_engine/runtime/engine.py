@@ -25,6 +25,7 @@ from .attention import attention_for
 from .boundary import BoundaryStats, HostWeights, wrap_parts
 from .cache import DeviceCache
 from .config import EngineConfig
+from .cpu_decode import install as install_cpu_decode
 from .experts import OffloadedExperts
 from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
@@ -213,7 +214,8 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
         _attach(swapped, placement, cache, host, config)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
-        wrap_parts(model, [part.module for part in placement.cpu_parts], device, boundary)
+        install_cpu_decode(model, device, wrap_parts(
+            model, [part.module for part in placement.cpu_parts], device, boundary))
         model.eval()
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)

@@ -32,12 +32,17 @@ def recording():
         _recording = previous
 
 
+def profiled_now() -> bool:
+    """Whether the engine's ranges are being recorded (a profiler is on)."""
+    return _recording or torch._C._autograd._profiler_enabled()
+
+
 def profiled(name: str):
     """A record_function range while recording, else a shared no-op context.
 
     A profiler started on this thread is noticed by itself; one that profiles all
     threads keeps its state globally, where this check cannot see it: hence recording().
     """
-    if _recording or torch._C._autograd._profiler_enabled():
+    if profiled_now():
         return record_function(name)
     return _NO_RANGE
