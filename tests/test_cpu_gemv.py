@@ -163,9 +163,11 @@ def test_int8_gemv_is_one_op_in_a_compiled_graph():
 @needs_compiler
 def test_load_builds_the_kernel_before_the_first_token(monkeypatch, tmp_path, llama_src):
     """A GGUF import's int8 output computed on the CPU: the one-time build happens in load(),
-    not inside the first reply; a float32 (dequantized) cache never needs it."""
+    not inside the first reply. With the decode steps off (kernels/cpu_decode.py), a
+    float32 (dequantized) cache never needs it; with them on, every CPU load does."""
     from offload_engine import load
     from offload_engine.checkpoint.convert import convert
+    from offload_engine.kernels import cpu_decode
     from tests import tiny_gguf
 
     built = cpu_gemv.load()
@@ -175,11 +177,17 @@ def test_load_builds_the_kernel_before_the_first_token(monkeypatch, tmp_path, ll
     convert(path, tmp_path / "q", progress=False)
     try:
         cpu_gemv.reset()
+        cpu_decode.set_enabled(False)
         with load(tmp_path / "q", progress=False, device="cpu", dtype="float32"):
             assert builds == []
         with load(tmp_path / "q", progress=False, device="cpu", dtype="bfloat16"):
             assert builds == [1]
+        cpu_gemv.reset()
+        cpu_decode.set_enabled(True)
+        with load(tmp_path / "q", progress=False, device="cpu", dtype="float32"):
+            assert builds == [1, 1]
     finally:
+        cpu_decode.set_enabled(True)
         cpu_gemv.reset()
 
 

@@ -5,10 +5,12 @@
 
 Wraps the forward of the model's parts with a wall-clock timer and decodes greedily:
 each quantized linear (lm_head apart), each attention and MLP block (their linears
-included), each norm, the decoder body and the whole model. Prints milliseconds per
-token for each, beside the wall time per token of ``generate``, so what is left
-(sampling, the stop checks, the KV cache's growth outside the model) shows too. The
-timers add about a microsecond per call; nothing here is profiled by torch.profiler.
+included), each norm, each decoder layer, the decoder body and the whole model. A layer
+whose weights are resident runs its decode step in two C++ calls (runtime/cpu_decode.py):
+its parts then show only for the prefill; ``OFFLOAD_CPU_DECODE=0`` shows transformers' code.
+Prints milliseconds per token for each, beside the wall time per token of ``generate``,
+so what is left (sampling, the stop checks, the KV cache's growth outside the model)
+shows too. The timers add about a microsecond per call; nothing here is profiled by torch.profiler.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def instrument(model, totals: collections.Counter) -> None:
             timed(module, "MLP blocks (their linears included)", totals)
         elif name.endswith("layernorm") or name.endswith(".norm"):
             timed(module, "norms", totals)
+        elif name.rpartition(".")[0].endswith("layers") and name.rpartition(".")[2].isdigit():
+            timed(module, "decoder layers", totals)
     timed(model.model, "decoder body", totals)
     timed(model, "whole model", totals)
 

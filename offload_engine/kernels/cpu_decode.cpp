@@ -65,23 +65,28 @@ inline void rope_head(const T* x, const T* cos, const T* sin, T* y, int64_t dim)
 }
 
 // softmax(scale * q K^T) V for one query head over `tokens` keys of its KV head, float32,
-// written rounded into out. scores: scratch of `tokens` floats.
+// written rounded into out. A key whose `allowed` entry is false (padding in a batch) is
+// skipped, so a row computes exactly what it computes alone. scores: `tokens` floats.
 template <typename T>
 void attend_head(const T* q, const T* keys, const T* values, int64_t key_stride,
-                 int64_t value_stride, int64_t tokens, int64_t dim, float scale, float* scores,
-                 float* acc, T* out) {
+                 int64_t value_stride, const bool* allowed, int64_t allowed_stride,
+                 int64_t tokens, int64_t dim, float scale, float* scores, float* acc, T* out) {
+  auto used = [&](int64_t t) { return allowed == nullptr || allowed[t * allowed_stride]; };
   float top = -INFINITY;
   for (int64_t t = 0; t < tokens; ++t) {
+    if (!used(t)) continue;
     scores[t] = scale * dot(q, keys + t * key_stride, dim);
     top = std::max(top, scores[t]);
   }
   float total = 0.0f;
   for (int64_t t = 0; t < tokens; ++t) {
+    if (!used(t)) continue;
     scores[t] = std::exp(scores[t] - top);
     total += scores[t];
   }
   for (int64_t d = 0; d < dim; ++d) acc[d] = 0.0f;
   for (int64_t t = 0; t < tokens; ++t) {
+    if (!used(t)) continue;
     const T* v = values + t * value_stride;
     const float p = scores[t];
     for (int64_t d = 0; d < dim; ++d) acc[d] += p * widen(v[d]);
@@ -115,19 +120,24 @@ void silu_mul_all(const T* gate, const T* up, T* out, int64_t count) {
 
 template <typename T>
 void attention_all(const torch::Tensor& q, const torch::Tensor& keys,
-                   const torch::Tensor& values, float scale, torch::Tensor& out) {
-  const int64_t heads = q.size(1), tokens = keys.size(2), dim = q.size(3);
+                   const torch::Tensor& values, const c10::optional<torch::Tensor>& mask,
+                   float scale, torch::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), tokens = keys.size(2), dim = q.size(3);
   const int64_t group = heads / keys.size(1);
   // threads only pay for themselves over a long context
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, tokens * dim));
-  at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(0, batch * heads, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scratch(tokens + dim);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t g = h / group;
-      attend_head<T>(q.data_ptr<T>() + h * q.stride(1), keys.data_ptr<T>() + g * keys.stride(1),
-                     values.data_ptr<T>() + g * values.stride(1), keys.stride(2),
-                     values.stride(2), tokens, dim, scale, scratch.data(),
-                     scratch.data() + tokens, out.data_ptr<T>() + h * dim);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / heads, h = i % heads, g = h / group;
+      const bool* allowed = mask.has_value() ? mask->data_ptr<bool>() + b * mask->stride(0) : nullptr;
+      attend_head<T>(q.data_ptr<T>() + b * q.stride(0) + h * q.stride(1),
+                     keys.data_ptr<T>() + b * keys.stride(0) + g * keys.stride(1),
+                     values.data_ptr<T>() + b * values.stride(0) + g * values.stride(1),
+                     keys.stride(2), values.stride(2), allowed,
+                     mask.has_value() ? mask->stride(3) : 0, tokens, dim, scale,
+                     scratch.data(), scratch.data() + tokens,
+                     out.data_ptr<T>() + (b * heads + h) * dim);
     }
   });
 }
@@ -183,22 +193,27 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return y;
 }
 
-// One query token: q (1, H, 1, D), keys and values (1, KVH, T, D) with contiguous last
-// dims (a view of a larger cache is fine); H a multiple of KVH (grouped-query attention).
-// Returns (1, 1, H * D), the layout the output projection reads.
+// One query token per row: q (B, H, 1, D), keys and values (B, KVH, T, D) with contiguous
+// last dims (a view of a larger cache is fine); H a multiple of KVH (grouped-query
+// attention); mask, if given, bool (B, 1, 1, T), true where a key is attended (transformers'
+// SDPA mask for a padded batch). Returns (B, 1, H * D), the layout the output projection reads.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
-                               double scale) {
-  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && q.size(0) == 1 &&
-              q.size(2) == 1 && keys.size(0) == 1 && keys.sizes() == values.sizes() &&
+                               double scale, c10::optional<torch::Tensor> mask) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && q.size(2) == 1 &&
+              keys.size(0) == q.size(0) && keys.sizes() == values.sizes() &&
               q.size(3) == keys.size(3) && q.size(1) % keys.size(1) == 0 &&
               q.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1 &&
               keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
-              "cpu_decode.decode_attention: q (1, H, 1, D), keys and values (1, KVH, T, D)");
+              "cpu_decode.decode_attention: q (B, H, 1, D), keys and values (B, KVH, T, D)");
   TORCH_CHECK(keys.size(2) >= 1, "cpu_decode.decode_attention: no keys to attend to");
+  TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->dim() == 4 &&
+              mask->size(0) == q.size(0) && mask->size(1) == 1 && mask->size(2) == 1 &&
+              mask->size(3) == keys.size(2)),
+              "cpu_decode.decode_attention: mask must be bool (B, 1, 1, T)");
   decode_ops::check_dtype(q, "decode_attention");
-  auto out = torch::empty({1, 1, q.size(1) * q.size(3)}, q.options());
+  auto out = torch::empty({q.size(0), 1, q.size(1) * q.size(3)}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "decode_attention", [&] {
-    decode_ops::attention_all<scalar_t>(q, keys, values, static_cast<float>(scale), out);
+    decode_ops::attention_all<scalar_t>(q, keys, values, mask, static_cast<float>(scale), out);
   });
   return out;
 }
@@ -260,7 +275,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
-                               double scale);
+                               double scale, c10::optional<torch::Tensor> mask);
 
 // input norm, q/k/v projections, rotary embedding: (query, key, value) for the cache.
 std::vector<torch::Tensor> layer_qkv(torch::Tensor hidden, torch::Tensor norm_weight, double eps,
@@ -290,7 +305,7 @@ torch::Tensor layer_rest(torch::Tensor hidden, torch::Tensor query, torch::Tenso
   const auto linears = decode_ops::unpack_linears(packed, scales_zeros, biases, group_sizes,
                                                   out_features);
   TORCH_CHECK(linears.size() == 4, "cpu_decode.layer_rest: o, gate, up and down");
-  const auto attended = decode_attention(query, keys, values, scale);
+  const auto attended = decode_attention(query, keys, values, scale, c10::nullopt);
   const auto mid = hidden + decode_ops::int4_linear(attended, linears[0]);
   const auto x = rms_norm(mid, norm_weight, eps);
   const auto gate = decode_ops::int4_linear(x, linears[1]);

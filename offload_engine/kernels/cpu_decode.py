@@ -10,8 +10,9 @@ module up to the order of float32 sums:
 - :func:`rms_norm`: Llama/Qwen2 RMSNorm, ``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``;
 - :func:`rope`: ``x * cos + rotate_half(x) * sin`` for (B, H, L, D) queries or keys;
 - :func:`silu_mul`: the SiLU MLP's ``silu(gate) * up``;
-- :func:`decode_attention`: softmax attention of one query token over its KV cache, with
-  grouped-query heads, no mask (a single token attends to every cached one).
+- :func:`decode_attention`: softmax attention of one query token per row over its KV
+  cache, with grouped-query heads and, for a padded batch, a boolean mask (a masked key is
+  skipped, so a row computes what it computes alone).
 
 Each has its pure-torch reference beside it (``*_reference``), the stock code's math.
 They are compiled into the extension of :mod:`.cpu_gemv` (one build); where it cannot be
@@ -22,6 +23,7 @@ transformers' code (runtime/cpu_decode.py decides).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +70,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _module().silu_mul(gate.contiguous(), up.contiguous())
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """q (1, H, 1, D) over keys, values (1, KVH, T, D) -> (1, 1, H * D)."""
-    return _module().decode_attention(q, keys, values, scale)
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q (B, H, 1, D) over keys, values (B, KVH, T, D) -> (B, 1, H * D); ``mask`` bool
+    (B, 1, 1, T), true where a key is attended (padding in a batch is false)."""
+    return _module().decode_attention(q, keys, values, scale, mask)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -91,12 +94,15 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+                               scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     group = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1).to(torch.float32)
     values = values.repeat_interleave(group, dim=1).to(torch.float32)
-    weights = torch.softmax(q.to(torch.float32) @ keys.transpose(2, 3) * scale, dim=-1)
-    return (weights @ values).to(q.dtype).transpose(1, 2).reshape(1, 1, -1)
+    scores = q.to(torch.float32) @ keys.transpose(2, 3) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return (weights @ values).to(q.dtype).transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
 def int4_linear_args(weights, biases) -> tuple:

@@ -7,15 +7,19 @@ attention module of a Llama or Qwen2 model a forward that calls one C++ step
 
 - RMSNorm: one call, any number of rows;
 - MLP: ``down(silu_mul(gate(x), up(x)))``, one call for the gate;
-- attention, for a single query token without a mask (the decode step): the rotary
+- attention, for one query token a row (the decode step; a padded batch's boolean SDPA
+  mask is honoured by skipping the masked keys, so a row equals itself alone): the rotary
   embedding in one call per side, the cache update as before, attention in one call
   instead of transformers' SDPA dispatch.
 
-Everything else (prefill, batches with padding, --compile tracing, tensors on a GPU, other
-dtypes) runs the stock forward, which the new one keeps and falls back to. The linears are
-still the model's modules (OffloadedLinear), so the cache, the CPU placement and their
+A decoder layer whose seven weights stay resident runs its batch-1 decode step in two
+C++ calls (:class:`ResidentLayer`), with the same ops as the per-module steps.
+
+Everything else (prefill attention, --compile tracing, tensors on a GPU, float32, eager
+attention) runs the stock forward, which the new one keeps and falls back to. The linears
+are still the model's modules (OffloadedLinear), so the cache, the CPU placement and their
 counters see every weight use as before. The steps round where the stock code rounds, so
-greedy tokens match it up to float32 summation order (tests/test_cpu_decode.py).
+logits match it up to the order of float32 sums (tests/test_cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import types
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_decode, cpu_int4
+from ..kernels import cpu_decode, cpu_int4, gateway
 from .ranges import profiled_now
 
 logger = logging.getLogger(__name__)
@@ -37,6 +42,9 @@ PART_CLASSES = {  # transformers class names whose forwards this module knows
     "mlp": ("LlamaMLP", "Qwen2MLP"),
     "attention": ("LlamaAttention", "Qwen2Attention"),
 }
+# bfloat16 only (the CPU default for int4): in float32 the exactness tests hold logits to
+# transformers' within 1e-5, which the order of a float32 sum already exceeds
+DTYPES = (torch.bfloat16,)
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj")
 REST_LINEARS = ("o_proj", "gate_proj", "up_proj", "down_proj")
@@ -73,8 +81,8 @@ def _supported(kind: str, module: nn.Module) -> bool:
 
 
 def _on_cpu(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in cpu_decode.DTYPES and cpu_decode.enabled()
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype in DTYPES and cpu_decode.enabled())
 
 
 def _norm_forward(stock: Callable) -> Callable:
@@ -100,7 +108,7 @@ def _attention_forward(stock: Callable) -> Callable:
         if not _decodes_here(self, hidden_states, position_embeddings, attention_mask, kwargs):
             return stock(hidden_states, position_embeddings=position_embeddings,
                          attention_mask=attention_mask, cache=cache, **kwargs)
-        shape = (1, 1, -1, self.head_dim)
+        shape = (hidden_states.shape[0], 1, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
@@ -108,17 +116,29 @@ def _attention_forward(stock: Callable) -> Callable:
         query, key = cpu_decode.rope(query, cos, sin), cpu_decode.rope(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        output = cpu_decode.decode_attention(query, key, value, self.scaling)
+        if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
+            output = F.scaled_dot_product_attention(  # a mask for another length: SDPA's
+                query, key, value, attn_mask=attention_mask, scale=self.scaling,
+                enable_gqa=True).transpose(1, 2).reshape(hidden_states.shape[0], 1, -1)
+        else:
+            output = cpu_decode.decode_attention(query, key, value, self.scaling, attention_mask)
         return self.o_proj(output), None
     return forward
 
 
 def _decodes_here(module, hidden_states, position_embeddings, attention_mask, kwargs) -> bool:
-    """One token of one sequence, on the CPU, attending to all its cache: the step the
-    C++ attention computes. Anything else (masks, attention maps) is stock."""
-    return (_on_cpu(hidden_states) and hidden_states.shape[:2] == (1, 1)
-            and attention_mask is None and position_embeddings is not None
+    """One token a row, on the CPU, under SDPA, with no mask or SDPA's boolean one (a padded
+    batch): the step the C++ attention computes. Anything else is stock."""
+    return (_on_cpu(hidden_states) and hidden_states.shape[1] == 1
+            and position_embeddings is not None
+            and (attention_mask is None or _boolean_row_mask(attention_mask, hidden_states))
+            and module.config._attn_implementation == "sdpa"
             and not module.training and not kwargs.get("output_attentions"))
+
+
+def _boolean_row_mask(mask, hidden_states) -> bool:
+    return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+            and tuple(mask.shape[:3]) == (hidden_states.shape[0], 1, 1))
 
 
 FORWARDS = {"norm": _norm_forward, "mlp": _mlp_forward, "attention": _attention_forward}
@@ -134,9 +154,15 @@ class ResidentLayer:
         linears = [getattr(attention, n) for n in ATTENTION_LINEARS + REST_LINEARS[:1]]
         linears += [getattr(mlp, n) for n in REST_LINEARS[1:]]
         biases = [linear.bias for linear in linears]
-        self.cache, self.names = cache, names
+        self.cache, self.names, self.first_weight = cache, names, weights[0]
         self.qkv = cpu_decode.int4_linear_args(weights[:3], biases[:3])
         self.rest = cpu_decode.int4_linear_args(weights[3:], biases[3:])
+
+    def takes(self, hidden: torch.Tensor) -> bool:
+        """Whether the per-module path would run torch's int4 op here too (not with the
+        reference forced, nor with OFFLOAD_CPU_GEMV=1's kernel), and no profiler is on."""
+        return (gateway.kernel_path(hidden, self.first_weight) == gateway.CPU_INT4PACK
+                and not profiled_now())
 
     def step(self, layer: nn.Module, hidden: torch.Tensor, cache, position_embeddings):
         attention = layer.self_attn
@@ -177,9 +203,9 @@ def _layer_forward(stock: Callable, resident: ResidentLayer) -> Callable:
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
-        if (hidden_states.dtype == torch.bfloat16 and not profiled_now()
-                and _decodes_here(self.self_attn, hidden_states, position_embeddings,
-                                  attention_mask, kwargs)):
+        if (attention_mask is None and hidden_states.shape[0] == 1
+                and _decodes_here(self.self_attn, hidden_states, position_embeddings, None,
+                                  kwargs) and resident.takes(hidden_states)):
             return resident.step(self, hidden_states, cache, position_embeddings)
         # under a profiler too: there each linear keeps its own trace range
         return stock(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
