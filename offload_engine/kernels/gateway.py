@@ -15,7 +15,7 @@ the choice is made here alone:
   4096x4096 no faster, so prefill and multi-row steps stay on torch's op
   (docs/performance.md). A --compile graph keeps torch's op (the extension is not a torch
   op dynamo can trace). For int4 opt-in (OFFLOAD_CPU_GEMV=1): end to end on the demo it
-  measured no faster than torch's op (tools/cpu_gemv_ab.py), and its first build takes
+  measured no faster than torch's op (tools/cpu_ab.py --switch cpu-gemv), and its first build takes
   ~a minute. For int8 weights (a GGUF's Q8_0 output matrix) it is the default for 1-4
   rows of x: torch has no group-wise int8 CPU kernel, and the reference dequantizes the
   whole matrix on every call (OFFLOAD_CPU_GEMV=0 turns both off); the int8 kernel is a
