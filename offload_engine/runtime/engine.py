@@ -22,14 +22,13 @@ from ..planning.moe_placement import check_moe_placement
 from ..planning.placement import EXPERTS_CPU, Placement, place_parts, split_parts
 from ..planning.sizes import held_nbytes
 from .attention import attention_for
-from .boundary import BoundaryStats, HostWeights, wrap_parts
+from .boundary import BoundaryStats, HostWeights
 from .cache import DeviceCache
 from .config import EngineConfig
-from .cpu_decode import install as install_cpu_decode
 from .experts import OffloadedExperts
 from .kv_cache import kv_layout_from_config, new_kv_cache
 from .linear import OffloadedLinear
-from .patch import load_dense, swap_experts, swap_linears
+from .patch import load_dense, place_and_finish, swap_experts, swap_linears
 from .store import HostStore, check_float_components, module_name, read_dense_tensors
 from .tiered_store import default_host_budget, open_store, quantized_layouts
 
@@ -171,7 +170,7 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
     ``prefetch_depth``, ``cache_entries``, ``cache_format``, ``dtype``...
     ``engine_class`` lets a higher stage (decode) return its own subclass.
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     config = replace(config or EngineConfig(), **overrides)
     directory = Path(path)
@@ -214,11 +213,8 @@ def load(path, config: Optional[EngineConfig] = None, *, engine_class: type = En
         _attach(swapped, placement, cache, host, config)
         load_dense(model, read_dense_tensors(directory, manifest), device, dtype,
                    host_names=_host_tensor_names(manifest, config))
-        install_cpu_decode(model, device, wrap_parts(
-            model, [part.module for part in placement.cpu_parts], device, boundary))
-        model.eval()
-        if (directory / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(directory)
+        place_and_finish(model, [part.module for part in placement.cpu_parts], device,
+                         boundary, directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except BaseException:
         _close(cache, store)

@@ -9,6 +9,7 @@ full-precision linear weight is ever materialised.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from ..errors import ConfigError, FormatError
 from ..model import architecture
 from ..model.experts import ExpertsInfo
+from .boundary import wrap_parts
+from .cpu_decode import install as install_cpu_decode
 from .experts import OffloadedExperts, link_next_layers
 from .linear import OffloadedLinear
 
@@ -132,3 +135,16 @@ def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner = model.get_submodule(owner_name) if owner_name else model
     persistent = leaf not in getattr(owner, "_non_persistent_buffers_set", set())
     owner.register_buffer(leaf, value, persistent=persistent)
+
+
+def place_and_finish(model: nn.Module, cpu_parts, device: torch.device, boundary,
+                     directory) -> None:
+    """After the weights: wrap the CPU-placed parts (runtime/boundary.py), give the Llama
+    family its C++ CPU decode steps (runtime/cpu_decode.py), eval mode, and the directory's
+    generation config."""
+    from transformers import GenerationConfig
+
+    install_cpu_decode(model, device, wrap_parts(model, cpu_parts, device, boundary))
+    model.eval()
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
