@@ -149,12 +149,10 @@ class ResidentLayer:
     its decode step runs in two C++ calls (kernels/cpu_decode.py's layer_qkv, layer_rest)
     around the cache update, with the same ops as the per-module path, in the same order."""
 
-    def __init__(self, layer: nn.Module, cache, names: list, weights: list):
-        attention, mlp = layer.self_attn, layer.mlp
-        linears = [getattr(attention, n) for n in ATTENTION_LINEARS + REST_LINEARS[:1]]
-        linears += [getattr(mlp, n) for n in REST_LINEARS[1:]]
+    def __init__(self, linears: list, cache, weights: list):
         biases = [linear.bias for linear in linears]
-        self.cache, self.names, self.first_weight = cache, names, weights[0]
+        self.cache, self.first_weight = cache, weights[0]
+        self.names = [linear.weight_name for linear in linears]
         self.qkv = cpu_decode.int4_linear_args(weights[:3], biases[:3])
         self.rest = cpu_decode.int4_linear_args(weights[3:], biases[3:])
 
@@ -185,16 +183,16 @@ def _fuse_layer(layer: nn.Module) -> bool:
             and type(mlp).__name__ in PART_CLASSES["mlp"] and _supported("mlp", mlp)
             and _supported("attention", attention)):
         return False  # a CPU part placed beside a GPU, or a model this does not know
+    # in the order both C++ calls take them: q, k, v; o, gate, up, down
     linears = [getattr(attention, n) for n in ATTENTION_LINEARS + REST_LINEARS[:1]]
     linears += [getattr(mlp, n) for n in REST_LINEARS[1:]]
     cache = getattr(linears[0], "cache", None)
     if not hasattr(cache, "permanent_weight") or any(lin.cache is not cache for lin in linears):
         return False
-    names = [lin.weight_name for lin in linears]
-    weights = [cache.permanent_weight(name) for name in names]
+    weights = [cache.permanent_weight(linear.weight_name) for linear in linears]
     if not all(cpu_int4.is_prepacked(w) for w in weights):
         return False  # something streams, or a weight the int4 kernel does not read
-    layer.resident_step = ResidentLayer(layer, cache, names, weights)  # tests, tools look
+    layer.resident_step = ResidentLayer(linears, cache, weights)  # tests, tools look
     layer.forward = types.MethodType(_layer_forward(layer.forward, layer.resident_step), layer)
     return True
 
